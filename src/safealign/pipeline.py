@@ -36,9 +36,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "ppo": {"max_steps": 8, "per_device_prompt_batch_size": 16},
         "shaping": {"max_steps": 4, "per_device_prompt_batch_size": 16, "nus": [1.0]},
     },
-    # The RL budget measured in README/docs/results.md: 60 rollouts of 32 prompts (~7 min each on 2 cores).
+    # The RL budget measured in docs/results.md: 60 rollouts of 32 prompts (about 4 CPU-minutes each, tiny preset).
     "default": {
-        "ppo_lag": {"max_steps": 60, "kl_coeff": 0.05},
+        "ppo_lag": {"max_steps": 60},
         "ppo": {"max_steps": 60},
         "shaping": {"max_steps": 60},
     },
@@ -71,7 +71,7 @@ class PipelineConfig:
     ppo_lag: dict = config_field({}, help="PPOLagConfig overrides (safealign ppo-lag --help).")
     ppo: dict = config_field({}, help="PPOConfig overrides (safealign ppo --help).")
     shaping: dict = config_field(
-        {}, help="RewardShapingConfig overrides (safealign shaping --help); `nus` is the sweep, one policy per ν (default [0.5, 2, 8]).")
+        {}, help="RewardShapingConfig overrides (safealign shaping --help); `nus` is the sweep, one policy per ν (default [0.1, 1, 10]).")
 
 
 def _stage_settings(cfg: PipelineConfig, name: str) -> dict[str, Any]:
@@ -228,7 +228,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-SHAPING_NUS = [0.5, 2.0, 8.0]  # the pipeline's default ν sweep (small: stays harmful; large: over-refuses)
+SHAPING_NUS = [0.1, 1.0, 10.0]  # the pipeline's default ν sweep (small: stays harmful; large: over-refuses)
 
 HEADLINE = {
     "rm": ["eval_accuracy", "gold_agreement"],

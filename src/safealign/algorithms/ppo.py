@@ -51,7 +51,7 @@ KL_SIGN = {"reward": -1.0, "cost": +1.0}  # r_t = −β·KL_t + ..., c_t = +β·
 @dataclass
 class PPOConfig(RLConfig):
     """PPO on the reward model (plain RLHF). Defaults: the Safe RLHF reference's, except the learning
-    rates (sized for the tiny preset; see `learning_rate`)."""
+    rates and the prompt batch (tuned on SafeWorld with the tiny preset: docs/results.md)."""
 
     output_dir: str = config_field("runs/ppo", help="Run directory: config.yaml, logs/, samples.jsonl, checkpoints/, model/ (the actor), metrics.json.")
     reward_model: str = config_field("runs/rm/model", help="Frozen reward model (a score model directory, `safealign rm`).")

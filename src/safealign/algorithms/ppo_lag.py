@@ -38,11 +38,12 @@ from safealign.config import ConfigError, config_field
 
 @dataclass
 class PPOLagConfig(PPOConfig):
-    """Safe RLHF (PPO-Lagrangian). Defaults: the reference's (β 0.01, λ_0 1, α 0.1, λ_max 5, d 0, no delay,
-    window 128), except the learning rates (sized for the tiny preset; the reference's are for 7B)."""
+    """Safe RLHF (PPO-Lagrangian). Defaults: the reference's (λ_0 1, α 0.1, λ_max 5, d 0, no delay, window 128),
+    except β (0.05, reference 0.01), the prompt batch and the learning rates (tuned on SafeWorld with the tiny
+    preset, docs/results.md; the reference's are for 7B)."""
 
     output_dir: str = config_field("runs/ppo_lag", help="Run directory: config.yaml, logs/, samples.jsonl, checkpoints/, model/ (the actor), metrics.json.")
-    kl_coeff: float = config_field(0.01, help="β: weight of the per-token KL in both streams (reference 0.01 for PPO-Lag).")
+    kl_coeff: float = config_field(0.05, help="β: weight of the per-token KL in both streams (0.05: less drift into text the cost model misjudges, docs/results.md; reference 0.01).")
     cost_model: str = config_field("runs/cm/model", help="Frozen cost model (a score model directory, `safealign cm`): cost > 0 means unsafe.")
     cost_critic_model: str = config_field("", help="Initial cost critic: a score model or backbone directory; '' = the cost model.")
     threshold: float = config_field(0.0, help="d: the constraint E[C] ≤ d (0 = no more unsafe than the cost model's boundary).")

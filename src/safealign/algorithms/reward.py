@@ -206,12 +206,14 @@ def score_texts(model: ScoreModel, tokenizer: Any, prompts: Sequence[str], respo
     """End score of each prompt + response + EOS (the input a score model is trained on), in order."""
     model.eval()
     device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [tokenize_for_scoring(tokenizer, p, r, max_length)
-               for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        input_ids, attention_mask = pad_batch(ids, tokenizer.pad_token_id)  # size = (b, L)
-        scores += model(input_ids.to(device), attention_mask.to(device)).end_scores.tolist()
+    ids = [tokenize_for_scoring(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(ids)), key=lambda k: len(ids[k]))  # similar lengths together: little padding
+    scores = [math.nan] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids, attention_mask = pad_batch([ids[k] for k in chunk], tokenizer.pad_token_id)  # size = (b, L)
+        for k, score in zip(chunk, model(input_ids.to(device), attention_mask.to(device)).end_scores.tolist()):
+            scores[k] = score
     return scores
 
 

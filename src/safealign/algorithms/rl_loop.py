@@ -102,7 +102,8 @@ class RLConfig(TrainingConfig):
     eval_steps: int = config_field(0, help="Unused by the RL stages (evaluate the saved actor with `safealign evaluate`).")
     eval_on_start: bool = config_field(False, help="Unused by the RL stages.")
     num_workers: int = config_field(0, help="Unused by the RL stages.")
-    per_device_prompt_batch_size: int = config_field(16, help="Prompts per rollout on each process.")
+    per_device_prompt_batch_size: int = config_field(
+        32, help="Prompts per rollout on each process (32: the rollout of the SafeWorld results in docs/results.md and of the benchmark).")
     samples_per_prompt: int = config_field(1, help="Responses sampled per prompt (rows per rollout = prompts × this).")
     max_new_tokens: int = config_field(64, help="Most response tokens per rollout row (EOS included).")
     temperature: float = config_field(1.0, help="Sampling temperature of the rollouts (1 = the policy's own distribution, as PPO assumes).")
@@ -111,7 +112,7 @@ class RLConfig(TrainingConfig):
     ppo_epochs: int = config_field(1, help="Passes of PPO updates over each rollout batch (the reference's update_iters).")
     per_device_train_batch_size: int = config_field(16, help="Rollout rows per micro-batch of an update on each process.")
     learning_rate: float = config_field(
-        1e-4, help="Actor learning rate. 1e-4 suits the tiny preset; the reference's 1e-5 is for a 7B model.")
+        2e-4, help="Actor learning rate. 2e-4 for the tiny preset (docs/results.md: 1e-4 / 5e-5 left 10% / 13% harmful after 60 steps); the reference's 1e-5 is for a 7B model.")
     weight_decay: float = config_field(0.01, help="Actor AdamW weight decay (reference 0.01).")
     critic_learning_rate: float = config_field(
         5e-5, help="Critic learning rate. 5e-5 suits the tiny preset; the reference's 5e-6 is for a 7B model.")
