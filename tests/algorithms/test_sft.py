@@ -6,11 +6,13 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+from safealign.algorithms.losses import sft_loss
 from safealign.algorithms.sft import SFTConfig, SFTStep, collate_sft, run
 from safealign.cli import app
 from safealign.config import load_config
@@ -92,3 +94,52 @@ def test_cli_sft_without_train_data_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["sft", "--output_dir", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "train_data is required" in result.output
+
+
+def _tiny_lm(kind: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def _label_batch() -> dict[str, torch.Tensor]:
+    input_ids = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    labels = input_ids.clone()
+    labels[:, :4] = IGNORE_INDEX  # the prompt
+    labels[attention_mask == 0] = IGNORE_INDEX
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_label_position_head_gives_the_full_loss_and_gradient(kind):
+    """The LM head on label positions only is an optimisation: same loss and same gradient as full logits."""
+    model, batch = _tiny_lm(kind), _label_batch()
+    step = SFTStep()
+    loss, _ = step.loss(model, batch, torch.tensor(12))
+    assert step.label_positions_only is True
+    loss.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = sft_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"], torch.tensor(12))
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for fast, full in zip(fast_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-6)
+
+
+def test_label_position_head_falls_back_when_the_head_is_not_the_output_embeddings(monkeypatch):
+    model, batch = _tiny_lm("llama"), _label_batch()
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: torch.nn.Linear(32, 100))  # a head the forward never calls
+    step = SFTStep()
+    with pytest.warns(UserWarning, match="full logits"):
+        loss, _ = step.loss(model, batch, torch.tensor(12))
+    assert step.label_positions_only is False
+    reference = sft_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"], torch.tensor(12))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)

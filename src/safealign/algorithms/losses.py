@@ -27,16 +27,21 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_label_tokens: int |
     one big batch. Otherwise N is this batch's count.
     logits: (B, L, V); labels: (B, L) with IGNORE_INDEX on prompt and padding positions.
     """
-    shift_logits = logits[:, :-1, :].float()  # size = (B, L-1, V)
+    shift_logits = logits[:, :-1, :]  # size = (B, L-1, V)
     shift_labels = labels[:, 1:]  # size = (B, L-1)
-    token_loss_sum = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )  # size = ()
+    return label_cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), num_label_tokens)
+
+
+def label_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                        num_label_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i −log p(targets_i) / N over the rows whose target is not IGNORE_INDEX (N as in `sft_loss`).
+
+    logits: (N_rows, V), already aligned with targets: (N_rows,). `sft_loss` calls it on every shifted
+    position; the SFT step calls it directly on the logits of the label positions only (same value).
+    """
+    token_loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")  # size = ()
     if num_label_tokens is None:
-        num_label_tokens = (shift_labels != IGNORE_INDEX).sum()
+        num_label_tokens = (targets != IGNORE_INDEX).sum()
     return token_loss_sum / torch.as_tensor(num_label_tokens, dtype=token_loss_sum.dtype).clamp(min=1)
 
 

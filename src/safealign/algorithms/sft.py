@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from safealign.config import ConfigError, config_field
-from safealign.algorithms.losses import sft_loss
+from safealign.algorithms.losses import label_cross_entropy, sft_loss
 from safealign.data.formatting import IGNORE_INDEX, SAFE_RLHF_PROMPT_TEMPLATE, TokenizedExample, tokenize_prompt_response
 from safealign.data.loading import load_sft
 from safealign.data.schema import SFTExample
@@ -55,15 +57,72 @@ def collate_sft(examples: list[TokenizedExample], pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@contextmanager
+def label_positions_only(model: torch.nn.Module, labels: torch.Tensor) -> Iterator[None]:
+    """While active, the model's LM head sees only the hidden states that predict a label.
+
+    The head gets (1, N, d) instead of (B, L, d), N = label tokens: the vocabulary projection (half of a
+    small model's step, and the largest activation of a big-vocabulary one) is computed where the loss
+    needs it, and nowhere else. A forward pre-hook on `get_output_embeddings()` does the selection, so
+    the forward still goes through the (DDP/FSDP-)wrapped model and any logit post-processing the
+    architecture applies after its head (soft-capping, scaling) is kept. The returned logits are then
+    (1, N, V), aligned with `labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]`.
+    """
+    keep = labels[:, 1:] != IGNORE_INDEX  # size = (B, L-1): position t predicts labels[t+1]
+
+    def select(_module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]  # size = (B, L, d)
+        return (hidden[:, :-1][keep].unsqueeze(0), *args[1:])  # size = (1, N, d)
+
+    handle = getattr(model, "module", model).get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class SFTStep(Step):
     """Cross-entropy on response tokens; items = label tokens (the positions the loss predicts)."""
+
+    def __init__(self) -> None:
+        # Whether the LM head may run on the label positions only; checked once against the full
+        # forward on the first batch (an architecture whose head is not applied once to the final hidden
+        # states falls back to full logits, with a warning).
+        self.label_positions_only: bool | None = None
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
+    def _label_logits(self, model, batch) -> torch.Tensor:
+        with label_positions_only(model, batch["labels"]):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[0]  # (N, V)
+
+    def _check_label_positions_only(self, model, batch) -> bool:
+        labels = batch["labels"]
+        was_training = model.training
+        model.eval()  # dropout off: the two forwards must see the same network
+        with torch.no_grad():
+            full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            expected = full[:, :-1][labels[:, 1:] != IGNORE_INDEX].float()  # size = (N, V)
+            try:
+                selected = self._label_logits(model, batch).float()  # size = (N, V)
+            except Exception:  # noqa: BLE001 - any failure of the fast path means: use the full logits
+                selected = None
+        model.train(was_training)
+        ok = selected is not None and selected.shape == expected.shape and torch.allclose(selected, expected, rtol=1e-2, atol=1e-2)
+        if not ok:
+            warnings.warn("sft: this model's LM head cannot be restricted to the label positions; computing full logits (slower).")
+        return ok
+
     def loss(self, model, batch, num_items):
+        if self.label_positions_only is None:
+            self.label_positions_only = self._check_label_positions_only(model, batch)
+        labels = batch["labels"]  # size = (B, L)
+        if self.label_positions_only:
+            targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # size = (N,)
+            return label_cross_entropy(self._label_logits(model, batch), targets, num_items), {}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (B, L, V)
-        return sft_loss(logits, batch["labels"], num_items), {}
+        return sft_loss(logits, labels, num_items), {}
 
     def evaluate(self, model, loader, accelerator) -> dict[str, float]:
         loss_sum, token_count = 0.0, 0.0
