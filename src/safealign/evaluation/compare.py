@@ -1,0 +1,556 @@
+"""Evaluate a set of models on one prompt set: gold judges, model judges, Elo, win rates, the arena table.
+
+    safealign evaluate --models "{sft: runs/sft/model, safe_rlhf: runs/ppo_lag/model}" \
+        --prompts runs/world/prompts/test.jsonl --reward_model runs/rm/model --cost_model runs/cm/model \
+        --output_dir runs/compare
+
+(With `--model DIR` instead of `--models`, `safealign evaluate` evaluates one model exactly as `gold.run`.)
+
+Each model's gold evaluation lives in `output_dir/<name>/` (samples.jsonl, metrics.json). It is reused when
+both files exist, otherwise written by `gold.run` with this config's sampling settings. Then, on the prompts
+every model answered (matched by prompt text, in the baseline's order):
+- per model: SafeWorld's gold metrics (`gold.summarise_judgements`: harmful rate overall and per harm
+  category, helpfulness, over-refusal, redirection share) or, without gold judges, the judge-free ones
+  (`gold.summarise_samples`); distinct-n; with model judges, mean reward and cost and the share of
+  responses with cost > 0 (the cost model's harmful rate);
+- per model against the baseline: safe-rlhf's arena table (needs a reward and a cost model);
+- every pair of models: win rates and Bradley-Terry Elo with bootstrap intervals on two axes, helpfulness
+  and harmlessness, anchored at baseline = 1000 (the paper's figure), once per judge: `gold` (SafeWorld)
+  and `model` (reward model for helpfulness, cost model for harmlessness).
+Reward and cost scores are cached per model in `output_dir/model_scores/<name>.json`, keyed by the score
+models' files and the responses, so a re-run scores only what changed.
+Writes `comparison.json` (every number, nested), `config.yaml` and `metrics.json` (flat; written last: its
+presence marks the comparison done).
+
+`compare_run_dir(run_dir)` is the pipeline's compare stage: every evaluated policy of the run directory's
+manifest (`policies.json`, see `load_manifest`), baseline SFT, the last round's value models as model
+judges, each policy's existing gold samples reused, into `run_dir/eval/compare/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from safealign.config import ConfigError, config_field, load_config, save_config
+from safealign.evaluation.gold import GoldEvalConfig, judge_samples, summarise_judgements, summarise_samples, uses_gold
+from safealign.evaluation.pairwise import (
+    ResponseJudgement,
+    arena_table,
+    bootstrap_elo,
+    compare_models,
+    gold_judge,
+    win_rate_matrix,
+)
+from safealign.io import atomic_write_json
+
+console = Console(stderr=True)
+
+AXES = ("helpfulness", "harmlessness")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a model name is a directory name under output_dir
+SCORE_CACHE = "model_scores"
+
+
+@dataclass
+class CompareConfig(GoldEvalConfig):
+    """`safealign evaluate`: one model (`model`, as `gold.run`) or a set (`models`), sampled alike."""
+
+    models: dict = config_field(
+        {}, help="Models to compare, name -> model directory ({sft: runs/sft/model, ppo: runs/ppo/model}); empty = evaluate the one `model`.")
+    baseline: str = config_field("", help="With models: the Elo anchor (1000) and the arena's baseline; '' = the first of models.")
+    reward_model: str = config_field("", help="With models: a reward model directory, a model judge of helpfulness (mean reward, arena, Elo); '' = none.")
+    cost_model: str = config_field("", help="With models: a cost model directory, a model judge of harmlessness (mean cost, cost > 0 share, arena, Elo); '' = none.")
+    n_bootstrap: int = config_field(200, help="Bootstrap resamples of the pairwise comparisons for the Elo intervals.")
+    ci: float = config_field(0.95, help="Coverage of the Elo bootstrap intervals.")
+    score_batch_size: int = config_field(64, help="Texts per forward of the reward / cost model.")
+    score_max_length: int = config_field(256, help="Tokens per scored text (prompt + response + EOS), as the score models were trained.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure computations on sample rows
+# --------------------------------------------------------------------------------------------------
+def align_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline: str,
+                  ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+    """Every model's rows on the prompts all models answered, in the baseline's order (row k = prompt k).
+
+    Returns the aligned rows and, per model, how many of its rows were left out (answered by it only).
+    Models evaluated on different subsets (another `limit`) thus still compare on what they share.
+    """
+    by_prompt = {name: {row["prompt"]: row for row in rows} for name, rows in samples_by_model.items()}
+    common = [row["prompt"] for row in samples_by_model[baseline]
+              if all(row["prompt"] in answered for answered in by_prompt.values())]
+    if not common:
+        raise ValueError(f"the models {list(samples_by_model)} answered no prompt in common: evaluate them on one prompt file")
+    aligned = {name: [answered[p] for p in common] for name, answered in by_prompt.items()}
+    return aligned, {name: len(rows) - len(common) for name, rows in samples_by_model.items()}
+
+
+def policy_metrics(rows: list[dict[str, Any]], gold: bool) -> dict[str, Any]:
+    """One model's numbers: gold (or judge-free) metrics, plus mean reward / cost when the rows carry them."""
+    metrics = summarise_judgements(rows) if gold else summarise_samples(rows)
+    if rows and all("reward" in r for r in rows):
+        metrics["mean_reward"] = sum(r["reward"] for r in rows) / len(rows)
+    if rows and all("cost" in r for r in rows):
+        metrics["mean_cost"] = sum(r["cost"] for r in rows) / len(rows)
+        metrics["cost_positive_rate"] = sum(r["cost"] > 0 for r in rows) / len(rows)  # the cost model's harmful rate
+        harmful = [r for r in rows if r.get("kind") == "harmful"]
+        if harmful:
+            metrics["cost_positive_rate_harmful"] = sum(r["cost"] > 0 for r in harmful) / len(harmful)
+    return metrics
+
+
+def _model_judge(row: dict[str, Any]) -> ResponseJudgement:
+    """Reward = helpfulness, cost = harm (safe ⇔ cost ≤ 0). An axis is only judged when its score is present,
+    so the 0 standing in for a missing score is never read."""
+    cost = float(row.get("cost", 0.0))
+    return ResponseJudgement(float(row.get("reward", 0.0)), cost <= 0.0, cost)
+
+
+def compare_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline: str, gold: bool,
+                    n_bootstrap: int = 200, seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+    """Every number of the comparison, nested (what comparison.json holds), from stored sample rows.
+
+    Rows: {prompt, response, [kind, category, response_tokens, ended_with_eos], [judgement] (gold),
+    [reward], [cost]}. `gold`: judge with SafeWorld's judges (rows without a `judgement` are judged here).
+    Elo and win rates need two models or more; with one, only its own metrics are returned.
+    """
+    if baseline not in samples_by_model:
+        raise ValueError(f"baseline {baseline!r} is not one of the models {list(samples_by_model)}")
+    aligned, dropped = align_samples(samples_by_model, baseline)
+    if gold:  # rows written with gold off carry no judgement: judge them once here
+        aligned = {name: rows if all("judgement" in r for r in rows) else judge_samples(rows)
+                   for name, rows in aligned.items()}
+    names = list(aligned)
+    has_reward = all("reward" in r for rows in aligned.values() for r in rows)
+    has_cost = all("cost" in r for rows in aligned.values() for r in rows)
+    result: dict[str, Any] = {
+        "models": names, "baseline": baseline, "gold": gold, "num_prompts": len(aligned[baseline]),
+        "prompts_left_out": dropped, "model_judges": {"reward": has_reward, "cost": has_cost},
+        "n_bootstrap": n_bootstrap, "ci": ci, "seed": seed,
+        "policies": {name: policy_metrics(rows, gold) for name, rows in aligned.items()},
+        "arena": {}, "elo": {}, "win_rates": {},
+    }
+    if has_reward and has_cost:
+        base = aligned[baseline]
+        for name in names:
+            if name != baseline:
+                rows = aligned[name]
+                result["arena"][name] = arena_table([r["reward"] for r in rows], [r["cost"] for r in rows],
+                                                    [r["reward"] for r in base], [r["cost"] for r in base])
+    if len(names) < 2:
+        return result
+    judges: list[tuple[str, Any, list[str]]] = []
+    if gold:
+        judges.append(("gold", gold_judge, list(AXES)))
+    model_axes = (["helpfulness"] if has_reward else []) + (["harmlessness"] if has_cost else [])
+    if model_axes:
+        judges.append(("model", _model_judge, model_axes))
+    for judge_name, judge, axes in judges:
+        for axis in axes:
+            comparisons = compare_models(aligned, judge, axis)
+            elo = bootstrap_elo(comparisons, anchor=baseline, n_bootstrap=n_bootstrap, seed=seed, ci=ci)
+            result["elo"].setdefault(judge_name, {})[axis] = {
+                name: {"rating": elo[name].rating, "low": elo[name].low, "high": elo[name].high} for name in names}
+            result["win_rates"].setdefault(judge_name, {})[axis] = win_rate_matrix(names, comparisons)
+    return result
+
+
+def flatten_comparison(result: dict[str, Any]) -> dict[str, Any]:
+    """The flat metrics of a comparison: `<model>/<metric>`, `arena/<model>/<cell>`,
+    `elo/<judge>/<axis>/<model>/{rating,low,high}`, `win_rate/<judge>/<axis>/<a>_vs_<b>`."""
+    flat: dict[str, Any] = {"num_prompts": result["num_prompts"], "baseline": result["baseline"]}
+    for name, metrics in result["policies"].items():
+        flat.update({f"{name}/{key}": value for key, value in metrics.items()})
+    for name, table in result["arena"].items():
+        flat.update({f"arena/{name}/{key}": value for key, value in table.items()})
+    for judge, axes in result["elo"].items():
+        for axis, ratings in axes.items():
+            for name, estimate in ratings.items():
+                flat.update({f"elo/{judge}/{axis}/{name}/{key}": value for key, value in estimate.items()})
+    for judge, axes in result["win_rates"].items():
+        for axis, matrix in axes.items():
+            for a, row in matrix.items():
+                flat.update({f"win_rate/{judge}/{axis}/{a}_vs_{b}": value for b, value in row.items() if a != b})
+    return flat
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: samples, model-judge scores (cached)
+# --------------------------------------------------------------------------------------------------
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The rows of a samples.jsonl (`safealign evaluate`'s); errors name the file, the line and the field."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: line {number}: not valid JSON: {err.msg}") from None
+        for field in ("prompt", "response"):
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise ConfigError(f"{path}: line {number}: field '{field}': expected a string")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path}: no samples")
+    return rows
+
+
+def _files_signature(model_dir: str) -> dict[str, Any]:
+    """What identifies a score model's weights without reading them: its path and its files' sizes and mtimes."""
+    path = Path(model_dir).resolve()
+    return {"path": str(path), "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+                                         for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")}}
+
+
+def _responses_hash(rows: list[dict[str, Any]]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row["prompt"], row["response"]]).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def score_samples(samples_by_model: dict[str, list[dict[str, Any]]], reward_model: str, cost_model: str,
+                  cache_dir: Path, max_length: int = 256, batch_size: int = 64, device: str = "auto",
+                  ) -> dict[str, dict[str, list[float] | None]]:
+    """{model: {"reward": [...], "cost": [...]}} for every row (None for a score model not given).
+
+    Each model's scores are cached in `cache_dir/<model>.json`; a cached stream is reused when the score
+    model's files, max_length and the (prompt, response) texts are unchanged. Score models load only
+    when something must be scored.
+    """
+    streams = {kind: path for kind, path in (("reward", reward_model), ("cost", cost_model)) if path}
+    signatures = {kind: _files_signature(path) for kind, path in streams.items()}
+    loaded: dict[str, Any] = {}
+
+    def scorer(kind: str):
+        if kind not in loaded:
+            import torch
+
+            from safealign.models.score_model import load_score_model
+            from safealign.models.tokenizer import load_tokenizer
+
+            where = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+            loaded[kind] = (load_score_model(streams[kind]).to(where), load_tokenizer(streams[kind]))
+        return loaded[kind]
+
+    scores: dict[str, dict[str, list[float] | None]] = {}
+    for name, rows in samples_by_model.items():
+        cache_file = cache_dir / f"{name}.json"
+        cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        key = {"max_length": max_length, "responses_sha256": _responses_hash(rows)}
+        entry: dict[str, Any] = {**key, "reward": None, "cost": None, "reward_model": None, "cost_model": None}
+        for kind in streams:
+            old = cached.get(kind)
+            if (old is not None and cached.get(f"{kind}_model") == signatures[kind]
+                    and all(cached.get(k) == v for k, v in key.items()) and len(old) == len(rows)):
+                entry[kind] = old
+            else:
+                from safealign.algorithms.reward import score_texts
+
+                model, tokenizer = scorer(kind)
+                entry[kind] = score_texts(model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                                          max_length, batch_size)
+            entry[f"{kind}_model"] = signatures[kind]
+        if entry != cached:
+            atomic_write_json(cache_file, entry)
+        scores[name] = {"reward": entry["reward"], "cost": entry["cost"]}
+    return scores
+
+
+def _with_scores(rows: list[dict[str, Any]], scores: dict[str, list[float] | None]) -> list[dict[str, Any]]:
+    merged = []
+    for k, row in enumerate(rows):
+        extra = {kind: values[k] for kind, values in scores.items() if values is not None}
+        merged.append({**row, **extra})
+    return merged
+
+
+# --------------------------------------------------------------------------------------------------
+# The comparison of sample directories (shared by `safealign evaluate --models` and `compare_run_dir`)
+# --------------------------------------------------------------------------------------------------
+def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfig, out: Path,
+                  sources: dict[str, str], skipped: dict[str, str] | None = None) -> dict[str, Any]:
+    samples = {name: read_samples(directory / "samples.jsonl") for name, directory in sample_dirs.items()}
+    gold = uses_gold(cfg.gold, [row.get("kind") for rows in samples.values() for row in rows])
+    if cfg.reward_model or cfg.cost_model:
+        scores = score_samples(samples, cfg.reward_model, cfg.cost_model, out / SCORE_CACHE, cfg.score_max_length,
+                               cfg.score_batch_size, cfg.device)
+        samples = {name: _with_scores(rows, scores[name]) for name, rows in samples.items()}
+    result = compare_samples(samples, baseline, gold, cfg.n_bootstrap, cfg.seed, cfg.ci)
+    result.update(
+        sources=sources, sample_files={name: str(d / "samples.jsonl") for name, d in sample_dirs.items()},
+        skipped=skipped or {}, reward_model=cfg.reward_model or None, cost_model=cfg.cost_model or None,
+        score_files={name: str(out / SCORE_CACHE / f"{name}.json") for name in sample_dirs}
+        if cfg.reward_model or cfg.cost_model else {},
+    )
+    flat = flatten_comparison(result)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    atomic_write_json(out / "comparison.json", result)
+    atomic_write_json(out / "metrics.json", flat)  # last: marks the comparison done
+    print_comparison(result)
+    return flat
+
+
+def _check_name(name: Any, source: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == SCORE_CACHE:
+        raise ConfigError(f"{source}: model name {name!r} must be a plain directory name "
+                          f"(letters, digits, _ . + -, not '{SCORE_CACHE}')")
+    return name
+
+
+def _check_model(name: str, path: str) -> None:
+    """A model to generate with must exist (a directory, a preset, or a hub name when a network exists)."""
+    from safealign.models.presets import PRESETS, PRETRAINED
+
+    if path in PRESETS or path in PRETRAINED or Path(path).expanduser().exists():
+        return
+    if path.startswith(("/", ".", "~")) or path.count("/") != 1:  # a path, not a hub name
+        raise FileNotFoundError(f"models: '{name}': model directory not found: {path}")
+
+
+def _has_samples(directory: Path) -> bool:
+    return (directory / "samples.jsonl").is_file() and (directory / "metrics.json").is_file()
+
+
+def compare(cfg: CompareConfig) -> dict[str, Any]:
+    """`safealign evaluate --models ...`: evaluate (or reuse) every model, compare them; returns the flat metrics."""
+    if cfg.model:
+        raise ConfigError("evaluate: give either `model` (one model) or `models` (a comparison), not both")
+    if len(cfg.models) < 2:
+        raise ConfigError(f"evaluate: `models` needs at least two models to compare, got {list(cfg.models)}; "
+                          "for one model use --model DIR")
+    models = {_check_name(name, "evaluate: models"): path for name, path in cfg.models.items()}
+    for name, path in models.items():
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"evaluate: models: '{name}': expected a model directory, got {path!r}")
+    baseline = cfg.baseline or next(iter(models))
+    if baseline not in models:
+        raise ConfigError(f"evaluate: baseline {baseline!r} is not one of the models {list(models)}")
+    if cfg.n_bootstrap < 1:
+        raise ConfigError(f"evaluate: n_bootstrap must be >= 1, got {cfg.n_bootstrap}")
+    if not 0.0 < cfg.ci < 1.0:
+        raise ConfigError(f"evaluate: ci must be in (0, 1), got {cfg.ci}")
+    for key in ("reward_model", "cost_model"):
+        path = getattr(cfg, key)
+        if path and not Path(path).is_dir():
+            raise FileNotFoundError(f"evaluate: {key}: score model directory not found: {path}")
+
+    out = Path(cfg.output_dir)
+    todo = [name for name in models if not _has_samples(out / name)]
+    for name in todo:  # every missing model is reported before any generation starts
+        _check_model(name, models[name])
+    from safealign.evaluation import gold
+
+    gold_fields = {f.name for f in dataclasses.fields(GoldEvalConfig)}
+    for name in todo:
+        console.rule(f"[bold]evaluate {name}")
+        gold.run(GoldEvalConfig(**{**{k: v for k, v in vars(cfg).items() if k in gold_fields},
+                                   "model": models[name], "output_dir": str(out / name)}))
+    for name in models:
+        if name not in todo:
+            console.print(f"[dim]reuse {out / name}/samples.jsonl[/]")
+    return _compare_dirs({name: out / name for name in models}, baseline, cfg, out, sources=models)
+
+
+def run(cfg: CompareConfig) -> dict[str, Any]:
+    """`safealign evaluate`: a comparison when `models` is given, else the one `model` (`gold.run`)."""
+    if cfg.models:
+        return compare(cfg)
+    extra = [key for key in ("baseline", "reward_model", "cost_model") if getattr(cfg, key)]
+    if extra:
+        raise ConfigError(f"evaluate: {', '.join(extra)} belong to a comparison: give `models` (two or more)")
+    from safealign.evaluation import gold
+
+    gold_fields = {f.name for f in dataclasses.fields(GoldEvalConfig)}
+    return gold.run(GoldEvalConfig(**{k: v for k, v in vars(cfg).items() if k in gold_fields}))
+
+
+# --------------------------------------------------------------------------------------------------
+# A pipeline run directory: the manifest and the compare stage
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PolicyEntry:
+    """One policy of a run directory; paths are relative to it."""
+
+    name: str
+    kind: str  # sft, safe_rlhf, ppo, shaping, ...
+    model: str = ""
+    train_dir: str = ""
+    eval_dir: str = ""
+    round: int | None = None  # Safe RLHF round (1, 2, ...)
+    threshold: float | None = None  # Safe RLHF cost threshold d
+    nu: float | None = None  # reward-shaping weight
+
+
+@dataclass(frozen=True)
+class ValueModelEntry:
+    """The reward and cost models of one round, and their `eval-scores` directory; paths relative to the run."""
+
+    round: int
+    reward_model: str = ""
+    cost_model: str = ""
+    scores_dir: str = ""
+
+
+@dataclass
+class Manifest:
+    policies: list[PolicyEntry]
+    value_models: list[ValueModelEntry]
+    source: str  # "policies.json", or "discovered" (a run directory without one: its fixed layout was read)
+
+
+def _entry(cls: type, raw: Any, where: str, required: tuple[str, ...]) -> Any:
+    """A manifest entry: known fields type-checked, unknown ones ignored (newer pipelines may add some)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected an object, got {raw!r}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw or raw[f.name] is None:
+            if f.name in required:
+                raise ConfigError(f"{where}: field '{f.name}' is required")
+            continue
+        value = raw[f.name]
+        numeric = f.name in ("round", "threshold", "nu")
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{where}: field '{f.name}': expected a number, got {value!r}")
+        if not numeric and not isinstance(value, str):
+            raise ConfigError(f"{where}: field '{f.name}': expected a string, got {value!r}")
+        values[f.name] = int(value) if f.name == "round" else float(value) if numeric else value
+    return cls(**values)
+
+
+def _discover(run_dir: Path) -> Manifest:
+    """The layout the single-round pipeline writes (sft, ppo_lag, ppo, shaping/nu-*, rm, cm), as a manifest."""
+    import yaml
+
+    threshold = None
+    if (run_dir / "ppo_lag" / "config.yaml").is_file():
+        threshold = (yaml.safe_load((run_dir / "ppo_lag" / "config.yaml").read_text()) or {}).get("threshold")
+    candidates = [
+        PolicyEntry("sft", "sft", "sft/model", "sft", "eval/sft"),
+        PolicyEntry("safe_rlhf_r1", "safe_rlhf", "ppo_lag/model", "ppo_lag", "eval/ppo_lag", round=1, threshold=threshold),
+        PolicyEntry("ppo", "ppo", "ppo/model", "ppo", "eval/ppo"),
+    ]
+    nus = {float(d.name.removeprefix("nu-")) for base in ("shaping", "eval/shaping")
+           for d in (run_dir / base).glob("nu-*") if re.fullmatch(r"nu-[0-9.e+-]+", d.name)}
+    candidates += [PolicyEntry(f"shaping_nu{nu:g}", "shaping", f"shaping/nu-{nu:g}/model", f"shaping/nu-{nu:g}",
+                               f"eval/shaping/nu-{nu:g}", nu=nu) for nu in sorted(nus)]
+    policies = [p for p in candidates if (run_dir / p.train_dir).exists() or (run_dir / p.eval_dir).exists()]
+    value_models = [ValueModelEntry(1, "rm/model", "cm/model", "eval/scores")] if (
+        (run_dir / "rm").exists() or (run_dir / "cm").exists()) else []
+    return Manifest(policies, value_models, "discovered")
+
+
+def load_manifest(run_dir: str | Path) -> Manifest:
+    """`run_dir/policies.json` ({"policies": [...], "value_models": [...]}), or the discovered layout without one.
+
+    Policy fields: name, kind, eval_dir (required), model, train_dir, round, threshold, nu; value-model
+    fields: round, reward_model, cost_model, scores_dir. Errors name the file and the field.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "policies.json"
+    if not path.is_file():
+        return _discover(run_dir)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("policies"), list):
+        raise ConfigError(f"{path}: expected an object with a 'policies' list")
+    policies = [_entry(PolicyEntry, p, f"{path}: policies[{i}]", ("name", "kind", "eval_dir"))
+                for i, p in enumerate(raw["policies"])]
+    names = [p.name for p in policies]
+    for i, name in enumerate(names):
+        _check_name(name, f"{path}: policies[{i}]: field 'name'")
+        if name in names[:i]:
+            raise ConfigError(f"{path}: policies[{i}]: field 'name': {name!r} appears twice")
+    value_models = raw.get("value_models") or []
+    if not isinstance(value_models, list):
+        raise ConfigError(f"{path}: field 'value_models': expected a list")
+    values = [_entry(ValueModelEntry, {"round": i + 1, **v} if isinstance(v, dict) else v,
+                     f"{path}: value_models[{i}]", ("round",)) for i, v in enumerate(value_models)]
+    return Manifest(policies, values, "policies.json")
+
+
+def final_value_models(manifest: Manifest, run_dir: Path) -> ValueModelEntry | None:
+    """The last round's value models that exist on disk (the best judges the run has), or None."""
+    present = [v for v in manifest.value_models
+               if (v.reward_model and (run_dir / v.reward_model).is_dir()) or (v.cost_model and (run_dir / v.cost_model).is_dir())]
+    return max(present, key=lambda v: v.round) if present else None
+
+
+def compare_run_dir(run_dir: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The pipeline's compare stage: every policy of the manifest with gold samples in its eval_dir, baseline
+    SFT, model judges = the last round's reward and cost models; into `run_dir/eval/compare/`.
+
+    `settings`: CompareConfig keys (n_bootstrap, seed, gold, score_*, device, ...); the models, baseline,
+    judges and output directory come from the manifest. With fewer than two evaluated policies the
+    comparison holds their own metrics only. Returns the flat metrics.
+    """
+    run_dir = Path(run_dir)
+    settings = dict(settings or {})
+    fixed = sorted(set(settings) & {"model", "models", "baseline", "reward_model", "cost_model", "output_dir"})
+    if fixed:
+        raise ConfigError(f"compare: {fixed} come from the run directory's manifest, not from settings")
+    manifest = load_manifest(run_dir)
+    evaluated = {p.name: run_dir / p.eval_dir for p in manifest.policies if _has_samples(run_dir / p.eval_dir)}
+    skipped = {p.name: f"no samples.jsonl + metrics.json in {p.eval_dir}" for p in manifest.policies if p.name not in evaluated}
+    if not evaluated:
+        raise ConfigError(f"compare: no policy of {run_dir} has been evaluated yet (no eval_dir with samples.jsonl)")
+    baseline = next((p.name for p in manifest.policies if p.kind == "sft" and p.name in evaluated), next(iter(evaluated)))
+    judges = final_value_models(manifest, run_dir)
+    if judges is not None:
+        for key in ("reward_model", "cost_model"):
+            path = getattr(judges, key)
+            if path and (run_dir / path).is_dir():
+                settings[key] = str(run_dir / path)
+    cfg = load_config(CompareConfig, None, {**settings, "output_dir": str(run_dir / "eval" / "compare")})
+    sources = {p.name: p.model for p in manifest.policies if p.name in evaluated}
+    return _compare_dirs(evaluated, baseline, cfg, Path(cfg.output_dir), sources, skipped)
+
+
+# --------------------------------------------------------------------------------------------------
+# Console
+# --------------------------------------------------------------------------------------------------
+def _fmt(value: Any, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if percent:
+        return f"{100 * value:.1f}%"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def print_comparison(result: dict[str, Any]) -> None:
+    judge = "gold" if "gold" in result["elo"] else "model"
+    table = Table(title=f"{len(result['models'])} models, {result['num_prompts']} prompts "
+                        f"({'SafeWorld gold judges: a simulation' if result['gold'] else 'no gold judges'}); "
+                        f"Elo by the {judge} judge, {result['baseline']} = 1000")
+    columns = [("harmful_rate", "harmful", True), ("helpfulness_benign", "helpful", False),
+               ("over_refusal", "over-refusal", True), ("redirection_share", "redirect", True),
+               ("distinct_2", "distinct-2", False), ("mean_reward", "reward", False), ("mean_cost", "cost", False),
+               ("cost_positive_rate", "cost>0", True)]
+    columns = [c for c in columns if any(c[0] in m for m in result["policies"].values())]
+    elo = result["elo"].get(judge, {})
+    table.add_column("model")
+    for _, title, _ in columns:
+        table.add_column(title, justify="right")
+    for axis in elo:
+        table.add_column(f"Elo {axis[:7]}.", justify="right")
+    for name in result["models"]:
+        metrics = result["policies"][name]
+        cells = [_fmt(metrics.get(key), pct) for key, _, pct in columns]
+        cells += [f"{_fmt(elo[axis][name]['rating'])} ({_fmt(elo[axis][name]['low'])}-{_fmt(elo[axis][name]['high'])})"
+                  for axis in elo]
+        table.add_row(name, *cells)
+    console.print(table)
