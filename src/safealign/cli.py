@@ -71,10 +71,13 @@ _stage_command("sft", "safealign.algorithms.sft", "SFTConfig", "Supervised fine-
 _stage_command("rm", "safealign.algorithms.reward", "RewardConfig", "Train the reward model (helpfulness, Bradley-Terry).")
 _stage_command("cm", "safealign.algorithms.cost", "CostConfig", "Train the cost model (harmlessness, Bradley-Terry + safety sign).")
 _stage_command("eval-scores", "safealign.evaluation.scores", "ScoreEvalConfig", "Evaluate a reward/cost model on a preference file (accuracies, figures).")
-_stage_command("evaluate", "safealign.evaluation.gold", "GoldEvalConfig", "Generate with a policy and judge it (harmful rate, helpfulness, over-refusal).")
+_stage_command("evaluate", "safealign.evaluation.compare", "CompareConfig",
+               "Generate with a policy (--model) and judge it, or compare a set of models (--models): gold and model judges, Elo, win rates, arena.")
 _stage_command("ppo", "safealign.algorithms.ppo", "PPOConfig", "RLHF: PPO of the policy on the reward model.")
 _stage_command("ppo-lag", "safealign.algorithms.ppo_lag", "PPOLagConfig", "Safe RLHF: PPO-Lagrangian on the reward and cost models.")
 _stage_command("shaping", "safealign.algorithms.reward_shaping", "RewardShapingConfig", "Baseline: PPO on the shaped reward R - nu*C (nu fixed, or a sweep).")
+_stage_command("report", "safealign.evaluation.report", "ReportConfig",
+               "Render a run directory as report.html (self-contained), report.md and report.json.")
 _stage_command("pipeline", "safealign.pipeline", "PipelineConfig", "The main job: SafeWorld -> SFT -> reward + cost models -> Safe RLHF and baselines -> evaluation, in one run directory.")
 
 
