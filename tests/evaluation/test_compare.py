@@ -266,7 +266,7 @@ def test_evaluate_models_generates_judges_compares_and_reuses(tiny, tmp_path, mo
     comparison = json.loads((out / "comparison.json").read_text())
     for name in ("sft", "rl"):
         assert (out / name / "samples.jsonl").is_file() and (out / name / "metrics.json").is_file()
-        assert (out / "model_scores" / f"{name}.json").is_file()
+        assert (out / comparison["score_files"][name]).is_file()
     assert comparison["gold"] and comparison["baseline"] == "sft" and comparison["num_prompts"] == 7
     assert set(comparison["elo"]) == {"gold", "model"} and set(comparison["arena"]) == {"rl"}
     assert "harmful_rate/violence" in comparison["policies"]["rl"] and "mean_cost" in comparison["policies"]["rl"]

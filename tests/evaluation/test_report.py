@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 from safealign.cli import app
 from safealign.evaluation.compare import compare_samples
 from safealign.evaluation.gold import summarise_judgements
-from safealign.evaluation.report import CURVES, SIMULATION_STATEMENT, build_report, format_value, read_scalars
+from safealign.evaluation.report import (
+    CURVES,
+    NO_GOLD_STATEMENT,
+    SIMULATION_STATEMENT,
+    build_report,
+    format_value,
+    read_scalars,
+)
 from safealign.evaluation.report import SCORE_FIGURES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -126,7 +133,7 @@ def write_run(root: Path, evaluated: set[str] | None = None, compare: bool = Tru
         comparison["score_files"] = {}
         for name, rows in samples.items():
             (cache / f"{name}.json").write_text(json.dumps({"reward": [r["reward"] for r in rows], "cost": [r["cost"] for r in rows]}))
-            comparison["score_files"][name] = str(cache / f"{name}.json")
+            comparison["score_files"][name] = f"model_scores/{name}.json"
         (root / "eval" / "compare" / "comparison.json").write_text(json.dumps(comparison))
     return root
 
@@ -257,6 +264,23 @@ def test_a_run_with_only_sft_renders_and_says_what_is_missing(tmp_path):
     page = (root / "report.html").read_text()
     assert page.count(IMG) == len(blocks(report, "figure")) == 1  # the per-category heatmap of SFT
     assert "compare stage has not run" in (root / "report.md").read_text()
+
+
+def test_a_run_without_gold_judges_says_so_and_shows_the_judge_free_numbers(tmp_path):
+    from safealign.evaluation.gold import summarise_samples
+
+    for name, rows in (("sft", [{"prompt": f"p{i}", "response": f"answer {i} " * i} for i in range(6)]),
+                       ("ppo", [{"prompt": f"p{i}", "response": "same answer"} for i in range(6)])):
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / "eval" / name / "metrics.json").write_text(json.dumps(summarise_samples(rows)))
+    (tmp_path / "policies.json").write_text(json.dumps({"policies": [
+        {"name": name, "kind": name, "eval_dir": f"eval/{name}"} for name in ("sft", "ppo")]}))
+    report = build_report(tmp_path)
+    assert not report["safeworld"] and NO_GOLD_STATEMENT in section(report, "about")["paragraphs"]
+    responses = table(report, "Responses (no gold judges)")
+    assert [c["name"] for c in responses["columns"]] == ["policy", "kind", "distinct-1", "distinct-2", "prompts"]
+    assert "No gold judges in this run" in " ".join(report["notes"]) and "could not be built" not in " ".join(report["notes"])
 
 
 def test_an_empty_run_directory_renders_and_a_missing_one_is_named(tmp_path):

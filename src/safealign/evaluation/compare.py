@@ -290,8 +290,8 @@ def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfi
     result.update(
         sources=sources, sample_files={name: str(d / "samples.jsonl") for name, d in sample_dirs.items()},
         skipped=skipped or {}, reward_model=cfg.reward_model or None, cost_model=cfg.cost_model or None,
-        score_files={name: str(out / SCORE_CACHE / f"{name}.json") for name in sample_dirs}
-        if cfg.reward_model or cfg.cost_model else {},
+        # relative to comparison.json's folder, so that a moved run directory still finds them
+        score_files={name: f"{SCORE_CACHE}/{name}.json" for name in sample_dirs} if cfg.reward_model or cfg.cost_model else {},
     )
     flat = flatten_comparison(result)
     out.mkdir(parents=True, exist_ok=True)
@@ -546,7 +546,7 @@ def print_comparison(result: dict[str, Any]) -> None:
     for _, title, _ in columns:
         table.add_column(title, justify="right")
     for axis in elo:
-        table.add_column(f"Elo {axis[:7]}.", justify="right")
+        table.add_column({"helpfulness": "help Elo", "harmlessness": "harmless Elo"}[axis], justify="right")
     for name in result["models"]:
         metrics = result["policies"][name]
         cells = [_fmt(metrics.get(key), pct) for key, _, pct in columns]

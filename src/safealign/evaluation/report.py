@@ -376,7 +376,7 @@ POLICY_COLUMNS = [("harmful_rate", "harmful rate (harmful prompts)", "pct"),
                   ("over_refusal", "over-refusal (borderline)", "pct"),
                   ("redirection_share", "redirections / (redirections + refusals)", "pct"),
                   ("distinct_1", "distinct-1", "num"), ("distinct_2", "distinct-2", "num"),
-                  ("num_prompts", "prompts", "int")]
+                  ("mean_response_tokens", "mean tokens", "num"), ("num_prompts", "prompts", "int")]
 MODEL_JUDGE_COLUMNS = [("mean_reward", "mean reward", "num"), ("mean_cost", "mean cost", "num"),
                        ("cost_positive_rate", "cost > 0 (all prompts)", "pct"),
                        ("cost_positive_rate_harmful", "cost > 0 (harmful prompts)", "pct")]
@@ -393,9 +393,10 @@ def _policies(run: Run) -> Section:
         "answered unsafely; helpfulness: the gold judge's score; over-refusal: share of borderline (benign but "
         "harmful-looking) prompts refused; redirection share: on harmful prompts, safe redirections among "
         "redirections and bare refusals; distinct-n: unique word n-grams over all n-grams (low = mode collapse).")
-    section.blocks.append(TableBlock("Gold judges" if run.safeworld else "Responses", [Column("policy"), Column("kind")] + [
-        Column(title, style) for _, title, style in POLICY_COLUMNS],
-        [[p.name, p.entry.kind] + [p.metrics.get(key) for key, _, _ in POLICY_COLUMNS] for p in evaluated]))
+    columns = [c for c in POLICY_COLUMNS if any(p.metrics.get(c[0]) is not None for p in evaluated)]
+    section.blocks.append(TableBlock("Gold judges" if run.safeworld else "Responses (no gold judges)", [
+        Column("policy"), Column("kind")] + [Column(title, style) for _, title, style in columns],
+        [[p.name, p.entry.kind] + [p.metrics.get(key) for key, _, _ in columns] for p in evaluated]))
     judged = (run.comparison or {}).get("policies", {})
     columns = [c for c in MODEL_JUDGE_COLUMNS if any(c[0] in m for m in judged.values())]
     if columns:
@@ -514,9 +515,11 @@ def _value_models(run: Run) -> Section:
         rows.append([v.round] + [metrics.get(key) for key, _, _ in VALUE_METRICS])
         for name in SCORE_FIGURES:
             if (scores_dir / name).is_file():
-                section.blocks.append(FigureBlock(f"value_models_r{v.round}_{name}", f"Round {v.round}: {name.removesuffix('.png').replace('_', ' ')} "
-                                                  "on held-out preference pairs, split by the annotators' safety label",
-                                                  (scores_dir / name).read_bytes(), {"source": str(scores_dir / name)}))
+                what = name.removesuffix(".png").replace("_", " ")
+                section.blocks.append(FigureBlock(
+                    f"value_models_r{v.round}_{name}",
+                    f"Round {v.round}: {what} on held-out preference pairs, split by the annotators' safety label",
+                    (scores_dir / name).read_bytes(), {"source": str(scores_dir / name)}))
     if rows:
         section.blocks.insert(0, TableBlock("Value models on held-out preference pairs (per round)",
                                             [Column("round", "int")] + [Column(t, s) for _, t, s in VALUE_METRICS], rows))
@@ -526,7 +529,7 @@ def _value_models(run: Run) -> Section:
     chosen = [p for p in (baseline, final) if p is not None]
     scores = {}
     for p in chosen:
-        cached = _read_json(Path(score_files[p.name])) if p.name in score_files else None
+        cached = _read_json((run.root / COMPARISON).parent / score_files[p.name]) if p.name in score_files else None
         if cached:
             scores[p.name] = {"reward": cached.get("reward"), "cost": cached.get("cost")}
     if final is None:
@@ -600,8 +603,9 @@ def _frontier(run: Run) -> Section:
             section.paragraphs.append(
                 f"{safe['policy']}: dominated by {', '.join(dominating)}." if dominating else
                 f"{safe['policy']}: no shaping policy dominates it (on or beyond the frontier of the ν sweep).")
-    section.blocks.append(FigureBlock("frontier.png", "Harmful rate vs helpfulness: the ν sweep of reward shaping, Safe RLHF, SFT and PPO",
-                                      frontier_figure(points), points))
+    section.blocks.append(FigureBlock(
+        "frontier.png", "Harmful rate vs helpfulness: the ν sweep of reward shaping, Safe RLHF, SFT and PPO",
+        frontier_figure(points), points))
     section.blocks.append(TableBlock("Frontier points", [Column("policy"), Column("kind"), Column("ν", "num"),
                                                           Column("helpfulness (benign)", "num"), Column("harmful rate", "pct"),
                                                           Column("over-refusal", "pct")],
