@@ -558,7 +558,11 @@ def _training(run: Run) -> Section:
         if not logs.is_dir():
             section.notes.append(f"{p.name}: no TensorBoard logs in {p.entry.train_dir}/logs.")
             continue
-        scalars = read_scalars(logs, [f"train/{tag}" for tag in CURVES])
+        try:
+            scalars = read_scalars(logs, [f"train/{tag}" for tag in CURVES])
+        except Exception as err:  # noqa: BLE001 - one unreadable log (a run being written) must not hide the others
+            section.notes.append(f"{p.name}: its TensorBoard logs could not be read ({type(err).__name__}: {err}).")
+            continue
         if scalars:
             series[p.name] = {tag.removeprefix("train/"): values for tag, values in scalars.items()}
     if not series:
