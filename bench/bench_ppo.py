@@ -132,7 +132,7 @@ def run_safealign(trial: Trial, models: Path, clock: PhaseClock) -> dict[str, An
         max_steps=trial.steps, per_device_prompt_batch_size=PROMPTS, per_device_train_batch_size=TRAIN_BATCH,
         max_new_tokens=NEW_TOKENS, ppo_epochs=1, learning_rate=LR, critic_learning_rate=CRITIC_LR,
         mixed_precision="bf16" if trial.precision == "bf16" else "no", logging_steps=1, save_steps=-1,
-        sample_steps=0, warmup_ratio=0.0)
+        sample_steps=0, warmup_ratio=0.0, **trial.options.get("config", {}))  # e.g. critic_layout (bench_ppo_memory.py)
     rl_loop.generate_tokens = clock.wrap_generation(rl_loop.generate_tokens)
     original_build = rl_loop.build_causal_lm
 

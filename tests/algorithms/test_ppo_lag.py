@@ -104,11 +104,13 @@ def test_lambda_rises_when_the_cost_exceeds_the_threshold_and_falls_below(tiny, 
         assert lambdas[0] > lambdas[1] > lambdas[2] > lambdas[3] > 0
 
 
-def test_resume_after_a_crash_continues_exactly(tiny, tmp_path, monkeypatch):
-    """4 steps straight, against 4 steps that crash after step 2's checkpoint and resume from it."""
+@pytest.mark.parametrize("layout", ["full", "shared_backbone", "lora"])
+def test_resume_after_a_crash_continues_exactly(tiny, tmp_path, monkeypatch, layout):
+    """4 steps straight, against 4 steps that crash after step 2's checkpoint and resume from it, in every
+    critic layout (the trained weights of each: full critics, value heads in the actor, LoRA adapters + heads)."""
     cost_model = tiny.score_model("cost", 0.7)  # J_C > d = 0: λ moves every step
     straight = tmp_path / "straight"
-    run(lag_config(tiny, straight, cost_model=cost_model, max_steps=4))
+    run(lag_config(tiny, straight, cost_model=cost_model, max_steps=4, critic_layout=layout))
 
     crashed = tmp_path / "crashed"
     original = rl_loop._ppo_updates
@@ -118,16 +120,18 @@ def test_resume_after_a_crash_continues_exactly(tiny, tmp_path, monkeypatch):
         return original(cfg, accelerator, algorithm, models, batch, parts, *args)
     monkeypatch.setattr(rl_loop, "_ppo_updates", crash_on_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4))
+        run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, critic_layout=layout))
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-1", "step-2"]
     monkeypatch.setattr(rl_loop, "_ppo_updates", original)
-    run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, resume="latest"))
+    run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, resume="latest", critic_layout=layout))
 
     for key in ("lagrange_multiplier", "episode_cost", "reward", "actor_loss", "cost_critic_loss"):
         assert history(crashed, key) == pytest.approx(history(straight, key), rel=1e-5, abs=1e-7), key
     assert len(set(history(straight, "lagrange_multiplier"))) == 4
-    for name in ("model/model.safetensors", "checkpoints/step-4/cost_critic.safetensors"):
+    trained = "actor" if layout == "shared_backbone" else "cost_critic"  # the value heads live in the actor
+    for name in ("model/model.safetensors", f"checkpoints/step-4/{trained}.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(crashed / name))
+        assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
     state = load_file(str(crashed / "checkpoints" / "step-4" / "algorithm_state.safetensors"))

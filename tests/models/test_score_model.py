@@ -19,6 +19,7 @@ from safealign.models.score_model import (
     ScoreModel,
     build_score_model,
     load_score_model,
+    lora_critic,
     save_score_model,
 )
 from safealign.models.tokenizer import load_tokenizer, train_tokenizer
@@ -172,6 +173,31 @@ def test_critic_from_a_reward_model_keeps_its_head(pretrained_dir, tmp_path):
     ids, mask = pad_batch(rows([6], seed=5), "right")
     with torch.no_grad():
         torch.testing.assert_close(critic(ids, mask).scores, reward(ids, mask).scores, rtol=0, atol=1e-6)
+
+
+def test_lora_critic_shares_the_weights_and_the_disabled_adapter_gives_the_frozen_scores(pretrained_dir):
+    """The RL loop's `lora` critic layout: one backbone is both the frozen cost model (adapter off, its own
+    normaliser) and the critic (adapter + a trainable head copy, raw scores), on every architecture."""
+    cost_model = build_score_model(pretrained_dir, score_type="cost").eval().requires_grad_(False)
+    cost_model.normalizer = {"mean": 1.0, "std": 2.0}  # cost: x/σ only
+    ids, mask = pad_batch(rows([5, 8, 3]), "left")
+    with torch.no_grad():
+        expected = cost_model(ids, mask).end_scores
+    critic, frozen = lora_critic(cost_model, rank=2, alpha=4.0)
+    assert critic.score_type == "critic" and critic.normalizer is None
+    trained = {n: p for n, p in critic.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n or ".modules_to_save." in n for n in trained)
+    with torch.no_grad():  # LoRA's B starts at 0: the critic is the score model, unnormalised
+        torch.testing.assert_close(critic(ids, mask).end_scores, 2.0 * expected, rtol=0, atol=1e-5)
+    optimizer = torch.optim.AdamW(trained.values(), lr=1e-2)
+    for _ in range(2):
+        critic(ids, mask).end_scores.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(ids, mask).end_scores, expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(critic(ids, mask).end_scores, 2.0 * expected)
+    assert all(p.requires_grad for p in trained.values())
 
 
 def test_loading_a_causal_lm_as_a_score_model_is_a_clear_error(pretrained_dir):

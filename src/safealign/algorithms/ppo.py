@@ -8,7 +8,9 @@ Read top to bottom, for one rollout batch (the loop, rollout and checkpoints are
    response token, the per-token signal (r_t = −β·KL_t + R at the end; c_t = +β·KL_t + C), GAE
    (γ, λ_GAE) → advantages A^s_t and returns G^s_t;
 4. the actor's advantage (PPO: A^R; PPO-Lag: (A^R − λ·A^C)/(1 + λ));
-5. per mini-batch: L = L_actor (clipped surrogate, ε) + Σ_s L_V^s (clipped value loss, c_v).
+5. per mini-batch: L = L_actor (clipped surrogate, ε) + c·Σ_s L_V^s (clipped value loss, c_v); c = 1 when each
+   critic is a model of its own (it alone minimises its L_V, one backward per model), `value_loss_coeff` when
+   the critics are value heads on the actor's backbone (`critic_layout: shared_backbone`).
 
 Diagnostics as CleanRL logs them: approx KL ((ρ − 1) − log ρ), clip fraction, explained variance.
 """
@@ -16,7 +18,7 @@ Diagnostics as CleanRL logs them: approx KL ((ρ − 1) − log ρ), clip fracti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from accelerate import Accelerator
@@ -40,6 +42,7 @@ from safealign.algorithms.rl_loop import (
     RLModels,
     critic_values,
     end_scores,
+    policy_and_values,
     token_log_probs,
     train_rl,
 )
@@ -97,7 +100,7 @@ class PPOStep(RLAlgorithm):
     # ----------------------------------------------------------------------------------------------
     def make_experience(self, models: RLModels, batch: Experience) -> dict[str, float]:
         cfg, mask = self.cfg, batch["response_mask"]  # mask size = (B, T)
-        batch["log_probs"] = token_log_probs(models.actor, batch)  # size = (B, T): π_old
+        batch["log_probs"], stream_values = policy_and_values(models, batch)  # (B, T): π_old; stream -> V (B, T)
         batch["ref_log_probs"] = token_log_probs(models.reference, batch)  # size = (B, T)
         kl = kl_estimate(batch["log_probs"], batch["ref_log_probs"], cfg.kl_estimator) * mask  # size = (B, T)
         scores = {name: end_scores(model, batch) for name, model in models.score_models.items()}  # each (B,)
@@ -105,7 +108,7 @@ class PPOStep(RLAlgorithm):
             batch[f"scores_{name}"] = value
         scalars = {name: value.mean().item() for name, value in scores.items()}
         for stream, end in self.stream_end_scores(scores).items():
-            values = critic_values(models.critics[stream], batch) * mask  # size = (B, T)
+            values = stream_values[stream] * mask  # size = (B, T)
             signal = token_signal(end, kl, mask, KL_SIGN[stream] * cfg.kl_coeff, cfg.clip_range_score)  # size = (B, T)
             advantages, returns = gae_advantages(signal, values, mask, cfg.gamma, cfg.gae_lambda)  # each (B, T)
             batch[f"{stream}_values"], batch[f"{stream}_advantages"], batch[f"{stream}_returns"] = values, advantages, returns
@@ -127,20 +130,32 @@ class PPOStep(RLAlgorithm):
         batch["advantages"] = advantages
         return {}
 
-    def loss(self, models: RLModels, batch: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg, mask = self.cfg, batch["response_mask"]
-        log_probs = token_log_probs(models.actor, batch)  # size = (B, T), with grad
-        actor_loss = ppo_actor_loss(log_probs, batch["log_probs"], batch["advantages"], mask, cfg.clip_range_ratio)
-        metrics = {"actor_loss": actor_loss.detach(),
-                   "approx_kl": approx_kl(log_probs, batch["log_probs"], mask),
-                   "clip_fraction": clip_fraction(log_probs, batch["log_probs"], mask, cfg.clip_range_ratio)}
-        total = actor_loss
+    def loss(self, models: RLModels, batch: Experience, metrics: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The micro-batch's loss L = L_actor + c·Σ_s L_V^s, yielded one term per trained model: the loop
+        backpropagates each term before the next model runs, so one model's activations are alive at a time
+        (each model's gradient is that of the sum: no term reaches another model's weights). Separate critics
+        (full, lora; c = 1): L_actor, then each L_V^s. shared_backbone: one term from one forward."""
+        if models.critic_layout == "shared_backbone":
+            log_probs, stream_values = policy_and_values(models, batch)  # (B, T) and stream -> (B, T), with grad
+            critic_losses = [self._critic_loss(s, values, batch, metrics) for s, values in stream_values.items()]
+            yield self._actor_loss(log_probs, batch, metrics) + self.cfg.value_loss_coeff * sum(critic_losses)
+            return
+        yield self._actor_loss(token_log_probs(models.actor, batch), batch, metrics)  # log π (B, T), with grad
         for stream, critic in models.critics.items():
-            values = critic_values(critic, batch)  # size = (B, T), with grad
-            critic_loss = ppo_critic_loss(values, batch[f"{stream}_values"], batch[f"{stream}_returns"], mask, cfg.clip_range_value)
-            metrics[f"{stream}_critic_loss"] = critic_loss.detach()
-            total = total + critic_loss
-        return total, metrics
+            yield self._critic_loss(stream, critic_values(critic, batch), batch, metrics)  # values (B, T), with grad
+
+    def _actor_loss(self, log_probs: torch.Tensor, batch: Experience, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg, mask = self.cfg, batch["response_mask"]
+        actor_loss = ppo_actor_loss(log_probs, batch["log_probs"], batch["advantages"], mask, cfg.clip_range_ratio)
+        metrics.update(actor_loss=actor_loss.detach(), approx_kl=approx_kl(log_probs, batch["log_probs"], mask),
+                       clip_fraction=clip_fraction(log_probs, batch["log_probs"], mask, cfg.clip_range_ratio))
+        return actor_loss
+
+    def _critic_loss(self, stream: str, values: torch.Tensor, batch: Experience, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        critic_loss = ppo_critic_loss(values, batch[f"{stream}_values"], batch[f"{stream}_returns"], batch["response_mask"],
+                                      self.cfg.clip_range_value)
+        metrics[f"{stream}_critic_loss"] = critic_loss.detach()
+        return critic_loss
 
 
 def run(cfg: PPOConfig) -> dict[str, Any]:

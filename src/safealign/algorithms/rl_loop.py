@@ -13,14 +13,26 @@ One *step* is one rollout batch and the PPO updates on it:
 4. `algorithm.before_update` (PPO-Lagrangian updates λ here, once per rollout batch);
 5. `ppo_epochs` passes over the rollout in shuffled mini-batches of `per_device_train_batch_size` ×
    `gradient_accumulation_steps` rows per process; each mini-batch is one optimizer step of the actor
-   and of every critic (`algorithm.loss`), plus the optional PTX loss (`ptx_coeff` × LM loss on SFT data);
+   and of every critic (`algorithm.loss`: one backward per trained model, so that only one model's
+   activations are alive at a time), plus the optional PTX loss (`ptx_coeff` × LM loss on SFT data);
 6. logs every `logging_steps` (TensorBoard under output_dir/logs, console), sample responses every
    `sample_steps` (output_dir/samples.jsonl), checkpoints every `save_steps`; at the end output_dir/model
    (the actor, with the tokenizer) and metrics.json.
 
 Checkpoints (atomic, no pickle; the layout of `training.checkpoint` with one file set per trained model):
-`actor`, `{stream}_critic` weights + optimizer + scheduler, `algorithm_state` (λ and its cost window),
-every rank's RNG, and `trainer_state.json` (step, log history). `resume: latest` continues exactly.
+`actor`, `{stream}_critic` weights (the trained ones) + optimizer + scheduler, `algorithm_state` (λ and its
+cost window), every rank's RNG, and `trainer_state.json` (step, log history). `resume: latest` continues
+exactly, in every critic layout.
+
+Critic layouts (`critic_layout`; peak memory of each: bench/bench_ppo_memory.py):
+- `full` (default, the reference's): each critic a full copy of its score model with its own AdamW;
+- `shared_backbone`: one value head per stream on the actor's backbone (`models.actor_critic`): one forward
+  gives log-probs and both streams' values, and one optimizer step minimises L_actor + c·Σ_s L_V^s
+  (c = `value_loss_coeff`), so the value loss also trains the actor's backbone;
+- `lora`: each critic a LoRA adapter + head on its frozen score model (`score_model.lora_critic`); the
+  frozen score is the same backbone with the adapter disabled. Checkpoints hold the adapters and heads only.
+  The critic starts equal to its score model, as in `full`; a LoRA critic usually wants a larger
+  `critic_learning_rate` than a full one.
 
 The reference model and the frozen score models run in eval mode without gradients, in `frozen_dtype`
 (bf16 halves their memory). Dropout is switched off in the actor, as in the critics, so that the PPO
@@ -33,18 +45,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import get_scheduler
 
@@ -54,22 +63,24 @@ from safealign.data.formatting import tokenize_prompt, tokenize_prompt_response
 from safealign.data.loading import load_prompts, load_sft
 from safealign.evaluation.generation import RolloutBatch, SamplingConfig, decode_responses, generate_tokens
 from safealign.io import atomic_write_json, atomic_write_jsonl
+from safealign.models.actor_critic import ActorCritic, causal_lm
 from safealign.models.presets import PRESETS, build_causal_lm
-from safealign.models.score_model import ScoreModel, build_score_model, load_score_model
+from safealign.models.score_model import ScoreModel, build_score_model, load_score_model, lora_critic
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training.checkpoint import (
-    _fsync,
-    _fsync_dir,
+    atomic_checkpoint,
     checkpoint_dir,
     load_state_tree,
+    load_weights,
     resolve_resume,
-    rng_state,
+    restore_rng_state,
     rotate_checkpoints,
     save_state_tree,
-    set_rng_state,
+    save_weights,
     write_json,
 )
 from safealign.training.engine import (
+    RunLogger,
     TrainerState,
     TrainingConfig,
     console,
@@ -77,7 +88,6 @@ from safealign.training.engine import (
     epoch_batches,
     make_accelerator,
     make_optimizer,
-    progress_bar,
     save_final_model,
 )
 
@@ -123,6 +133,18 @@ class RLConfig(TrainingConfig):
     ptx_max_length: int = config_field(256, help="Tokens per PTX example (prompt + response + EOS).")
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = config_field(
         "auto", help="dtype of the frozen reference and score models; auto = bfloat16 under bf16 mixed precision, else float32.")
+    critic_layout: Literal["full", "shared_backbone", "lora"] = config_field(
+        "full", help="Where the critics live: full = each a full copy of its score model (the reference's); shared_backbone = "
+                     "a zero-initialised value head per stream on the actor's backbone, trained with the actor in one objective; "
+                     "lora = a LoRA adapter + head on its frozen score model (whose score is the same forward, adapter off).")
+    value_loss_coeff: float = config_field(
+        0.1, help="shared_backbone only: c in the one objective L_actor + c·Σ L_V, which also trains the actor's backbone "
+                  "(0.1 as TRL's vf_coef: returns are several units, the surrogate's advantages about one). Separate critics "
+                  "(full, lora) each minimise their own L_V with their own optimizer.")
+    lora_rank: int = config_field(8, help="lora: rank r of each critic's adapter.")
+    lora_alpha: float = config_field(16.0, help="lora: α of the adapters (their update is scaled by α/r).")
+    lora_target_modules: list[str] = config_field(
+        [], help="lora: names of the linear layers that get adapters (q_proj, v_proj, ...); [] = every linear layer of the transformer, not the head.")
     logging_steps: int = config_field(1, help="Log the scalars every this many steps (rollouts).")
     save_steps: int = config_field(50, help="Checkpoint every this many steps (0 = at each epoch's end, -1 = never; the final actor is always saved).")
     sample_steps: int = config_field(10, help="Add sample responses to output_dir/samples.jsonl every this many steps (0 = never).")
@@ -134,10 +156,11 @@ class RLModels:
     """Every model of a run. `actor` and the critics are prepared by Accelerate (DDP-wrapped when several
     processes run); the reference and the score models are frozen, on the device, in eval mode."""
 
-    actor: nn.Module
+    actor: nn.Module  # the causal LM; an `ActorCritic` (LM + value heads) in the shared_backbone layout
     reference: nn.Module
-    score_models: dict[str, ScoreModel]  # "reward", "cost", ...: end scores of whole sequences
-    critics: dict[str, nn.Module]  # stream -> critic ("reward", "cost")
+    score_models: dict[str, Any]  # "reward", "cost", ...: end scores of whole sequences (a ScoreModel, or a LoRA critic's base)
+    critics: dict[str, nn.Module]  # stream -> critic ("reward", "cost"); none in the shared_backbone layout
+    critic_layout: str = "full"
 
 
 @dataclass
@@ -182,20 +205,40 @@ def token_log_probs(model: nn.Module, batch: Experience) -> torch.Tensor:
     The logits at column P + t − 1 predict the token at P + t; only the last T + 1 positions go through
     the LM head (`logits_to_keep`).
     """
-    from safealign.algorithms.losses import gather_log_probs
-
     num_response = batch["response_mask"].size(1)
     logits = model(input_ids=batch["sequences"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   use_cache=False, logits_to_keep=num_response + 1).logits[:, :-1]  # size = (B, T, V)
-    return gather_log_probs(logits, batch["sequences"][:, batch.prompt_length:])  # size = (B, T)
+                   use_cache=False, logits_to_keep=num_response + 1).logits  # size = (B, T + 1, V)
+    return _response_log_probs(logits, batch)
 
 
 def critic_values(critic: nn.Module, batch: Experience) -> torch.Tensor:
     """V_t: the critic's score at the state before each response token (column P + t − 1): (B, T)."""
-    num_response = batch["response_mask"].size(1)
     scores = critic(batch["sequences"], batch["attention_mask"], batch["position_ids"]).scores  # size = (B, P + T)
+    return _response_values(scores, batch)
+
+
+def policy_and_values(models: RLModels, batch: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """log π of the response tokens (B, T) and each stream's values V_t (B, T): in the shared_backbone layout
+    from one forward of the actor and its value heads, otherwise from the actor and each critic."""
+    if models.critic_layout != "shared_backbone":
+        return token_log_probs(models.actor, batch), {s: critic_values(c, batch) for s, c in models.critics.items()}
+    num_response = batch["response_mask"].size(1)
+    out = models.actor(batch["sequences"], batch["attention_mask"], batch["position_ids"], logits_to_keep=num_response + 1,
+                       with_values=True)
+    return _response_log_probs(out.logits, batch), {s: _response_values(v, batch) for s, v in out.values.items()}
+
+
+def _response_log_probs(logits: torch.Tensor, batch: Experience) -> torch.Tensor:
+    """From the logits of the last T + 1 positions (B, T + 1, V): log π of each response token, (B, T)."""
+    from safealign.algorithms.losses import gather_log_probs
+
+    return gather_log_probs(logits[:, :-1], batch["sequences"][:, batch.prompt_length:])  # size = (B, T)
+
+
+def _response_values(scores: torch.Tensor, batch: Experience) -> torch.Tensor:
+    """From per-position scores (B, P + T): the ones at the states before each response token, (B, T)."""
     start = batch.prompt_length - 1
-    return scores[:, start:start + num_response]  # size = (B, T)
+    return scores[:, start:start + batch["response_mask"].size(1)]  # size = (B, T)
 
 
 def end_scores(score_model: ScoreModel, batch: Experience) -> torch.Tensor:
@@ -227,8 +270,9 @@ class RLAlgorithm:
         """After the experience, before the updates (PPO-Lag: the λ update). Returns scalars identical on every rank."""
         return {}
 
-    def loss(self, models: RLModels, batch: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The total PPO loss of a micro-batch (actor + critics) and detached diagnostics."""
+    def loss(self, models: RLModels, batch: Experience, metrics: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The PPO loss of a micro-batch (actor + critics) as terms the loop backpropagates one by one (the next
+        term is computed after the previous backward); detached diagnostics go into `metrics`."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -269,6 +313,63 @@ def _check_vocabulary(path: str, tokenizer: Any) -> None:
                           "trained on the actor's tokenizer (e.g. from the SFT model)")
 
 
+def build_models(cfg: RLConfig, algorithm: RLAlgorithm, tokenizer: Any, accelerator: Accelerator) -> RLModels:
+    """The actor, its frozen reference, the frozen score models and the critics of `cfg.critic_layout`, on the
+    device (the trained ones not yet prepared by Accelerate)."""
+    device = accelerator.device
+    if cfg.frozen_dtype == "auto":
+        frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    else:
+        frozen_dtype = getattr(torch, cfg.frozen_dtype)
+    actor = disable_dropout(build_causal_lm(cfg.actor_model, tokenizer, seed=cfg.seed))
+    reference = _frozen(copy.deepcopy(actor), device, frozen_dtype)
+    score_paths, critic_paths = algorithm.score_model_paths(), algorithm.critic_paths()
+    score_models: dict[str, Any] = {}
+    for name, path in score_paths.items():
+        _check_vocabulary(path, tokenizer)
+        score_models[name] = _frozen(load_score_model(path), device, frozen_dtype)
+    critics: dict[str, nn.Module] = {}
+    if cfg.critic_layout == "full":
+        for stream, path in critic_paths.items():
+            _check_vocabulary(path, tokenizer)
+            critics[stream] = build_score_model(path, score_type="critic", tokenizer=tokenizer, seed=cfg.seed)
+    elif cfg.critic_layout == "lora":
+        for stream, path in critic_paths.items():
+            if path != score_paths.get(stream):
+                raise ConfigError(f"critic_layout=lora: the {stream} critic is an adapter on the frozen {stream} model, so it "
+                                  f"starts from that model ({score_paths.get(stream)}), not from {path}")
+            critics[stream], score_models[stream] = lora_critic(score_models[stream], cfg.lora_rank, cfg.lora_alpha,
+                                                                cfg.lora_target_modules or None)
+    else:
+        actor = ActorCritic(actor, list(critic_paths))
+    if cfg.gradient_checkpointing:
+        for model in (actor, *critics.values()):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return RLModels(actor=actor, reference=reference, score_models=score_models, critics=critics,
+                    critic_layout=cfg.critic_layout)
+
+
+def prepare_training(cfg: RLConfig, accelerator: Accelerator, models: RLModels,
+                     total_updates: int) -> dict[str, tuple[nn.Module, Any, Any]]:
+    """Optimizers and schedulers of the trained models (the actor, each critic), prepared by Accelerate in
+    place in `models`; returns the parts: name -> (model, optimizer, scheduler), what a checkpoint holds."""
+    warmup = math.ceil(cfg.warmup_ratio * total_updates)
+    actor_optimizer = make_optimizer(cfg, models.actor)
+    actor_scheduler = get_scheduler(cfg.lr_scheduler, actor_optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
+    critic_cfg = dataclasses.replace(cfg, learning_rate=cfg.critic_learning_rate, weight_decay=cfg.critic_weight_decay)
+    critic_optimizers = {s: make_optimizer(critic_cfg, c) for s, c in models.critics.items()}
+    critic_schedulers = {s: get_scheduler(cfg.critic_lr_scheduler, o, num_warmup_steps=warmup, num_training_steps=total_updates)
+                         for s, o in critic_optimizers.items()}
+    streams = list(models.critics)
+    prepared = accelerator.prepare(models.actor, actor_optimizer,
+                                   *[x for s in streams for x in (models.critics[s], critic_optimizers[s])])
+    models.actor, actor_optimizer = prepared[0], prepared[1]
+    for i, s in enumerate(streams):
+        models.critics[s], critic_optimizers[s] = prepared[2 + 2 * i], prepared[3 + 2 * i]
+    return {"actor": (models.actor, actor_optimizer, actor_scheduler),
+            **{f"{s}_critic": (models.critics[s], critic_optimizers[s], critic_schedulers[s]) for s in streams}}
+
+
 def _require_dir(path: str, what: str) -> None:
     if not path:
         raise ConfigError(f"{what} is required")
@@ -288,29 +389,16 @@ def _prompt_token_ids(cfg: RLConfig, tokenizer: Any) -> tuple[list[str], list[li
 # --------------------------------------------------------------------------------------------------
 def save_rl_checkpoint(path: Path, accelerator: Accelerator, parts: dict[str, tuple[nn.Module, Any, Any]],
                        algorithm_state: dict[str, Any], trainer_state: dict[str, Any]) -> None:
-    """Write `{name}.safetensors`, `{name}_optimizer.*`, `{name}_scheduler.*` per part, the algorithm's
+    """Write `{name}.safetensors` (its trained weights), `{name}_optimizer.*`, `{name}_scheduler.*` per part, the algorithm's
     state, every rank's RNG and trainer_state.json into a temporary directory, then rename it to `path`."""
-    tmp = path.parent / f".{path.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_state_tree(rng_state(), tmp, f"rng_state_rank{accelerator.process_index}")
-    if accelerator.is_main_process:
-        for name, (model, optimizer, scheduler) in parts.items():
-            save_model(accelerator.unwrap_model(model), str(tmp / f"{name}.safetensors"))
-            _fsync(tmp / f"{name}.safetensors")
-            save_state_tree(optimizer.state_dict(), tmp, f"{name}_optimizer")
-            save_state_tree(scheduler.state_dict(), tmp, f"{name}_scheduler")
-        save_state_tree(algorithm_state, tmp, "algorithm_state")
-        write_json(tmp / "trainer_state.json", trainer_state)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    accelerator.wait_for_everyone()
+    with atomic_checkpoint(path, accelerator) as tmp:
+        if accelerator.is_main_process:
+            for name, (model, optimizer, scheduler) in parts.items():
+                save_weights(accelerator.unwrap_model(model), tmp / f"{name}.safetensors")
+                save_state_tree(optimizer.state_dict(), tmp, f"{name}_optimizer")
+                save_state_tree(scheduler.state_dict(), tmp, f"{name}_scheduler")
+            save_state_tree(algorithm_state, tmp, "algorithm_state")
+            write_json(tmp / "trainer_state.json", trainer_state)
 
 
 def load_rl_checkpoint(path: Path, accelerator: Accelerator, parts: dict[str, tuple[nn.Module, Any, Any]]) -> tuple[dict, dict]:
@@ -320,13 +408,10 @@ def load_rl_checkpoint(path: Path, accelerator: Accelerator, parts: dict[str, tu
     for name, (model, optimizer, scheduler) in parts.items():
         if not (path / f"{name}.safetensors").is_file():
             raise FileNotFoundError(f"{path} has no {name}: was it written by another algorithm?")
-        load_model(accelerator.unwrap_model(model), str(path / f"{name}.safetensors"), device=str(accelerator.device))
+        load_weights(accelerator.unwrap_model(model), path / f"{name}.safetensors", str(accelerator.device))
         optimizer.load_state_dict(load_state_tree(path, f"{name}_optimizer"))
         scheduler.load_state_dict(load_state_tree(path, f"{name}_scheduler"))
-    rank_file = f"rng_state_rank{accelerator.process_index}"
-    if not (path / f"{rank_file}.json").exists():
-        rank_file = "rng_state_rank0"
-    set_rng_state(load_state_tree(path, rank_file))
+    restore_rng_state(path, accelerator)
     return load_state_tree(path, "algorithm_state"), json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
 
 
@@ -341,15 +426,20 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
         _require_dir(cfg.actor_model, "actor_model (the SFT model directory)")
     elif not cfg.tokenizer:
         raise ConfigError(f"actor_model '{cfg.actor_model}' is a preset: give a tokenizer directory too")
-    for name, path in {**algorithm.score_model_paths(), **{f"{s}_critic": p for s, p in algorithm.critic_paths().items()}}.items():
+    critic_paths = {} if cfg.critic_layout == "shared_backbone" else algorithm.critic_paths()
+    for name, path in {**algorithm.score_model_paths(), **{f"{s}_critic": p for s, p in critic_paths.items()}}.items():
         _require_dir(path, f"{name} model")
+    if cfg.value_loss_coeff < 0 or cfg.lora_rank < 1 or cfg.lora_alpha <= 0:
+        raise ConfigError("value_loss_coeff must be >= 0, lora_rank >= 1 and lora_alpha > 0")
     rows_per_rollout = cfg.per_device_prompt_batch_size * cfg.samples_per_prompt
     rows_per_update = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     if rows_per_rollout % rows_per_update:
         raise ConfigError(f"rows per rollout (per_device_prompt_batch_size × samples_per_prompt = {rows_per_rollout}) must be a "
                           f"multiple of per_device_train_batch_size × gradient_accumulation_steps = {rows_per_update}")
 
-    accelerator = make_accelerator(cfg)
+    ptx = bool(cfg.ptx_data) and cfg.ptx_coeff > 0
+    # DDP: the PTX forward of an actor with value heads leaves the heads out of its loss.
+    accelerator = make_accelerator(cfg, find_unused_parameters=ptx and cfg.critic_layout == "shared_backbone")
     set_seed(cfg.seed)
     device = accelerator.device
     out = Path(cfg.output_dir)
@@ -361,25 +451,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     prompts, prompt_ids = _prompt_token_ids(cfg, tokenizer)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, num_samples=cfg.samples_per_prompt)
-    if cfg.frozen_dtype == "auto":
-        frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-    else:
-        frozen_dtype = getattr(torch, cfg.frozen_dtype)
-
-    # Models: the actor and its frozen copy, the frozen score models, one critic per stream.
-    actor = disable_dropout(build_causal_lm(cfg.actor_model, tokenizer, seed=cfg.seed))
-    reference = _frozen(copy.deepcopy(actor), device, frozen_dtype)
-    score_models = {}
-    for name, path in algorithm.score_model_paths().items():
-        _check_vocabulary(path, tokenizer)
-        score_models[name] = _frozen(load_score_model(path), device, frozen_dtype)
-    critics = {}
-    for stream, path in algorithm.critic_paths().items():
-        _check_vocabulary(path, tokenizer)
-        critics[stream] = build_score_model(path, score_type="critic", tokenizer=tokenizer, seed=cfg.seed)
-    if cfg.gradient_checkpointing:
-        for model in (actor, *critics.values()):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    models = build_models(cfg, algorithm, tokenizer, accelerator)
 
     # Schedule: steps are rollouts; each makes ppo_epochs × (rows / rows_per_update) optimizer steps.
     state = TrainerState(global_batch_size=cfg.per_device_prompt_batch_size * accelerator.num_processes,
@@ -387,25 +459,12 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     state.steps_per_epoch = math.ceil(len(prompts) / state.global_batch_size)
     state.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * state.steps_per_epoch))
     updates_per_step = cfg.ppo_epochs * rows_per_rollout // rows_per_update
-    total_updates = state.total_steps * updates_per_step
-    warmup = math.ceil(cfg.warmup_ratio * total_updates)
-    actor_optimizer = make_optimizer(cfg, actor)
-    actor_scheduler = get_scheduler(cfg.lr_scheduler, actor_optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
-    critic_cfg = dataclasses.replace(cfg, learning_rate=cfg.critic_learning_rate, weight_decay=cfg.critic_weight_decay)
-    critic_optimizers = {s: make_optimizer(critic_cfg, c) for s, c in critics.items()}
-    critic_schedulers = {s: get_scheduler(cfg.critic_lr_scheduler, o, num_warmup_steps=warmup, num_training_steps=total_updates)
-                         for s, o in critic_optimizers.items()}
-    streams = list(critics)
-    prepared = accelerator.prepare(actor, actor_optimizer, *[x for s in streams for x in (critics[s], critic_optimizers[s])])
-    actor, actor_optimizer = prepared[0], prepared[1]
-    for i, s in enumerate(streams):
-        critics[s], critic_optimizers[s] = prepared[2 + 2 * i], prepared[3 + 2 * i]
-    models = RLModels(actor=actor, reference=reference, score_models=score_models, critics=critics)
-    parts = {"actor": (actor, actor_optimizer, actor_scheduler),
-             **{f"{s}_critic": (critics[s], critic_optimizers[s], critic_schedulers[s]) for s in streams}}
+    parts = prepare_training(cfg, accelerator, models, state.total_steps * updates_per_step)
+    actor, critics = models.actor, models.critics
+    schedulers = {name: scheduler for name, (_, _, scheduler) in parts.items()}
 
     ptx_examples = []
-    if cfg.ptx_data and cfg.ptx_coeff > 0:
+    if ptx:
         ptx_examples = [tokenize_prompt_response(tokenizer, e.prompt, e.response, cfg.ptx_max_length) for e in load_sft(cfg.ptx_data)]
     from safealign.algorithms.sft import collate_sft
 
@@ -425,10 +484,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     elif cfg.resume and accelerator.is_main_process:
         console.print(f"resume={cfg.resume!r}: no checkpoint in {out / 'checkpoints'}, starting fresh")
 
-    from torch.utils.tensorboard import SummaryWriter  # imported late: pulls in tensorboard
-
-    writer = SummaryWriter(str(out / "logs"), purge_step=state.global_step or None) if accelerator.is_main_process else None
-    progress = progress_bar() if accelerator.is_main_process else None
+    logger = RunLogger(out, state, accelerator, "rl")
     samples_file = out / "samples.jsonl"
     sample_rows: list[dict] = []
     if accelerator.is_main_process and samples_file.is_file():  # keep what the resumed-from steps wrote
@@ -445,10 +501,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
         state.last_save_step = state.global_step
 
     run_samples, run_time = 0, 0.0
-    try:
-        if progress is not None:
-            progress.start()
-            task = progress.add_task("rl", total=state.total_steps, completed=state.global_step, info="")
+    with logger:
         while state.global_step < state.total_steps:
             step = state.global_step
             epoch, position = divmod(step, state.steps_per_epoch)
@@ -457,7 +510,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
                                     accelerator.num_processes, accelerator.process_index, position)[0]
             generator = torch.Generator(device=device).manual_seed(
                 (cfg.seed * 1_000_003 + step) * 4099 + accelerator.process_index)
-            rollout = generate_tokens(accelerator.unwrap_model(actor), tokenizer, [prompt_ids[i] for i in indices],
+            rollout = generate_tokens(causal_lm(accelerator.unwrap_model(actor)), tokenizer, [prompt_ids[i] for i in indices],
                                       sampling, generator)
             batch = Experience.from_rollout(rollout)
             time_generation = time.perf_counter() - tick
@@ -471,8 +524,8 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
             time_experience = time.perf_counter() - tick_experience
 
             tick_update = time.perf_counter()
-            learning_rates = {"actor_lr": actor_scheduler.get_last_lr()[0],  # the rates this step's updates start with
-                              **{f"{s}_critic_lr": critic_schedulers[s].get_last_lr()[0] for s in streams}}
+            # the rates this step's updates start with: actor_lr, {stream}_critic_lr
+            learning_rates = {f"{name}_lr": scheduler.get_last_lr()[0] for name, scheduler in schedulers.items()}
             shared = algorithm.before_update(batch, accelerator, step)  # identical on every rank
             actor.train()
             for critic in critics.values():
@@ -498,32 +551,20 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
             reduced = accelerator.reduce(torch.tensor([scalars[n] for n in names], dtype=torch.float64, device=device), "mean")
             logged = {**dict(zip(names, reduced.tolist())), **shared, "epoch": state.global_step / state.steps_per_epoch}
             if state.global_step % max(cfg.logging_steps, 1) == 0 or state.global_step == state.total_steps:
-                state.log_history.append({"step": state.global_step, **logged})
-                if writer is not None:
-                    for name, value in logged.items():
-                        writer.add_scalar(f"train/{name}", value, state.global_step)
-                    progress.console.print(f"step {state.global_step}/{state.total_steps}  " + "  ".join(
-                        f"{k}={logged[k]:.4g}" for k in _CONSOLE_KEYS if k in logged), highlight=False)
+                logger.log(logged, shown=_CONSOLE_KEYS)
             end_of_epoch = state.global_step % state.steps_per_epoch == 0
             if (save_steps > 0 and state.global_step % save_steps == 0) or (save_steps == 0 and end_of_epoch):
                 save()
-            if progress is not None:
-                info = "  ".join(f"{k} {logged[k]:.3g}" for k in ("reward", "cost", "lagrange_multiplier") if k in logged)
-                progress.update(task, completed=state.global_step, info=info)
+            logger.advance("  ".join(f"{k} {logged[k]:.3g}" for k in ("reward", "cost", "lagrange_multiplier") if k in logged))
         if save_steps >= 0 and state.last_save_step != state.global_step:
             save()
-    finally:
-        if progress is not None:
-            progress.stop()
-        if writer is not None:
-            writer.close()
 
     save_final_model(accelerator, actor, tokenizer, out / "model")
     final: dict[str, Any] = {}
     for entry in state.log_history:  # the last value of every scalar (also when resumed)
         final.update({k: v for k, v in entry.items() if k != "step"})
     final.update(global_step=state.global_step, samples_per_second=run_samples / max(run_time, 1e-9),
-                 num_parameters=sum(p.numel() for p in accelerator.unwrap_model(actor).parameters()),
+                 num_parameters=sum(p.numel() for p in causal_lm(accelerator.unwrap_model(actor)).parameters()),
                  runtime_s=time.perf_counter() - started)
     if accelerator.is_main_process:
         atomic_write_json(out / "metrics.json", final)
@@ -556,8 +597,9 @@ def _ppo_updates(cfg: RLConfig, accelerator: Accelerator, algorithm: RLAlgorithm
                 ptx_batch = _ptx_micro_batch(cfg, accelerator, ptx_examples, collate_ptx,
                                              step * updates_per_step + update, (start // micro) % accumulation)
             with accelerator.accumulate(*trained):
-                loss, metrics = algorithm.loss(models, batch.select(rows))
-                accelerator.backward(loss)
+                metrics: dict[str, torch.Tensor] = {}
+                for loss in algorithm.loss(models, batch.select(rows), metrics):  # one term per trained model
+                    accelerator.backward(loss)
                 if ptx_batch is not None:
                     logits = models.actor(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"],
                                           use_cache=False).logits  # size = (b, L, V)

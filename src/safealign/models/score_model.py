@@ -17,6 +17,7 @@ reward → (x − μ)/σ, cost → x/σ (never shifted: 0 is the safe/unsafe bou
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -103,16 +104,20 @@ class ScoreModel(nn.Module):
         logits = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).logits  # size = (B, L, 1)
-        scores = logits.squeeze(-1).float()  # size = (B, L)
-        stats = self.normalizer
-        if stats is not None:
-            shift = stats["mean"] if self.score_type == "reward" else 0.0  # cost: x/σ only
-            scores = (scores - shift) / stats["std"]  # size = (B, L)
-        scores = torch.where(mask, scores, torch.zeros_like(scores))  # size = (B, L)
-        positions = torch.arange(mask.size(1), device=mask.device)  # size = (L,)
-        end_index = (positions * mask).amax(dim=-1)  # size = (B,)
-        end_scores = scores.gather(1, end_index.unsqueeze(1)).squeeze(1)  # size = (B,)
-        return ScoreOutput(scores=scores, end_scores=end_scores, end_index=end_index)
+        return _score_output(logits.squeeze(-1).float(), mask, self.score_type, self.normalizer)
+
+
+def _score_output(scores: torch.Tensor, mask: torch.Tensor, score_type: ScoreType,
+                  stats: dict[str, float] | None) -> ScoreOutput:
+    """Normalise the raw per-token scores (B, L), zero them at padding and read each row's end score."""
+    if stats is not None:
+        shift = stats["mean"] if score_type == "reward" else 0.0  # cost: x/σ only
+        scores = (scores - shift) / stats["std"]  # size = (B, L)
+    scores = torch.where(mask, scores, torch.zeros_like(scores))  # size = (B, L)
+    positions = torch.arange(mask.size(1), device=mask.device)  # size = (L,)
+    end_index = (positions * mask).amax(dim=-1)  # size = (B,)
+    end_scores = scores.gather(1, end_index.unsqueeze(1)).squeeze(1)  # size = (B,)
+    return ScoreOutput(scores=scores, end_scores=end_scores, end_index=end_index)
 
 
 def build_score_model(
@@ -182,6 +187,59 @@ def load_score_model(
         str(path), config=config, dtype=dtype, trust_remote_code=trust_remote_code
     )
     return ScoreModel(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# A critic as a LoRA adapter on a frozen score model (the RL loop's `lora` critic layout)
+# --------------------------------------------------------------------------------------------------
+class AdapterDisabledScores:
+    """The frozen score model inside a LoRA critic: the critic's forward with its adapter disabled (the
+    original weights and head), normalised as the score model was. It owns no weights: the critic does."""
+
+    def __init__(self, critic: ScoreModel, score_type: ScoreType, normalizer: dict[str, float] | None) -> None:
+        self.critic, self.score_type, self.normalizer = critic, score_type, normalizer
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> ScoreOutput:
+        with self.critic.backbone.disable_adapter():
+            raw = self.critic(input_ids, attention_mask, position_ids).scores  # size = (B, L), unnormalised
+        return _score_output(raw, attention_mask.bool(), self.score_type, self.normalizer)
+
+
+def lora_critic(score_model: ScoreModel, rank: int, alpha: float,
+                target_modules: list[str] | None = None) -> tuple[ScoreModel, AdapterDisabledScores]:
+    """Make a loaded, frozen score model into a critic that shares its weights; returns (critic, frozen scores).
+
+    The critic is the score model plus a peft LoRA adapter (`rank`, `alpha`, lora_dropout 0, on
+    `target_modules`: default every linear layer of the transformer, not the head) and a trainable float32
+    copy of the head (peft's `modules_to_save`); its scores are never normalised. LoRA's B starts at zero, so
+    the critic starts equal to the score model, as a full-copy critic does. The frozen scores are the same
+    forward with the adapter disabled: peft then runs the original layers and the original head.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    backbone = score_model.backbone
+    head_name = next((n for n in ("score", "classifier") if isinstance(getattr(backbone, n, None), nn.Module)), None)
+    if head_name is None:
+        raise ValueError(f"{type(backbone).__name__}: no head named 'score' or 'classifier' to train beside the adapter")
+    if not target_modules:
+        target_modules = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.base_model.named_modules()
+                                 if isinstance(module, (nn.Linear, Conv1D))})
+    score_type, normalizer = score_model.score_type, score_model.normalizer
+    backbone.config.score_type, backbone.config.score_normalizer = "critic", None  # the critic's view of the config
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        adapted = get_peft_model(backbone, LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, modules_to_save=[head_name],
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in backbone.base_model.modules())))  # GPT-2 stores W transposed
+    for parameter in adapted.parameters():  # AdamW state in float32 even when the shared weights are bf16
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    head = getattr(backbone, head_name).modules_to_save["default"]
+    head.register_forward_pre_hook(lambda module, args: tuple(a.to(module.weight.dtype) for a in args))
+    critic = ScoreModel(adapted)
+    return critic, AdapterDisabledScores(critic, score_type, normalizer)
 
 
 def _disable_dropout(config: PreTrainedConfig) -> None:

@@ -3,7 +3,8 @@
 Layout of one checkpoint (written by `save_checkpoint`):
 
     output_dir/checkpoints/step-{N}/
-        model.safetensors                       weights (tied duplicates stored once)
+        model.safetensors                       weights (tied duplicates stored once; only the trained
+                                                ones when some are frozen: `save_weights`)
         optimizer.json + optimizer.safetensors  optimizer.state_dict(): structure + tensors
         scheduler.json                          scheduler.state_dict()
         rng_state_rank{R}.json (+ .safetensors) python, numpy, torch CPU (and CUDA) RNG of rank R
@@ -16,13 +17,14 @@ sees `step-{N}` names). Loading reads only safetensors and JSON: nothing execute
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -100,6 +102,31 @@ def load_state_tree(directory: Path, name: str) -> Any:
     return _decode(json.loads((directory / f"{name}.json").read_text(encoding="utf-8")), tensors)
 
 
+def save_weights(model: torch.nn.Module, file: Path) -> None:
+    """The model's weights as safetensors: all of them (tied duplicates once) when every parameter is trained;
+    when some are frozen (a LoRA adapter on frozen weights) only the trained parameters, since the frozen
+    ones are rebuilt from their own directory when the run starts."""
+    parameters = list(model.named_parameters())
+    if all(p.requires_grad for _, p in parameters):
+        save_model(model, str(file))
+    else:
+        save_file({name: p.detach().cpu().contiguous() for name, p in parameters if p.requires_grad}, str(file))
+    _fsync(file)
+
+
+def load_weights(model: torch.nn.Module, file: Path, device: str) -> None:
+    """Restore what `save_weights` wrote; a file holding only the trained parameters must hold all of them."""
+    if all(p.requires_grad for p in model.parameters()):
+        load_model(model, str(file), device=device)
+        return
+    tensors = load_file(str(file), device=device)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != trained:
+        raise ValueError(f"{file} does not hold this model's trained parameters (extra: {sorted(set(tensors) - trained)[:3]}, "
+                         f"missing: {sorted(trained - set(tensors))[:3]}): was it written for another model or layout?")
+    model.load_state_dict(tensors, strict=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # RNG states
 # --------------------------------------------------------------------------------------------------
@@ -158,20 +185,20 @@ def rotate_checkpoints(output_dir: str | Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, trainer_state: dict) -> None:
-    """Write a complete checkpoint at `path` atomically. Called on every process (each saves its RNG)."""
+@contextlib.contextmanager
+def atomic_checkpoint(path: Path, accelerator) -> Iterator[Path]:
+    """Assemble a checkpoint for `path` in a temporary directory and rename it into place once complete.
+
+    Entered on every process: each saves its RNG state into the yielded directory, then the body writes the
+    rest (on the main process); the rename happens after every process is done, and not at all on an error.
+    """
     tmp = path.parent / f".{path.name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_state_tree(rng_state(), tmp, f"rng_state_rank{accelerator.process_index}")
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
-        _fsync(tmp / "model.safetensors")
-        save_state_tree(optimizer.state_dict(), tmp, "optimizer")
-        save_state_tree(scheduler.state_dict(), tmp, "scheduler")
-        write_json(tmp / "trainer_state.json", trainer_state)
+    yield tmp
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if path.exists():  # the same step saved again (a resumed run that ends where it started)
@@ -181,15 +208,30 @@ def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, traine
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG; return the trainer state."""
-    load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), device=str(accelerator.device))
-    optimizer.load_state_dict(load_state_tree(path, "optimizer"))
-    scheduler.load_state_dict(load_state_tree(path, "scheduler"))
+def restore_rng_state(path: Path, accelerator) -> None:
+    """This process's RNG state from a checkpoint (rank 0's when it was saved with fewer processes)."""
     rank_file = f"rng_state_rank{accelerator.process_index}"
     if not (path / f"{rank_file}.json").exists():  # resumed with more processes than were saved
         rank_file = "rng_state_rank0"
     set_rng_state(load_state_tree(path, rank_file))
+
+
+def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, trainer_state: dict) -> None:
+    """Write a complete checkpoint at `path` atomically. Called on every process (each saves its RNG)."""
+    with atomic_checkpoint(path, accelerator) as tmp:
+        if accelerator.is_main_process:
+            save_weights(accelerator.unwrap_model(model), tmp / "model.safetensors")
+            save_state_tree(optimizer.state_dict(), tmp, "optimizer")
+            save_state_tree(scheduler.state_dict(), tmp, "scheduler")
+            write_json(tmp / "trainer_state.json", trainer_state)
+
+
+def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG; return the trainer state."""
+    load_weights(accelerator.unwrap_model(model), path / "model.safetensors", str(accelerator.device))
+    optimizer.load_state_dict(load_state_tree(path, "optimizer"))
+    scheduler.load_state_dict(load_state_tree(path, "scheduler"))
+    restore_rng_state(path, accelerator)
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
 
 

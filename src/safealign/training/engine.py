@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, send_to_device, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, send_to_device, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
@@ -160,15 +160,18 @@ def process_state() -> PartialState:
     return PartialState(cpu=_cpu_only())
 
 
-def make_accelerator(cfg: TrainingConfig) -> Accelerator:
+def make_accelerator(cfg: TrainingConfig, find_unused_parameters: bool = False) -> Accelerator:
+    """The run's Accelerator. `find_unused_parameters`: DDP tolerates forwards that leave some trained
+    parameters out of the loss (costs a graph traversal per forward; off unless a loop needs it)."""
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     # Each call starts clean even after an earlier stage in this process (another precision, which
     # Accelerate otherwise refuses, or a crash mid-accumulation). The process group (PartialState) is kept.
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state()
     GradientState._reset_state()
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=_cpu_only())
+                              cpu=_cpu_only(), kwargs_handlers=handlers)
     if accelerator.state.deepspeed_plugin is not None:  # we never prepare the train loader: tell DeepSpeed
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
     return accelerator
@@ -242,6 +245,54 @@ def progress_bar() -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     )
+
+
+class RunLogger:
+    """What a run keeps and shows, the same for the supervised and the RL loop (a context manager around the loop).
+
+    Every process appends `{"step": N, prefix + name: value, ...}` to `state.log_history` (saved in the
+    checkpoints); the main process also writes each scalar to TensorBoard under output_dir/logs as
+    `{group}/{name}` (group: the prefix without its "_", or "train"), prints one console line per log and
+    draws the progress bar. A resumed run purges the TensorBoard events after its step.
+    """
+
+    def __init__(self, out: Path, state: TrainerState, accelerator: Accelerator, description: str) -> None:
+        self.out, self.state, self.description = out, state, description
+        self.is_main = accelerator.is_main_process
+        self.writer = self.progress = self.task = None
+
+    def __enter__(self) -> RunLogger:
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: pulls in tensorboard
+
+            self.writer = SummaryWriter(str(self.out / "logs"), purge_step=self.state.global_step or None)
+            self.progress = progress_bar()
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=self.state.total_steps,
+                                               completed=self.state.global_step, info="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+    def log(self, scalars: dict[str, float], prefix: str = "", shown: Sequence[str] | None = None) -> None:
+        """Log `scalars` at the current step; the console line shows the `shown` names (default: all) in that order."""
+        step = self.state.global_step
+        self.state.log_history.append({"step": step, **{f"{prefix}{k}": v for k, v in scalars.items()}})
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(f"{prefix.rstrip('_') or 'train'}/{name}", value, step)
+            names = [k for k in shown if k in scalars] if shown is not None else list(scalars)
+            line = "  ".join(f"{prefix}{k}={scalars[k]:.4g}" for k in names)
+            self.progress.console.print(f"step {step}/{self.state.total_steps}  {line}", highlight=False)
+
+    def advance(self, info: str) -> None:
+        """Move the progress bar to the current step, with a short `info` text."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=self.state.global_step, info=info)
 
 
 def continue_trainer_state(saved: TrainerState, fresh: TrainerState, resume_from: Path, accelerator: Accelerator) -> TrainerState:
@@ -319,18 +370,7 @@ def train(
     elif cfg.resume and accelerator.is_main_process:
         console.print(f"resume={cfg.resume!r}: no checkpoint in {out / 'checkpoints'}, starting fresh")
 
-    from torch.utils.tensorboard import SummaryWriter  # imported late: pulls in tensorboard
-
-    writer = SummaryWriter(str(out / "logs"), purge_step=state.global_step or None) if accelerator.is_main_process else None
-    progress = progress_bar() if accelerator.is_main_process else None
-
-    def log(scalars: dict[str, float], prefix: str) -> None:
-        state.log_history.append({"step": state.global_step, **{f"{prefix}{k}": v for k, v in scalars.items()}})
-        if writer is not None:
-            for name, value in scalars.items():
-                writer.add_scalar(f"{prefix.rstrip('_') or 'train'}/{name}", value, state.global_step)
-            shown = "  ".join(f"{prefix}{k}={v:.4g}" for k, v in scalars.items())
-            progress.console.print(f"step {state.global_step}/{state.total_steps}  {shown}", highlight=False)
+    logger = RunLogger(out, state, accelerator, "train")
 
     def evaluate() -> None:
         model.eval()
@@ -338,7 +378,7 @@ def train(
             metrics = {k: float(v) for k, v in step.evaluate(model, eval_loader, accelerator).items()}
         model.train()
         state.last_eval_step = state.global_step
-        log(metrics, "eval_")
+        logger.log(metrics, "eval_")
 
     def save() -> None:
         save_checkpoint(checkpoint_dir(out, state.global_step), accelerator, model, optimizer, scheduler, dataclasses.asdict(state))
@@ -347,10 +387,7 @@ def train(
         state.last_save_step = state.global_step
 
     run_tokens, run_train_time = 0.0, 0.0
-    try:
-        if progress is not None:
-            progress.start()
-            task = progress.add_task("train", total=state.total_steps, completed=state.global_step, info="")
+    with logger:
         if eval_loader is not None and cfg.eval_on_start and state.global_step == 0:
             evaluate()
         model.train()
@@ -384,23 +421,17 @@ def train(
                     logged = {k: v / n for k, v in window.items()}
                     logged.update(lr=scalars["lr"], epoch=state.global_step / state.steps_per_epoch,
                                   tokens_per_second=tokens / max(seconds, 1e-9))
-                    log(logged, "")
+                    logger.log(logged)
                 if eval_loader is not None and ((cfg.eval_steps > 0 and state.global_step % cfg.eval_steps == 0)
                                                 or (cfg.eval_steps == 0 and end_of_epoch)):
                     evaluate()
                 if (save_steps > 0 and state.global_step % save_steps == 0) or (save_steps == 0 and end_of_epoch):
                     save()
-                if progress is not None:
-                    progress.update(task, completed=state.global_step, info=f"loss {scalars['loss']:.4f}")
+                logger.advance(f"loss {scalars['loss']:.4f}")
         if eval_loader is not None and state.last_eval_step != state.global_step:
             evaluate()
         if save_steps >= 0 and state.last_save_step != state.global_step:
             save()
-    finally:
-        if progress is not None:
-            progress.stop()
-        if writer is not None:
-            writer.close()
 
     save_final_model(accelerator, model, tokenizer, out / "model")
     final: dict[str, float] = {"train_loss": float("nan")}

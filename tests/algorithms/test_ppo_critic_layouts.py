@@ -1,0 +1,137 @@
+"""The RL loop's critic layouts (`critic_layout`): full copies of the score models, value heads on the actor's
+backbone, LoRA adapters on the frozen score models. Each must give the same experience maths, learn, keep the
+frozen scores frozen, and checkpoint only what it trains. (Exact resume of every layout: test_ppo_lag.py.)"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safealign.algorithms import rl_loop
+from safealign.algorithms.ppo_lag import PPOLagStep, run
+from safealign.algorithms.rl_loop import Experience, build_models, prepare_training, token_log_probs
+from safealign.data.formatting import tokenize_prompt
+from safealign.data.loading import load_prompts
+from safealign.evaluation.generation import SamplingConfig, generate_tokens
+from safealign.models.actor_critic import ActorCritic, causal_lm
+from safealign.models.presets import build_causal_lm
+from safealign.models.score_model import load_score_model
+from safealign.models.tokenizer import load_tokenizer
+from safealign.training.engine import make_accelerator
+from test_ppo import TinySetup, tiny  # noqa: E402, F401  (tests/algorithms is on sys.path; `tiny`: the module fixture)
+from test_ppo_lag import lag_config  # noqa: E402
+
+LAYOUTS = ("full", "shared_backbone", "lora")
+
+
+def setup(tiny: TinySetup, out: Path, layout: str, **overrides):
+    """The loop's own set-up (models, optimizers, prepared) and one experience batch: 4 prompts × 2 samples."""
+    cfg = lag_config(tiny, out, critic_layout=layout, learning_rate=1e-3, critic_learning_rate=1e-3, **overrides)
+    algorithm = PPOLagStep(cfg)
+    accelerator = make_accelerator(cfg)
+    tokenizer = load_tokenizer(tiny.actor)
+    models = build_models(cfg, algorithm, tokenizer, accelerator)
+    parts = prepare_training(cfg, accelerator, models, total_updates=100)
+    prompts = [tokenize_prompt(tokenizer, r.prompt) for r in load_prompts(tiny.prompts)[:4]]
+    rollout = generate_tokens(causal_lm(models.actor), tokenizer, prompts, SamplingConfig(max_new_tokens=8, num_samples=2),
+                              torch.Generator().manual_seed(0))
+    return cfg, algorithm, accelerator, models, parts, Experience.from_rollout(rollout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_layout_has_finite_losses_and_its_critics_learn_a_fixed_batch(tiny, tmp_path, layout):
+    cfg, algorithm, accelerator, models, parts, batch = setup(tiny, tmp_path, layout)
+    with torch.no_grad():
+        algorithm.make_experience(models, batch)
+    algorithm.before_update(batch, accelerator, 0)
+    losses = []
+    for step in range(6):  # the same rollout, its returns fixed: the value losses must fall
+        metrics = rl_loop._ppo_updates(cfg, accelerator, algorithm, models, batch, parts, [], None, step, 2)
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+        losses.append(metrics["reward_critic_loss"] + metrics["cost_critic_loss"])
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert set(parts) == ({"actor"} if layout == "shared_backbone" else {"actor", "reward_critic", "cost_critic"})
+
+
+def test_lora_and_shared_backbone_experience_starts_where_the_full_layout_does(tiny, tmp_path):
+    """At initialisation a LoRA critic is its score model (B = 0) and the value heads are zero: the same log-probs
+    and scores in every layout, the same values for full and lora, V = 0 for the heads."""
+    experience = {}
+    for layout in LAYOUTS:
+        _, algorithm, _, models, _, batch = setup(tiny, tmp_path, layout)
+        with torch.no_grad():
+            algorithm.make_experience(models, batch)
+        experience[layout] = batch
+    full, lora, shared = experience["full"], experience["lora"], experience["shared_backbone"]
+    for batch in (lora, shared):
+        torch.testing.assert_close(batch["sequences"], full["sequences"], atol=0, rtol=0)
+        for key in ("log_probs", "ref_log_probs", "scores_reward", "scores_cost"):
+            torch.testing.assert_close(batch[key], full[key], atol=1e-6, rtol=0)
+    for key in ("reward_values", "cost_values", "reward_returns", "cost_returns"):
+        torch.testing.assert_close(lora[key], full[key], atol=1e-6, rtol=0)
+        if key.endswith("values"):
+            assert shared[key].abs().max() == 0
+
+
+def test_shared_backbone_is_one_forward_of_the_actor_and_saves_a_plain_policy(tiny, tmp_path):
+    cfg, algorithm, accelerator, models, parts, batch = setup(tiny, tmp_path, "shared_backbone")
+    assert isinstance(models.actor, ActorCritic) and models.critics == {}
+    assert set(models.actor.value_heads) == {"reward", "cost"}
+    calls = []
+    models.actor.lm.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with torch.no_grad():
+        log_probs, values = rl_loop.policy_and_values(models, batch)
+        assert len(calls) == 1 and set(values) == {"reward", "cost"}
+        torch.testing.assert_close(log_probs, token_log_probs(models.actor.lm, batch), atol=0, rtol=0)
+    # The heads' gradients reach the backbone once they are non-zero; position ids from the mask as everywhere.
+    with torch.no_grad():
+        models.actor.value_heads["cost"].weight.fill_(0.01)
+    _, values = rl_loop.policy_and_values(models, batch)
+    values["cost"].sum().backward()
+    assert models.actor.lm.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    out = tmp_path / "run"
+    run(lag_config(tiny, out, critic_layout="shared_backbone", max_steps=1, sample_steps=0))
+    saved = load_file(str(out / "checkpoints" / "step-1" / "actor.safetensors"))
+    assert {"value_heads.reward.weight", "value_heads.cost.bias"} <= set(saved)
+    policy = load_file(str(out / "model" / "model.safetensors"))
+    assert not any(k.startswith(("lm.", "value_heads")) for k in policy)
+    build_causal_lm(str(out / "model"))  # a plain causal LM directory, as `safealign evaluate` reads
+
+
+def test_lora_critics_share_the_frozen_weights_which_stay_frozen(tiny, tmp_path):
+    cfg, algorithm, accelerator, models, parts, batch = setup(tiny, tmp_path, "lora")
+    critic = models.critics["reward"]
+    trained = [p for p in critic.parameters() if p.requires_grad]
+    assert 0 < sum(p.numel() for p in trained) < 0.1 * sum(p.numel() for p in critic.parameters())
+    assert all(p.dtype == torch.float32 for p in trained)
+    reward_model = load_score_model(tiny.reward_model).eval()
+    with torch.no_grad():
+        before = rl_loop.end_scores(models.score_models["reward"], batch)
+        torch.testing.assert_close(before, rl_loop.end_scores(reward_model, batch), atol=1e-6, rtol=0)
+        algorithm.make_experience(models, batch)
+    algorithm.before_update(batch, accelerator, 0)
+    for step in range(2):
+        rl_loop._ppo_updates(cfg, accelerator, algorithm, models, batch, parts, [], None, step, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(rl_loop.end_scores(models.score_models["reward"], batch), before, atol=0, rtol=0)
+        assert not torch.allclose(rl_loop.critic_values(critic, batch), batch["reward_values"])  # the critic moved
+    assert all(p.requires_grad for p in trained)  # disabling the adapter for the frozen scores gave them back
+    # The checkpoint holds the adapters and the head copy, not the shared weights.
+    out = tmp_path / "run"
+    run(lag_config(tiny, out, critic_layout="lora", max_steps=1, sample_steps=0, lora_rank=2,
+                   lora_target_modules=["q_proj", "v_proj"]))
+    saved = load_file(str(out / "checkpoints" / "step-1" / "cost_critic.safetensors"))
+    assert saved and all(".lora_" in k or ".modules_to_save." in k for k in saved)
+    assert {v.shape[0] for k, v in saved.items() if ".lora_A." in k} == {2}
+    assert not any("k_proj" in k for k in saved)
+
+
+def test_lora_critic_must_start_from_its_score_model(tiny, tmp_path):
+    from safealign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adapter on the frozen reward model"):
+        run(lag_config(tiny, tmp_path / "x", critic_layout="lora", critic_model=tiny.cost_model))
