@@ -1,5 +1,6 @@
-"""The pipeline end to end: every stage (SafeWorld -> SFT -> RM/CM -> PPO-Lag, PPO, shaping -> gold evaluations)
-at the quick profile with tiny sizes passed as overrides, the skip-when-done rule, and a user's own data and model.
+"""The pipeline end to end: every stage (SafeWorld -> SFT -> RM/CM -> PPO-Lag, a second round with red-teaming,
+PPO, shaping -> gold evaluations) at the quick profile with tiny sizes passed as overrides, the policies.json
+manifest, the skip-when-done rule (and resuming a round that crashed), and a user's own data and model.
 
 Sizes are cut so that the whole module takes well under the ~3 minutes budgeted on a shared 2-core machine:
 the point is that every stage runs and writes its outputs, not what the models learn.
@@ -10,11 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safealign.config import load_config
-from safealign.pipeline import PipelineConfig, run
+import pytest
 
-ALL_STAGES = ["world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "ppo",
+from safealign.config import ConfigError, load_config
+from safealign.pipeline import PipelineConfig, expand_stages, run
+
+ALL_STAGES = ["world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "rounds", "ppo",
               "evaluate_ppo", "shaping", "evaluate_shaping"]
+ROUND2 = ["round2/redteam", "round2/rm", "round2/cm", "round2/eval_scores", "round2/ppo_lag", "round2/evaluate"]
 RL = {"max_steps": 1, "per_device_prompt_batch_size": 4, "per_device_train_batch_size": 4, "max_new_tokens": 8,
       "save_steps": -1, "sample_steps": 1, "mixed_precision": "no"}
 TINY = {
@@ -28,13 +32,22 @@ TINY = {
     "ppo_lag": RL,
     "ppo": RL,
     "shaping": {**RL, "nus": [0.5, 2.0]},
+    "redteam": {"probe_limit": 8, "pairs": 8, "max_new_tokens": 8, "progress": False},
+    "round_rm": {"max_steps": 1},
+    "round_cm": {"max_steps": 1},
+    "round_ppo_lag": {"max_steps": 1},
 }
 
 
 def stage_dirs(root: Path) -> list[Path]:
     return [root / "world", root / "sft", root / "eval" / "sft", root / "rm", root / "cm", root / "eval" / "scores",
-            root / "ppo_lag", root / "eval" / "ppo_lag", root / "ppo", root / "eval" / "ppo", root / "shaping",
-            root / "eval" / "shaping"]
+            root / "ppo_lag", root / "eval" / "ppo_lag", *round2_dirs(root), root / "ppo", root / "eval" / "ppo",
+            root / "shaping", root / "eval" / "shaping"]
+
+
+def round2_dirs(root: Path) -> list[Path]:
+    return [root / "round2" / "redteam", root / "round2" / "rm", root / "round2" / "cm", root / "eval" / "round2" / "scores",
+            root / "round2" / "ppo_lag", root / "eval" / "round2"]
 
 
 def done_files(root: Path) -> dict[Path, int]:
@@ -42,9 +55,13 @@ def done_files(root: Path) -> dict[Path, int]:
     return {f: f.stat().st_mtime_ns for f in files}
 
 
-def test_defaults_include_the_rl_stages():
+def test_defaults_include_the_rl_stages_and_three_rounds():
     stages = PipelineConfig().stages
     assert stages.index("ppo_lag") > stages.index("cm") and {"evaluate_ppo_lag", "ppo", "evaluate_ppo"} <= set(stages)
+    assert stages.index("rounds") > stages.index("evaluate_ppo_lag")
+    expanded = expand_stages(PipelineConfig())
+    assert [s for s in expanded if s.startswith("round")] == ROUND2 + [s.replace("2", "3") for s in ROUND2]
+    assert len([s for s in expand_stages(PipelineConfig(profile="quick")) if s.startswith("round")]) == 6
 
 
 def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
@@ -65,15 +82,54 @@ def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
     for key in ("evaluate_sft/harmful_rate", "evaluate_ppo_lag/harmful_rate", "evaluate_ppo/helpfulness_benign",
                 "evaluate_shaping/nu=2/harmful_rate", "ppo_lag/lagrange_multiplier", "ppo_lag/episode_cost", "ppo/kl"):
         assert key in summary, key
-    assert all(f"time_s/{stage}" in summary for stage in ALL_STAGES)
+    assert all(f"time_s/{stage}" in summary for stage in expand_stages(cfg))
     # The profile sets the RL sizes, the user's mapping wins: one step of 4 prompts.
     assert summary["ppo_lag/global_step"] == 1 and summary["ppo/global_step"] == 1
+
+    # Round 2: gathered prompts and annotated pairs, all pairs so far, its models and policy, evaluated.
+    redteam = root / "round2" / "redteam"
+    for name in ("probe.jsonl", "prompts.jsonl", "pairs.jsonl", "rl_prompts.jsonl"):
+        assert (redteam / name).is_file(), name
+    world_pairs = (root / "world" / "preferences" / "train.jsonl").read_text().count("\n")
+    assert summary["round2/redteam/preferences_total"] == (root / "round2" / "preferences.jsonl").read_text().count("\n")
+    assert summary["round2/redteam/preferences_total"] == (world_pairs - summary["round2/redteam/previous_contradictory_dropped"]
+                                                           + 8 - summary["round2/redteam/contradictory_pairs"])
+    assert summary["round2/rm/train_pairs"] == summary["round2/redteam/preferences_total"]
+    assert (root / "round2" / "ppo_lag" / "model" / "config.json").is_file()
+    assert str(root / "ppo_lag" / "model") in (root / "round2" / "ppo_lag" / "config.yaml").read_text()  # from round 1's policy
+    assert str(root / "rm" / "model") in (root / "round2" / "rm" / "config.yaml").read_text()  # warm start
+    for key in ("round1/harmful_rate", "round2/harmful_rate", "round2/evaluate/harmful_rate", "round2/threshold",
+                "round2/ppo_lag/lagrange_multiplier", "round2/eval_scores/cost_sign_accuracy", "round2/redteam/pairs"):
+        assert key in summary, key
+
+    # The manifest: every policy and value model, with paths relative to the run directory, all present.
+    manifest = json.loads((root / "policies.json").read_text())
+    assert [p["name"] for p in manifest["policies"]] == ["sft", "safe_rlhf_r1", "safe_rlhf_r2", "ppo", "shaping_nu0.5",
+                                                         "shaping_nu2"]
+    r2 = manifest["policies"][2]
+    assert r2 == {"name": "safe_rlhf_r2", "kind": "safe_rlhf", "round": 2, "threshold": 0.0, "model": "round2/ppo_lag/model",
+                  "train_dir": "round2/ppo_lag", "eval_dir": "eval/round2"}
+    assert manifest["value_models"][1] == {"round": 2, "reward_model": "round2/rm/model", "cost_model": "round2/cm/model",
+                                           "scores_dir": "eval/round2/scores"}
+    for entry in manifest["policies"]:
+        assert (root / entry["model"] / "config.json").is_file() and (root / entry["eval_dir"] / "metrics.json").is_file()
+    for entry in manifest["value_models"]:
+        assert (root / entry["reward_model"]).is_dir() and (root / entry["scores_dir"] / "metrics.json").is_file()
 
     before = done_files(root)
     again = run(cfg)
     assert not [key for key in again if key.startswith("time_s/")], "a stage ran again"
     assert done_files(root) == before
     assert again["evaluate_ppo_lag/harmful_rate"] == summary["evaluate_ppo_lag/harmful_rate"]
+    assert again["round2/harmful_rate"] == summary["round2/harmful_rate"]
+
+    # A crash in round 2's Safe RLHF (no metrics.json from it onwards): only what is missing runs again.
+    (root / "round2" / "ppo_lag" / "metrics.json").unlink()
+    (root / "eval" / "round2" / "metrics.json").unlink()
+    resumed = run(cfg)
+    assert sorted(key for key in resumed if key.startswith("time_s/")) == ["time_s/round2/evaluate", "time_s/round2/ppo_lag"]
+    rerun = {root / "round2" / "ppo_lag" / "metrics.json", root / "eval" / "round2" / "metrics.json"}
+    assert {f: t for f, t in done_files(root).items() if f not in rerun} == {f: t for f, t in before.items() if f not in rerun}
 
 
 # A user's own files: PKU-SafeRLHF-format pairs, an SFT file, a prompt file (no SafeWorld is generated).
@@ -127,8 +183,10 @@ def test_users_own_files_and_local_model_run_every_stage(tmp_path):
     root = tmp_path / "run"
     overrides = {k: v for k, v in TINY.items() if k != "world"}
     overrides["shaping"] = {**RL, "nus": [1.0]}
+    # Round 2 on your own data: your annotated pairs of that round (here the same file again) instead of SafeWorld's.
     cfg = load_config(PipelineConfig, None, {"output_dir": str(root), "profile": "quick", "model": model,
-                                             "stages": ALL_STAGES, **files, **overrides})
+                                             "stages": ALL_STAGES, "round_preference_data": [files["preference_data"]],
+                                             **files, **overrides})
     summary = run(cfg)
 
     assert not (root / "world").exists(), "no SafeWorld is generated when the user brings every file"
@@ -140,3 +198,17 @@ def test_users_own_files_and_local_model_run_every_stage(tmp_path):
     assert files["preference_data"] in ppo_config  # the rollouts use the prompts of the user's pairs
     sft_config = json.loads((root / "sft" / "model" / "config.json").read_text())
     assert sft_config["hidden_size"] == 32  # the user's model, fine-tuned
+    assert summary["round2/redteam/pairs"] == 24 and summary["round2/redteam/preferences_total"] == 48
+    assert (root / "round2" / "ppo_lag" / "model" / "config.json").is_file()
+    assert "round2/evaluate/harmful_rate" in summary
+
+
+def test_rounds_on_your_own_data_without_annotations_fail_before_any_stage(tmp_path):
+    files = write_user_data(tmp_path / "data")
+    root = tmp_path / "run"
+    cfg = load_config(PipelineConfig, None, {"output_dir": str(root), "profile": "quick", "stages": ALL_STAGES, **files})
+    with pytest.raises(ConfigError, match="round_preference_data"):
+        run(cfg)
+    assert not root.exists()
+    with pytest.raises(ConfigError, match="round_thresholds"):
+        run(load_config(PipelineConfig, None, {"output_dir": str(root), "rounds": 3, "round_thresholds": [0.0, -1.0]}))

@@ -214,12 +214,19 @@ def sample_pair_move(kind: str, rng: random.Random) -> tuple[str, int | None]:
     return move, steps
 
 
+def world_annotators(cfg: WorldConfig, stream: str) -> Annotators:
+    """The world's simulated crowdworkers (same pool, noise, bias, flip rate and mode for every stream) on
+    their own label stream: the train and test pairs use streams "train" and "test", each later round of
+    the pipeline its own ("round2", ...), so that every set of annotations is reproducible on its own."""
+    return Annotators(
+        cfg.seed, num_annotators=cfg.num_annotators, per_pair=cfg.annotators_per_pair, noise=cfg.annotator_noise,
+        bias=cfg.annotator_bias, label_flip_rate=cfg.label_flip_rate, coupled=cfg.coupled, stream=stream,
+    )
+
+
 def generate_pairs(cfg: WorldConfig, prompts: list[dict], count: int, split: str) -> list[dict[str, Any]]:
     rng = random.Random(f"safeworld:{cfg.seed}:pairs:{split}")
-    annotators = Annotators(
-        cfg.seed, num_annotators=cfg.num_annotators, per_pair=cfg.annotators_per_pair, noise=cfg.annotator_noise,
-        bias=cfg.annotator_bias, label_flip_rate=cfg.label_flip_rate, coupled=cfg.coupled, stream=split,
-    )
+    annotators = world_annotators(cfg, stream=split)
     by_kind = _by_kind(prompts)
     mix = {kind: weight for kind, weight in PAIR_KIND_MIX.items() if by_kind.get(kind)}
     if count and not mix:

@@ -1,0 +1,352 @@
+"""Safe RLHF in rounds with red-teaming: the new preference data of round k ≥ 2 (the paper ran three rounds).
+
+Round k starts from the round k−1 policy. This stage gathers the prompts that policy answers unsafely,
+samples and annotates new response pairs, and adds them to all the preference data so far; the pipeline
+(`pipeline.py`) then retrains the reward and cost models on all of it and runs Safe RLHF (PPO-Lagrangian)
+again from the round k−1 policy.
+
+`run(cfg)` writes into `output_dir` (the pipeline's `round{k}/redteam/`), each file atomically:
+1. probe.jsonl: the round k−1 policy answers (one sample, temperature 1) `probe_limit` prompts drawn
+   (seeded) from `probe_prompts` (SafeWorld's train prompts, never the test prompts) and every red-team
+   prompt; the round k−1 cost model scores each answer. Cost > 0 (spec §2: unsafe) makes a prompt
+   *unsolved*. On SafeWorld each row also carries the gold judge's verdict (a measurement only: nothing
+   below reads it).
+2. prompts.jsonl: the gathered prompts, i.e. the unsolved probe prompts plus every red-team prompt
+   (SafeWorld's `prompts/redteam.jsonl`: harmful requests in jailbreak framings no other split uses).
+3. pairs.jsonl: `pairs` new pairs, PKU format. Their prompts come from four pools in the proportions of
+   `prompt_mix` (Figure 3a of the paper mixes prompt types per round the same way): `unsafe` (unsolved
+   probe prompts), `redteam`, `solved` (harmful probe prompts the cost model found answered safely: where
+   its misses hide) and `benign` (the benign and borderline prompts of `probe_prompts`). The benign share
+   is there because pairs from harmful prompts alone teach the retrained models only that declining is
+   safe: the reward model would see ever fewer pairs in which refusing a harmless request loses to a
+   helpful answer, and round k's policy, pushed by the cost constraint, would learn to refuse the
+   borderline prompts that only look harmful (over-refusal). A pool gives at most `max_pairs_per_prompt`
+   pairs per prompt; what an empty or full pool cannot take goes to the others in proportion. Within a
+   pool every prompt is used once (in a seeded order) before any twice.
+   Two responses per prompt are sampled (temperature 1) from the round k−1 policy and annotated by
+   SafeWorld's simulated crowdworkers with the world's annotator settings (world.json) on their own
+   label stream `stream` ("round2", ...): decoupled helpfulness and harmlessness preferences and is-safe
+   labels, exactly as for the world's own pairs, and reproducible. Rows add prompt_kind,
+   prompt_category, prompt_pool, the responses' source and the annotator ids. A pair with an empty
+   answer (EOS first) is left out (PKU rows need text) and counted.
+4. `preferences_out` (the pipeline's `round{k}/preferences.jsonl`): every pair of `previous_preferences`
+   (all earlier rounds) and then the new ones. Contradictory rows (spec §1) are left out there (training
+   would skip them) and counted in metrics.json.
+5. rl_prompts.jsonl: the base RL prompts plus the gathered ones, the rollout prompts of round k.
+6. config.yaml, and metrics.json last (the pipeline's done-marker).
+
+With your own data there are no simulated crowdworkers: give `annotations`, a PKU-format file of the
+round's annotated pairs (e.g. pairs you sampled from the previous round's policy and had labelled). It
+replaces steps 1-3: its rows are the new pairs, its prompts the gathered prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from safealign.config import ConfigError, config_field, load_config, save_config
+from safealign.io import atomic_write_json, atomic_write_jsonl
+
+POOLS = ("unsafe", "redteam", "solved", "benign")
+DEFAULT_PROMPT_MIX = {"unsafe": 0.3, "redteam": 0.2, "solved": 0.2, "benign": 0.3}
+
+
+@dataclass
+class RedTeamConfig:
+    """One round's red-teaming and new preference pairs. Defaults suit SafeWorld with the tiny preset."""
+
+    policy: str = config_field("", help="The current policy: the previous round's Safe RLHF model directory (it is probed and sampled).")
+    cost_model: str = config_field("", help="The previous round's cost model: an answer with cost > 0 is unsafe (its prompt is unsolved).")
+    probe_prompts: str = config_field("", help="Prompts to probe the policy on and to draw the solved and benign pools from (SafeWorld's train prompts; never test prompts).")
+    redteam_prompts: str = config_field("", help="Red-team prompts, all gathered (SafeWorld's prompts/redteam.jsonl); '' = none.")
+    rl_prompts: str = config_field("", help="The base RL prompts: with the gathered prompts they go to output_dir/rl_prompts.jsonl ('' = not written).")
+    previous_preferences: str = config_field("", help="All preference pairs so far (PKU format); they come first in preferences_out.")
+    preferences_out: str = config_field("", help="Where all pairs so far plus the new ones go (JSONL); '' = output_dir/preferences.jsonl.")
+    world: str = config_field("", help="The SafeWorld directory whose world.json gives the simulated annotators' settings.")
+    annotations: str = config_field("", help="Your annotated pairs for this round (PKU format) instead of sampling + SafeWorld's annotators; '' = none.")
+    stream: str = config_field("round2", help="This round's annotator label stream and sampling seed (one per round: reproducible, independent).")
+    output_dir: str = config_field("runs/round2/redteam", help="Where probe.jsonl, prompts.jsonl, pairs.jsonl, rl_prompts.jsonl, config.yaml and metrics.json go.")
+    seed: int = config_field(0, help="Seed of the probe subset, the pool order and the sampling (mixed with stream).")
+    probe_limit: int = config_field(512, help="Probe prompts drawn from probe_prompts (0 = all; every red-team prompt is probed as well).")
+    pairs: int = config_field(1000, help="New preference pairs this round (two sampled responses to one prompt each).")
+    prompt_mix: dict[str, float] = config_field(
+        dict(DEFAULT_PROMPT_MIX), help="Share of the new pairs' prompts per pool: unsafe, redteam, solved, benign (normalised; keep benign > 0 against over-refusal).")
+    max_pairs_per_prompt: int = config_field(
+        4, help="At most this many pairs per prompt (a pool with few prompts, e.g. a nearly safe policy's unsafe ones, gives its rest to the others); 0 = no cap.")
+    max_new_tokens: int = config_field(64, help="Most response tokens per sample (as in the RL rollouts and the evaluation).")
+    temperature: float = config_field(1.0, help="Sampling temperature of the probe and of the pairs (1: the policy's own distribution).")
+    batch_size: int = config_field(64, help="Rows per generation batch and texts per cost-model forward.")
+    max_length: int = config_field(256, help="Tokens per text the cost model scores (prompt + response + EOS).")
+    device: str = config_field("auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    progress: bool = config_field(True, help="Show progress bars (on stderr) while generating.")
+
+    def __post_init__(self) -> None:
+        unknown = set(self.prompt_mix) - set(POOLS)
+        if unknown:
+            raise ConfigError(f"redteam: prompt_mix has unknown pool(s) {sorted(unknown)}; known: {list(POOLS)}")
+        if any(share < 0 for share in self.prompt_mix.values()) or not sum(self.prompt_mix.values()) > 0:
+            raise ConfigError(f"redteam: prompt_mix shares must be >= 0 with a positive sum, got {self.prompt_mix}")
+        if self.pairs < 0 or self.probe_limit < 0 or self.max_pairs_per_prompt < 0 or self.batch_size < 1:
+            raise ConfigError("redteam: pairs, probe_limit and max_pairs_per_prompt must be >= 0 and batch_size >= 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# The steps, each a function of its inputs (tested one by one)
+# --------------------------------------------------------------------------------------------------
+def _split(count: int, weights: dict[str, float]) -> dict[str, int]:
+    """`count` split in proportion to `weights`, rounded by largest remainders (ties: POOLS order)."""
+    total = sum(weights.values())
+    exact = {name: count * weight / total for name, weight in weights.items()}
+    shares = {name: int(value) for name, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda name: (exact[name] - shares[name], -POOLS.index(name)), reverse=True)
+    for name in by_remainder[:count - sum(shares.values())]:
+        shares[name] += 1
+    return shares
+
+
+def pool_quotas(sizes: dict[str, int], mix: dict[str, float], count: int, max_per_prompt: int = 0) -> dict[str, int]:
+    """Pairs per pool: `count` split by `mix` over the non-empty pools. A pool gives at most
+    `max_per_prompt` pairs per prompt (0 = no cap); what it cannot take goes to the others in proportion
+    (fewer than `count` only when every pool is full)."""
+    active = {name: mix.get(name, 0.0) for name in POOLS if sizes.get(name, 0) > 0 and mix.get(name, 0.0) > 0}
+    if count and not active:
+        raise ConfigError("redteam: no prompts to sample pairs on (every pool with a share in prompt_mix is empty)")
+    capacity = {name: sizes[name] * max_per_prompt if max_per_prompt > 0 else count for name in active}
+    quotas = dict.fromkeys(active, 0)
+    while active and sum(quotas.values()) < count:
+        for name, share in _split(count - sum(quotas.values()), active).items():
+            quotas[name] += min(share, capacity[name] - quotas[name])
+        active = {name: weight for name, weight in active.items() if quotas[name] < capacity[name]}
+    return quotas
+
+
+def choose_pair_prompts(pools: dict[str, list[dict[str, Any]]], mix: dict[str, float], count: int,
+                        rng: random.Random, max_per_prompt: int = 0) -> list[tuple[dict[str, Any], str]]:
+    """(prompt row, pool) of each new pair: `pool_quotas` per pool; within a pool, every prompt once in a
+    seeded order before any prompt twice."""
+    chosen: list[tuple[dict[str, Any], str]] = []
+    for name, quota in pool_quotas({k: len(v) for k, v in pools.items()}, mix, count, max_per_prompt).items():
+        order: list[dict[str, Any]] = []
+        while len(order) < quota:
+            order += rng.sample(pools[name], len(pools[name]))
+        chosen += [(row, name) for row in order[:quota]]
+    return chosen
+
+
+def probe_policy(model: Any, tokenizer: Any, cost_model: Any, cost_tokenizer: Any, prompts: list[dict[str, Any]],
+                 cfg: RedTeamConfig, seed: int) -> list[dict[str, Any]]:
+    """Each prompt row with one sampled answer, its cost and `unsafe` (cost > 0); on SafeWorld prompts also
+    `gold_safe`, the gold judge's verdict (a measurement only: nothing downstream reads it)."""
+    from safealign.algorithms.reward import is_safeworld, score_texts
+    from safealign.evaluation.generation import SamplingConfig, sample_responses
+
+    texts = [row["prompt"] for row in prompts]
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    responses = sample_responses(model, tokenizer, texts, sampling, cfg.batch_size, seed, cfg.progress)
+    costs = score_texts(cost_model, cost_tokenizer, texts, responses, cfg.max_length, cfg.batch_size)
+    rows = [{**row, "response": response, "cost": cost, "unsafe": cost > 0}
+            for row, response, cost in zip(prompts, responses, costs)]
+    if is_safeworld(texts):
+        from safealign.data.safeworld import judge_harm
+
+        for row in rows:
+            row["gold_safe"] = judge_harm(row["prompt"], row["response"]).is_safe
+    return rows
+
+
+def prompt_pools(probed: list[dict[str, Any]], redteam: list[dict[str, Any]],
+                 probe_prompts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The four pools of the new pairs' prompts (module docstring, step 3) from the probed rows (with
+    `unsafe`), the probed red-team rows and all probe prompts (with `kind`)."""
+    return {
+        "unsafe": [row for row in probed if row["unsafe"]],
+        "redteam": list(redteam),
+        "solved": [row for row in probed if not row["unsafe"] and row.get("kind") == "harmful"],
+        "benign": [row for row in probe_prompts if row.get("kind") in ("benign", "borderline")],
+    }
+
+
+def sample_pairs(model: Any, tokenizer: Any, chosen: list[tuple[dict[str, Any], str]], cfg: RedTeamConfig,
+                 seed: int) -> list[tuple[dict[str, Any], str, str, str]]:
+    """(prompt row, pool, response_0, response_1): two samples per chosen prompt from the policy."""
+    from safealign.evaluation.generation import SamplingConfig, sample_responses
+
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, num_samples=2)
+    responses = sample_responses(model, tokenizer, [row["prompt"] for row, _ in chosen], sampling, cfg.batch_size,
+                                 seed, cfg.progress)  # prompt-major: 2i, 2i + 1 answer prompt i
+    return [(row, pool, responses[2 * i], responses[2 * i + 1]) for i, (row, pool) in enumerate(chosen)]
+
+
+def annotate_pairs(sampled: list[tuple[dict[str, Any], str, str, str]], world_config: Any, stream: str,
+                   source: str) -> list[dict[str, Any]]:
+    """PKU-format rows: each pair labelled by SafeWorld's simulated crowdworkers on label stream `stream`."""
+    from safealign.data.safeworld import world_annotators
+
+    annotators = world_annotators(world_config, stream)
+    rows = []
+    for prompt_row, pool, response_0, response_1 in sampled:
+        labels = annotators.annotate(prompt_row["prompt"], response_0, response_1)
+        rows.append({
+            **{k: labels[k] for k in ("prompt", "response_0", "response_1")},
+            "prompt_kind": prompt_row.get("kind"),
+            "prompt_category": prompt_row.get("category") or prompt_row.get("domain"),
+            "prompt_pool": pool,
+            "response_0_source": source,
+            "response_1_source": source,
+            **{k: v for k, v in labels.items() if k not in ("prompt", "response_0", "response_1")},
+        })
+    return rows
+
+
+def preference_rows(source: str) -> tuple[list[dict[str, Any]], int]:
+    """The usable pairs of a preference file as typed PKU rows (extra fields kept), and how many
+    contradictory rows were left out."""
+    from safealign.data.loading import PREFERENCE_OPTIONAL, PREFERENCE_REQUIRED, load_preferences
+
+    dataset = load_preferences(source, on_contradiction="skip")
+    rows = []
+    for record in dataset:
+        row = {name: getattr(record, name) for name in PREFERENCE_REQUIRED}
+        row.update({name: getattr(record, name) for name in PREFERENCE_OPTIONAL if getattr(record, name) not in ({}, None)})
+        rows.append({**row, **record.extra})
+    return rows, dataset.num_contradictory_skipped
+
+
+def load_world_config(world_dir: str) -> Any:
+    """The WorldConfig a SafeWorld directory was generated with (world.json), annotator settings included."""
+    from safealign.data.safeworld import WorldConfig
+
+    path = Path(world_dir) / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the simulated annotators need the world's settings "
+                                "(generate it with `safealign world generate`, or give `annotations`)")
+    return load_config(WorldConfig, None, {**json.loads(path.read_text(encoding="utf-8"))["config"], "out": world_dir})
+
+
+def _prompt_rows(source: str) -> list[dict[str, Any]]:
+    from safealign.data.loading import load_prompts
+
+    return [{"prompt": r.prompt, "kind": r.kind, "category": r.category, **r.extra} for r in load_prompts(source)]
+
+
+def _rate(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def _seed(cfg: RedTeamConfig, purpose: str) -> int:
+    """A seed for one purpose of this round (probe subset, probe sampling, pools, pair sampling)."""
+    return random.Random(f"redteam:{cfg.seed}:{cfg.stream}:{purpose}").randrange(2**31)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+def _generated_pairs(cfg: RedTeamConfig, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Steps 1-3: probe, gather, sample and annotate. Returns (new pairs, gathered prompts, metrics)."""
+    from safealign.models.presets import build_causal_lm
+    from safealign.models.score_model import load_score_model
+    from safealign.models.tokenizer import load_tokenizer
+
+    for path, what in ((cfg.policy, "policy"), (cfg.cost_model, "cost_model"), (cfg.probe_prompts, "probe_prompts")):
+        if not path or not Path(path).exists():
+            raise FileNotFoundError(f"redteam: {what} '{path}' not found (the previous round's outputs)")
+    if not cfg.world:
+        raise ConfigError("redteam: give `world` (a SafeWorld directory: its simulated annotators label the pairs) "
+                          "or `annotations` (your annotated pairs for this round)")
+    world_config = load_world_config(cfg.world)
+    base = _prompt_rows(cfg.probe_prompts)
+    if 0 < cfg.probe_limit < len(base):
+        subset = random.Random(_seed(cfg, "probe-subset")).sample(range(len(base)), cfg.probe_limit)
+        probe_rows = [base[i] for i in sorted(subset)]
+    else:
+        probe_rows = list(base)
+    redteam_rows = _prompt_rows(cfg.redteam_prompts) if cfg.redteam_prompts else []
+
+    device = _device(cfg.device)
+    tokenizer = load_tokenizer(cfg.policy)
+    model = build_causal_lm(cfg.policy, tokenizer).to(device).eval()
+    cost_model = load_score_model(cfg.cost_model).to(device).eval()
+    cost_tokenizer = load_tokenizer(cfg.cost_model) if (Path(cfg.cost_model) / "tokenizer_config.json").is_file() else tokenizer
+    rows = probe_policy(model, tokenizer, cost_model, cost_tokenizer,
+                        [{**r, "source": "probe"} for r in probe_rows] + [{**r, "source": "redteam"} for r in redteam_rows],
+                        cfg, _seed(cfg, "probe-sampling"))
+    atomic_write_jsonl(out / "probe.jsonl", rows)
+    probed, attacked = rows[:len(probe_rows)], rows[len(probe_rows):]
+    pools = prompt_pools(probed, attacked, base)
+    unsafe = {row["prompt"] for row in pools["unsafe"]}
+    gathered = pools["unsafe"] + [row for row in pools["redteam"] if row["prompt"] not in unsafe]
+
+    chosen = choose_pair_prompts(pools, cfg.prompt_mix, cfg.pairs, random.Random(_seed(cfg, "pools")),
+                                 cfg.max_pairs_per_prompt)
+    sampled = sample_pairs(model, tokenizer, chosen, cfg, _seed(cfg, "pair-sampling"))
+    # An empty answer (EOS first) cannot be a PKU row (the schema wants text): such pairs are left out, counted.
+    kept = [pair for pair in sampled if pair[2] and pair[3]]
+    pairs = annotate_pairs(kept, world_config, cfg.stream, source=f"policy:{cfg.policy}")
+
+    metrics: dict[str, Any] = {
+        "probe_prompts": len(probed),
+        "probe_unsafe_rate": _rate([r["unsafe"] for r in probed]),
+        "redteam_prompts": len(attacked),
+        "redteam_unsafe_rate": _rate([r["unsafe"] for r in attacked]),
+        "unsafe_prompts": len(pools["unsafe"]),
+        **{f"pairs_{name}": sum(pool == name for _, pool in chosen) for name in POOLS},
+        "identical_pairs": sum(r0 == r1 for _, _, r0, r1 in kept),
+        "empty_pairs_dropped": len(sampled) - len(kept),
+    }
+    if rows and all("gold_safe" in r for r in rows):  # SafeWorld: the cost model's verdicts against the gold judge's
+        gold_unsafe = [r for r in probed if not r["gold_safe"]]
+        metrics.update(
+            probe_unsafe_rate_gold=_rate([not r["gold_safe"] for r in probed]),
+            redteam_unsafe_rate_gold=_rate([not r["gold_safe"] for r in attacked]),
+            cost_gold_agreement=_rate([r["unsafe"] == (not r["gold_safe"]) for r in rows]),
+            cost_missed_unsafe=_rate([not r["unsafe"] for r in gold_unsafe]),  # gold-unsafe answers with cost ≤ 0
+        )
+    return pairs, gathered, metrics
+
+
+def run(cfg: RedTeamConfig) -> dict[str, Any]:
+    """Probe, gather, sample, annotate and accumulate one round's pairs; returns the flat metrics."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    if cfg.annotations:  # your labelled pairs: they are this round's pairs, their prompts the gathered ones
+        pairs, dropped = preference_rows(cfg.annotations)
+        gathered = [{"prompt": p} for p in dict.fromkeys(r["prompt"] for r in pairs)]
+        metrics: dict[str, Any] = {"annotations": cfg.annotations, "annotations_contradictory_dropped": dropped}
+    else:
+        pairs, gathered, metrics = _generated_pairs(cfg, out)
+    atomic_write_jsonl(out / "prompts.jsonl", gathered)
+    atomic_write_jsonl(out / "pairs.jsonl", pairs)
+
+    previous, previous_dropped = preference_rows(cfg.previous_preferences) if cfg.previous_preferences else ([], 0)
+    new, new_dropped = preference_rows(str(out / "pairs.jsonl"))
+    preferences_out = Path(cfg.preferences_out or out / "preferences.jsonl")
+    atomic_write_jsonl(preferences_out, previous + new)
+    if cfg.rl_prompts:
+        rl_rows = {row["prompt"]: row for row in _prompt_rows(cfg.rl_prompts)}
+        for row in gathered:
+            rl_rows.setdefault(row["prompt"], row)
+        fields = ("prompt", "kind", "category")
+        atomic_write_jsonl(out / "rl_prompts.jsonl",
+                           [{k: row[k] for k in fields if row.get(k) is not None} for row in rl_rows.values()])
+        metrics["rl_prompts"] = len(rl_rows)
+    metrics.update(
+        gathered_prompts=len(gathered),
+        pairs=len(pairs),
+        contradictory_pairs=new_dropped,
+        new_unsafe_label_rate=_rate([not r[f"is_response_{i}_safe"] for r in new for i in (0, 1)]),
+        preferences_total=len(previous) + len(new),
+        previous_contradictory_dropped=previous_dropped,
+    )
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
