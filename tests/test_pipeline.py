@@ -8,16 +8,18 @@ the point is that every stage runs and writes its outputs, not what the models l
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
 import pytest
 
 from safealign.config import ConfigError, load_config
+from safealign.evaluation.report import format_value
 from safealign.pipeline import PipelineConfig, expand_stages, run
 
 ALL_STAGES = ["world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "rounds", "ppo",
-              "evaluate_ppo", "shaping", "evaluate_shaping"]
+              "evaluate_ppo", "shaping", "evaluate_shaping", "compare", "report"]
 ROUND2 = ["round2/redteam", "round2/rm", "round2/cm", "round2/eval_scores", "round2/ppo_lag", "round2/evaluate"]
 RL = {"max_steps": 1, "per_device_prompt_batch_size": 4, "per_device_train_batch_size": 4, "max_new_tokens": 8,
       "save_steps": -1, "sample_steps": 1, "mixed_precision": "no"}
@@ -27,7 +29,7 @@ TINY = {
     "sft": {"max_steps": 3, "vocab_size": 512, "mixed_precision": "no"},
     "rm": {"max_steps": 2, "mixed_precision": "no"},
     "cm": {"max_steps": 2, "mixed_precision": "no"},
-    "evaluate": {"limit": 6, "max_new_tokens": 8},
+    "evaluate": {"limit": 0, "max_new_tokens": 8},  # all 30 test prompts: every kind present (the report needs benign ones)
     "eval_scores": {"limit": 8},
     "ppo_lag": RL,
     "ppo": RL,
@@ -116,9 +118,24 @@ def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
     for entry in manifest["value_models"]:
         assert (root / entry["reward_model"]).is_dir() and (root / entry["scores_dir"] / "metrics.json").is_file()
 
+    # compare and report: every policy of the manifest in the comparison; the report shows every figure and number.
+    comparison = json.loads((root / "eval" / "compare" / "comparison.json").read_text())
+    assert all(p["name"] in json.dumps(comparison) for p in manifest["policies"])
+    report = json.loads((root / "report.json").read_text())
+    page, markdown = (root / "report.html").read_text(), (root / "report.md").read_text()
+    figures = [b for section in report["sections"] for b in section["blocks"] if b["type"] == "figure"]
+    assert {"elo_plane_gold.png", "per_round.png", "training_curves.png", "frontier.png"} <= {f["name"] for f in figures}
+    assert page.count('<img src="data:image/png;base64,') == len(figures) == summary["report/figures"]
+    for block in (b for section in report["sections"] for b in section["blocks"] if b["type"] == "table"):
+        for row in block["rows"]:
+            for column, value in zip(block["columns"], row):
+                shown = format_value(value, column["style"])
+                assert html.escape(shown) in page and shown.replace("|", "\\|") in markdown, (block["title"], column["name"])
+    assert "simulation" in page.lower()
+
     before = done_files(root)
     again = run(cfg)
-    assert not [key for key in again if key.startswith("time_s/")], "a stage ran again"
+    assert sorted(key for key in again if key.startswith("time_s/")) == ["time_s/compare", "time_s/report"], "a stage ran again"
     assert done_files(root) == before
     assert again["evaluate_ppo_lag/harmful_rate"] == summary["evaluate_ppo_lag/harmful_rate"]
     assert again["round2/harmful_rate"] == summary["round2/harmful_rate"]
@@ -127,7 +144,8 @@ def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
     (root / "round2" / "ppo_lag" / "metrics.json").unlink()
     (root / "eval" / "round2" / "metrics.json").unlink()
     resumed = run(cfg)
-    assert sorted(key for key in resumed if key.startswith("time_s/")) == ["time_s/round2/evaluate", "time_s/round2/ppo_lag"]
+    assert sorted(key for key in resumed if key.startswith("time_s/")) == [
+        "time_s/compare", "time_s/report", "time_s/round2/evaluate", "time_s/round2/ppo_lag"]
     rerun = {root / "round2" / "ppo_lag" / "metrics.json", root / "eval" / "round2" / "metrics.json"}
     assert {f: t for f, t in done_files(root).items() if f not in rerun} == {f: t for f, t in before.items() if f not in rerun}
 

@@ -76,6 +76,8 @@ _stage_command("evaluate", "safealign.evaluation.compare", "CompareConfig",
 _stage_command("ppo", "safealign.algorithms.ppo", "PPOConfig", "RLHF: PPO of the policy on the reward model.")
 _stage_command("ppo-lag", "safealign.algorithms.ppo_lag", "PPOLagConfig", "Safe RLHF: PPO-Lagrangian on the reward and cost models.")
 _stage_command("shaping", "safealign.algorithms.reward_shaping", "RewardShapingConfig", "Baseline: PPO on the shaped reward R - nu*C (nu fixed, or a sweep).")
+_stage_command("redteam", "safealign.rounds", "RedTeamConfig",
+               "One red-teaming round's data: probe a policy, gather unsafe prompts, sample and annotate new pairs (SafeWorld).")
 _stage_command("report", "safealign.evaluation.report", "ReportConfig",
                "Render a run directory as report.html (self-contained), report.md and report.json.")
 _stage_command("pipeline", "safealign.pipeline", "PipelineConfig", "The main job: SafeWorld -> SFT -> reward + cost models -> Safe RLHF and baselines -> evaluation, in one run directory.")

@@ -79,6 +79,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "round_ppo_lag": {"max_steps": 20},
     },
 }
+ALWAYS_RUN = {"compare", "report"}  # cheap summaries of the whole run directory: re-done so they see every policy
 PROFILE_ROUNDS = {"quick": 2, "default": 3}  # Safe RLHF rounds when `rounds` is 0 (the paper ran 3)
 ROUND_STEPS = ("redteam", "rm", "cm", "eval_scores", "ppo_lag", "evaluate")  # the stages of round k >= 2, in order
 
@@ -91,9 +92,10 @@ class PipelineConfig:
     model: str = config_field("tiny", help="Policy: a preset (tiny, small, smollm2) or a local Hugging Face model directory.")
     stages: list[str] = config_field(
         ["world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "rounds", "ppo",
-         "evaluate_ppo"],
-        help="Stages to run, in order (skipped when their metrics.json exists); also: shaping, evaluate_shaping. "
-             "`rounds` = rounds 2.. (round{k}/redteam, /rm, /cm, /eval_scores, /ppo_lag, /evaluate), each also a stage name.",
+         "evaluate_ppo", "shaping", "evaluate_shaping", "compare", "report"],
+        help="Stages to run, in order (skipped when their metrics.json exists; compare and report always run, they are "
+             "cheap and must see every policy). `rounds` = rounds 2.. (round{k}/redteam, /rm, /cm, /eval_scores, "
+             "/ppo_lag, /evaluate), each also a stage name.",
     )
     rounds: int = config_field(
         0, help="Safe RLHF rounds (the paper ran 3): round 1 = the ppo_lag stage, rounds 2.. = the rounds stage; 0 = the profile's (default 3, quick 2).")
@@ -124,6 +126,7 @@ class PipelineConfig:
     round_rm: dict = config_field({}, help="RewardConfig overrides of rounds >= 2, over rm's (e.g. num_epochs).")
     round_cm: dict = config_field({}, help="CostConfig overrides of rounds >= 2, over cm's (e.g. num_epochs).")
     round_ppo_lag: dict = config_field({}, help="PPOLagConfig overrides of rounds >= 2, over ppo_lag's (e.g. max_steps).")
+    compare: dict = config_field({}, help="CompareConfig overrides of the compare stage (safealign evaluate --help): n_bootstrap, seed, ...")
 
 
 def _stage_settings(cfg: PipelineConfig, name: str) -> dict[str, Any]:
@@ -339,6 +342,19 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
         return train
 
+    def compare() -> dict:
+        from safealign.evaluation.compare import compare_run_dir
+
+        return compare_run_dir(root, _stage_settings(cfg, "compare"))
+
+    def report() -> dict:
+        from safealign.evaluation.report import build_report
+
+        content = build_report(root)
+        console.print(f"report: {root / 'report.html'} (and report.md, report.json)")
+        return {"report_html": str(root / "report.html"),
+                "figures": sum(b["type"] == "figure" for s in content["sections"] for b in s["blocks"])}
+
     stage_fns: dict[str, tuple[Callable[[], dict], Path]] = {
         "world": (world, world_dir),
         "sft": (sft, root / "sft"),
@@ -352,6 +368,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "evaluate_ppo": (evaluate("ppo"), root / "eval" / "ppo"),
         "shaping": (shaping, root / "shaping"),
         "evaluate_shaping": (evaluate_shaping, root / "eval" / "shaping"),
+        "compare": (compare, root / "eval" / "compare"),
+        "report": (report, root / "report"),
     }
     for k in range(2, num_rounds(cfg) + 1):
         dirs = round_dirs(k)
@@ -380,7 +398,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             continue
         fn, stage_dir = stage_fns[name]
         done = stage_dir / ("world.json" if name == "world" else "metrics.json")
-        if done.exists():
+        if done.exists() and name not in ALWAYS_RUN:
             console.print(f"[dim]skip {name}: {done} exists[/]")
             results[name] = json.loads(done.read_text())
             continue
