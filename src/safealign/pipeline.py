@@ -64,11 +64,16 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "round_cm": {"max_steps": 4},
         "round_ppo_lag": {"max_steps": 2},
     },
-    # The RL budget measured in docs/results.md: 60 rollouts of 32 prompts (about 4 CPU-minutes each, tiny preset).
+    # Sized for a 2-core CPU without AVX-512 (docs/results.md has the measured stage times): SFT 2 epochs
+    # (eval loss is flat after epoch 2: the corpus is templated), the cost model 1 epoch (its sign accuracy
+    # saturates first), the reward model the full 2; round 1's RL the budget measured in docs/results.md
+    # (60 rollouts of 32 prompts); the shaping sweep 40 rollouts per ν.
     "default": {
+        "sft": {"num_epochs": 2},
+        "cm": {"num_epochs": 1},
         "ppo_lag": {"max_steps": 60},
         "ppo": {"max_steps": 60},
-        "shaping": {"max_steps": 60},
+        "shaping": {"max_steps": 40},
         # Rounds 2 and 3 must be cheap. Measured on the docs/results.md models (2 shared cores, load ~3):
         # 1,000 new pairs from probing 256 train prompts + the 280 red-team prompts took 61 CPU-seconds; the
         # reward model warm started from round 1's, half an epoch over all 6,905 pairs (108 steps), 134
