@@ -26,6 +26,7 @@ training).
 
     python bench/bench_ppo.py --threads 1                         # tiny and small, fp32
     python bench/bench_ppo.py --preset tiny --steps 10 --repeats 5 --threads 1
+    python bench/bench_ppo.py --preset tiny --critic-layout shared_backbone      # value heads on the actor
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ def run_trial(trial: Trial) -> dict[str, Any]:
 def main() -> None:
     parser = common_args(__doc__.split("\n")[0], steps="tiny=8,small=4", batch_size=PROMPTS, presets="tiny,small")
     parser.set_defaults(warmup=2)
+    parser.add_argument("--critic-layout", default="full", choices=["full", "shared_backbone", "lora"],
+                        help="safealign's critic layout (RLConfig.critic_layout); TRL always has its separate value model.")
     args = parser.parse_args()
     if args.batch_size != PROMPTS:
         raise SystemExit(f"the issue fixes the rollout at {PROMPTS} prompts")
@@ -209,6 +212,7 @@ def main() -> None:
         for preset in presets:
             prepare_models(work, preset, args.seed)
         print(f"machine: {machine_line(args.threads)}")
+        print(f"safealign critic layout: {args.critic_layout}")
         print(f"rollout {PROMPTS} prompts x {NEW_TOKENS} new tokens, 1 PPO epoch in mini-batches of {TRAIN_BATCH}; "
               f"steps {steps} ({args.warmup} warm-up not timed); {args.repeats} interleaved rounds")
         rows = []
@@ -216,7 +220,8 @@ def main() -> None:
             for precision in precisions(args):
                 base = Trial(framework="", preset=preset, precision=precision, steps=steps[preset], warmup=args.warmup,
                              batch_size=PROMPTS, max_length=0, seed=args.seed, work_dir=str(work),
-                             out_dir=str(work / "runs" / f"ppo-{preset}-{precision}"), threads=args.threads)
+                             out_dir=str(work / "runs" / f"ppo-{preset}-{precision}"), threads=args.threads,
+                             options={"config": {"critic_layout": args.critic_layout}})
                 results: dict[str, list[dict]] = {f: [] for f in FRAMEWORKS}
                 for r in range(args.repeats):
                     order = FRAMEWORKS[r % 3:] + FRAMEWORKS[:r % 3]
