@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from safealign.config import ConfigError, load_config
 from safealign.evaluation.report import format_value
@@ -68,7 +69,8 @@ def test_defaults_include_the_rl_stages_and_three_rounds():
 
 def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
     root = tmp_path / "run"
-    cfg = load_config(PipelineConfig, None, {"output_dir": str(root), "profile": "quick", "stages": ALL_STAGES, **TINY})
+    cfg = load_config(PipelineConfig, None, {"output_dir": str(root), "profile": "quick", "stages": ALL_STAGES,
+                                             "round_lambda": "carry", **TINY})
     summary = run(cfg)
 
     for directory in stage_dirs(root):
@@ -100,6 +102,8 @@ def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
     assert (root / "round2" / "ppo_lag" / "model" / "config.json").is_file()
     assert str(root / "ppo_lag" / "model") in (root / "round2" / "ppo_lag" / "config.yaml").read_text()  # from round 1's policy
     assert str(root / "rm" / "model") in (root / "round2" / "rm" / "config.yaml").read_text()  # warm start
+    round2_config = yaml.safe_load((root / "round2" / "ppo_lag" / "config.yaml").read_text())
+    assert round2_config["lambda_init"] == pytest.approx(summary["ppo_lag/lagrange_multiplier"])  # λ carried over
     for key in ("round1/harmful_rate", "round2/harmful_rate", "round2/evaluate/harmful_rate", "round2/threshold",
                 "round2/ppo_lag/lagrange_multiplier", "round2/eval_scores/cost_sign_accuracy", "round2/redteam/pairs"):
         assert key in summary, key

@@ -108,6 +108,9 @@ class PipelineConfig:
         [], help="d of each round's PPO-Lag, round 1 first (it replaces ppo_lag's threshold there); [] = ppo_lag's threshold every round.")
     round_value_models: Literal["previous", "sft"] = config_field(
         "previous", help="Round k's reward/cost models start from round k-1's (cheap: see round_rm) or from the SFT model (the paper's retraining: give round_rm/round_cm num_epochs 2).")
+    round_lambda: Literal["init", "carry"] = config_field(
+        "init", help="λ at the start of round k >= 2: init = ppo_lag's lambda_init again (as separate runs of the paper), "
+                     "carry = round k-1's final λ (the dual continues; measured: more helpful, more harmful, docs/results.md).")
     round_preference_data: list[str] = config_field(
         [], help="Your annotated PKU-format pairs of rounds 2, 3, ... (one file each) instead of sampled pairs labelled by SafeWorld's crowdworkers; required with your own preference_data.")
     sft_data: str = config_field("", help="Your SFT file; empty = SafeWorld's SFT corpus.")
@@ -338,8 +341,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             from safealign.algorithms import ppo_lag as stage
 
             previous, dirs = round_dirs(k - 1), round_dirs(k)
+            carried = {}
+            if cfg.round_lambda == "carry" and "lambda_init" not in cfg.round_ppo_lag:
+                # The dual variable continues where round k-1 left it (round k-1 ends with λ ≈ 0.05 when the
+                # constraint is slack). With λ_0 = 1 instead, the first rollouts of a short later round are
+                # mostly constraint: safer, fewer redirections, less helpful (docs/results.md).
+                carried = {"lambda_init": json.loads((root / previous["ppo_lag"] / "metrics.json").read_text())["lagrange_multiplier"]}
             return stage.run(load_config(stage.PPOLagConfig, None, {
-                **rl_settings("ppo_lag"), **_stage_settings(cfg, "round_ppo_lag"),
+                **rl_settings("ppo_lag"), **_stage_settings(cfg, "round_ppo_lag"), **carried,
                 "actor_model": str(root / previous["ppo_lag"] / "model"),
                 "reward_model": str(root / dirs["rm"] / "model"), "cost_model": str(root / dirs["cm"] / "model"),
                 "prompt_data": str(root / dirs["redteam"] / "rl_prompts.jsonl"), "threshold": round_threshold(cfg, k),

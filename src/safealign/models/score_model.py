@@ -216,7 +216,10 @@ def lora_critic(score_model: ScoreModel, rank: int, alpha: float,
     the critic starts equal to the score model, as a full-copy critic does. The frozen scores are the same
     forward with the adapter disabled: peft then runs the original layers and the original head.
     """
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("critic_layout 'lora' needs peft: pip install 'safealign[peft]' (or pip install peft)") from None
     from transformers.pytorch_utils import Conv1D
 
     backbone = score_model.backbone
