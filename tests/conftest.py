@@ -14,3 +14,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world_backbone(tmp_path_factory) -> Callable[..., dict[str, Path]]:
+    """Factory: a small SafeWorld (no SFT corpus) and an untrained `tiny` backbone (tokenizer trained on the world)
+    saved as a directory. Returns root, backbone, world, train and test (the preference files)."""
+    from safealign.data.safeworld.generate import WorldConfig, generate_world, world_texts, write_world
+    from safealign.models.presets import build_causal_lm
+    from safealign.models.tokenizer import train_tokenizer
+
+    def make(name: str, seed: int, train_pairs: int, test_pairs: int) -> dict[str, Path]:
+        root = tmp_path_factory.mktemp(name)
+        generated = generate_world(WorldConfig(out=str(root / "world"), seed=seed, sft_examples=0,
+                                               train_pairs=train_pairs, test_pairs=test_pairs))
+        write_world(generated, root / "world")
+        tokenizer = train_tokenizer(world_texts(generated), vocab_size=1024)
+        build_causal_lm("tiny", tokenizer).save_pretrained(root / "backbone")
+        tokenizer.save_pretrained(root / "backbone")
+        preferences = root / "world" / "preferences"
+        return {"root": root, "backbone": root / "backbone", "world": root / "world",
+                "train": preferences / "train.jsonl", "test": preferences / "test.jsonl"}
+
+    return make

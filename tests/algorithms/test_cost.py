@@ -14,23 +14,13 @@ from safealign.algorithms.cost import CostConfig, CostStep, cost_gold_metrics, r
 from safealign.algorithms.losses import cost_loss
 from safealign.data.loading import load_preferences
 from safealign.data.safeworld import judge_harm
-from safealign.data.safeworld.generate import WorldConfig, generate_world, world_texts, write_world
-from safealign.models.presets import build_causal_lm
 from safealign.models.score_model import load_score_model
-from safealign.models.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    """A small SafeWorld and an untrained `tiny` backbone (tokenizer trained on the world) saved as a directory."""
-    root = tmp_path_factory.mktemp("cm")
-    generated = generate_world(WorldConfig(out=str(root / "world"), seed=1, sft_examples=0, train_pairs=400, test_pairs=160))
-    write_world(generated, root / "world")
-    tokenizer = train_tokenizer(world_texts(generated), vocab_size=1024)
-    build_causal_lm("tiny", tokenizer).save_pretrained(root / "backbone")
-    tokenizer.save_pretrained(root / "backbone")
-    return {"root": root, "backbone": root / "backbone", "train": root / "world" / "preferences" / "train.jsonl",
-            "test": root / "world" / "preferences" / "test.jsonl"}
+def world(world_backbone) -> dict[str, Path]:
+    """A small SafeWorld and an untrained `tiny` backbone saved as a directory (tests/conftest.py)."""
+    return world_backbone("cm", seed=1, train_pairs=400, test_pairs=160)
 
 
 def config(world, name: str, **overrides) -> CostConfig:

@@ -9,25 +9,20 @@ import pytest
 from typer.testing import CliRunner
 
 from safealign.cli import app
-from safealign.data.safeworld.generate import WorldConfig, generate_world, world_texts, write_world
 from safealign.evaluation.scores import ScoreEvalConfig, run
-from safealign.models.presets import build_causal_lm
 from safealign.models.score_model import build_score_model, save_score_model
-from safealign.models.tokenizer import train_tokenizer
+from safealign.models.tokenizer import load_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("reward_distribution.png", "cost_distribution.png", "reward_vs_cost.png")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(world_backbone) -> dict[str, Path]:
     """A small SafeWorld and untrained reward / cost score models (different random heads) on a `tiny` backbone."""
-    root = tmp_path_factory.mktemp("scores")
-    generated = generate_world(WorldConfig(out=str(root / "world"), seed=2, sft_examples=0, train_pairs=0, test_pairs=120))
-    write_world(generated, root / "world")
-    tokenizer = train_tokenizer(world_texts(generated), vocab_size=1024)
-    build_causal_lm("tiny", tokenizer).save_pretrained(root / "backbone")
-    tokenizer.save_pretrained(root / "backbone")
+    built = world_backbone("scores", seed=2, train_pairs=0, test_pairs=120)
+    root = built["root"]
+    tokenizer = load_tokenizer(root / "backbone")
     for kind, seed in (("reward", 1), ("cost", 2)):
         model = build_score_model(root / "backbone", score_type=kind, tokenizer=tokenizer, seed=seed)
         save_score_model(model, root / kind, tokenizer)
