@@ -93,6 +93,9 @@ def safealign_options(trial: Trial) -> dict[str, Any]:
         gradient_accumulation_steps=1, learning_rate=1e-4, weight_decay=0.0, adam_beta2=0.95, lr_scheduler="linear",
         warmup_ratio=0.0, max_grad_norm=1.0, mixed_precision="bf16" if trial.precision == "bf16" else "no",
         logging_steps=10, eval_steps=-1, save_steps=-1, gradient_checkpointing=False, max_length=trial.max_length,
+        # Plain shuffling, so TRL can be fed the very same batches (`batch_order`); grouping by length is a
+        # data-order choice both sides offer (TRL: train_sampling_strategy="group_by_length").
+        length_group_size=1,
     )
 
 

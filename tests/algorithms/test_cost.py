@@ -58,7 +58,7 @@ def test_cost_step_takes_the_unchosen_response_as_the_less_safe_with_label_signs
 
 
 def test_cost_training_learns_the_safety_sign(world):
-    cfg = config(world, "run", max_steps=30, eval_on_start=True)
+    cfg = config(world, "run", max_steps=40, eval_on_start=True)
     metrics = run(cfg)
     assert metrics["eval_sign_accuracy"] >= 0.8, metrics
     assert metrics["eval_ranking_accuracy"] > metrics["initial_eval_ranking_accuracy"], metrics

@@ -108,6 +108,9 @@ class PairStep(Step):
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         return len(batch["better_response_id"])
 
+    def example_length(self, example: TokenizedPair) -> int:
+        return max(len(ids) for ids in example.input_ids)  # both rows pad to the batch's longest
+
     @staticmethod
     def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """End scores of the 2B rows of `collate_pairs`, as (B, 2): column i = response_i."""

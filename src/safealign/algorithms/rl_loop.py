@@ -629,7 +629,8 @@ def _ptx_micro_batch(cfg: RLConfig, accelerator: Accelerator, examples: list, co
     per_pass = math.ceil(len(examples) / (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes))
     epoch, position = divmod(update, per_pass)
     micro_batches = epoch_batches(len(examples), epoch, cfg.seed, cfg.per_device_train_batch_size,
-                                  cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index, position)
+                                  cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index, position,
+                                  [len(e) for e in examples], cfg.length_group_size)
     batch = collate([examples[i] for i in micro_batches[micro_index]])
     return {k: v.to(accelerator.device) for k, v in batch.items()}
 

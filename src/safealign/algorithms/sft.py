@@ -93,6 +93,9 @@ class SFTStep(Step):
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
+    def example_length(self, example: TokenizedExample) -> int:
+        return len(example)
+
     def _label_logits(self, model, batch) -> torch.Tensor:
         with label_positions_only(model, batch["labels"]):
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[0]  # (N, V)
