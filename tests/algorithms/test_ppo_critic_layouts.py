@@ -17,7 +17,7 @@ from safealign.algorithms.rl_loop import Experience, build_models, prepare_train
 from safealign.data.formatting import tokenize_prompt
 from safealign.data.loading import load_prompts
 from safealign.evaluation.generation import SamplingConfig, generate_tokens
-from safealign.models.actor_critic import ActorCritic, causal_lm
+from safealign.models.actor_critic import ActorCritic, causal_lm, ridge_solution
 from safealign.models.presets import build_causal_lm
 from safealign.models.score_model import load_score_model
 from safealign.models.tokenizer import load_tokenizer
@@ -100,6 +100,36 @@ def test_shared_backbone_is_one_forward_of_the_actor_and_saves_a_plain_policy(ti
     policy = load_file(str(out / "model" / "model.safetensors"))
     assert not any(k.startswith(("lm.", "value_heads")) for k in policy)
     build_causal_lm(str(out / "model"))  # a plain causal LM directory, as `safealign evaluate` reads
+
+
+def test_ridge_solution_recovers_a_linear_map_and_leaves_the_bias_free():
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(200, 5, generator=generator, dtype=torch.float64)  # size = (N, H)
+    features = torch.cat([states, torch.ones(200, 1, dtype=torch.float64)], dim=1)  # size = (N, H + 1)
+    theta = torch.tensor([[1.0, -2.0], [0.5, 0.0], [0.0, 3.0], [-1.0, 1.0], [2.0, 0.25], [-4.0, 7.0]], dtype=torch.float64)
+    targets = features @ theta  # size = (N, 2): two streams, exact linear targets
+    gram, moments = features.T @ features, features.T @ targets
+    torch.testing.assert_close(ridge_solution(gram, moments, 200, ridge=0.0), theta)
+    # A huge penalty shrinks the weights to 0 but not the bias, which becomes the targets' mean.
+    shrunk = ridge_solution(gram, moments, 200, ridge=1e9)
+    assert shrunk[:-1].abs().max() < 1e-6
+    torch.testing.assert_close(shrunk[-1], targets.mean(0), atol=1e-6, rtol=0)
+
+
+def test_shared_backbone_heads_are_fitted_to_the_first_rollouts_end_scores(tiny, tmp_path):
+    """Before the first update the zero heads become a baseline: with a free bias the values' token mean equals the
+    end scores' token mean exactly (normal equation of the bias), per stream, and both fits explain something."""
+    cfg, algorithm, accelerator, models, parts, batch = setup(tiny, tmp_path, "shared_backbone")
+    with torch.no_grad():
+        fit = rl_loop.fit_value_heads(models, algorithm, batch, accelerator)
+        algorithm.make_experience(models, batch)
+    mask = batch["response_mask"].float()  # size = (B, T)
+    for stream in ("reward", "cost"):
+        assert 0.0 < fit[f"{stream}_value_head_fit_r2"] <= 1.0 + 1e-9, fit
+        end = batch[f"scores_{stream}"].unsqueeze(1) * mask  # S at every response token, size = (B, T)
+        assert batch[f"{stream}_values"].abs().max() > 0
+        torch.testing.assert_close((batch[f"{stream}_values"] * mask).sum() / mask.sum(), end.sum() / mask.sum(),
+                                   atol=1e-4, rtol=0)
 
 
 def test_lora_critics_share_the_frozen_weights_which_stay_frozen(tiny, tmp_path):

@@ -28,7 +28,8 @@ Critic layouts (`critic_layout`; peak memory of each: bench/bench_ppo_memory.py)
 - `full` (default, the reference's): each critic a full copy of its score model with its own AdamW;
 - `shared_backbone`: one value head per stream on the actor's backbone (`models.actor_critic`): one forward
   gives log-probs and both streams' values, and one optimizer step minimises L_actor + c·Σ_s L_V^s
-  (c = `value_loss_coeff`), so the value loss also trains the actor's backbone;
+  (c = `value_loss_coeff`), so the value loss also trains the actor's backbone. The heads are fitted by
+  least squares on the first rollout before any update (`fit_value_heads`), so that V starts as a baseline;
 - `lora`: each critic a LoRA adapter + head on its frozen score model (`score_model.lora_critic`); the
   frozen score is the same backbone with the adapter disabled. Checkpoints hold the adapters and heads only.
   The critic starts equal to its score model, as in `full`; a LoRA critic usually wants a larger
@@ -63,7 +64,7 @@ from safealign.data.formatting import tokenize_prompt, tokenize_prompt_response
 from safealign.data.loading import load_prompts, load_sft
 from safealign.evaluation.generation import RolloutBatch, SamplingConfig, decode_responses, generate_tokens
 from safealign.io import atomic_write_json, atomic_write_jsonl
-from safealign.models.actor_critic import ActorCritic, causal_lm
+from safealign.models.actor_critic import ActorCritic, causal_lm, ridge_solution
 from safealign.models.presets import PRESETS, build_causal_lm
 from safealign.models.score_model import ScoreModel, build_score_model, load_score_model, lora_critic
 from safealign.models.tokenizer import load_tokenizer
@@ -239,6 +240,34 @@ def _response_values(scores: torch.Tensor, batch: Experience) -> torch.Tensor:
     """From per-position scores (B, P + T): the ones at the states before each response token, (B, T)."""
     start = batch.prompt_length - 1
     return scores[:, start:start + batch["response_mask"].size(1)]  # size = (B, T)
+
+
+@torch.no_grad()
+def fit_value_heads(models: RLModels, algorithm: "RLAlgorithm", batch: Experience, accelerator: Accelerator) -> dict[str, float]:
+    """shared_backbone: fit the zero-initialised value heads on the first rollout, before any update.
+
+    At step 0 the actor is the reference (KL_t = 0), so the return of every response token is its stream's end
+    score S (γ = 1). Ridge regression of S on the actor's last hidden state at the states before the response
+    tokens (`actor_critic.ridge_solution`, statistics summed over processes: identical heads on every rank).
+    Returns each stream's R² of the fit on this rollout.
+    """
+    actor = accelerator.unwrap_model(models.actor)
+    hidden = actor.lm(batch["sequences"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                      use_cache=False, output_hidden_states=True).hidden_states[-1]  # size = (B, P + T, H)
+    mask = batch["response_mask"].bool()  # size = (B, T)
+    states = _response_values(hidden, batch)[mask].double()  # size = (N, H): the states before the response tokens
+    features = torch.cat([states, torch.ones_like(states[:, :1])], dim=1)  # size = (N, H + 1)
+    ends = algorithm.stream_end_scores({name: end_scores(model, batch) for name, model in models.score_models.items()})
+    streams = list(actor.value_heads)
+    targets = torch.stack([ends[s].double().unsqueeze(1).expand_as(mask)[mask] for s in streams], dim=1)  # size = (N, S)
+    stats = torch.cat([features.T @ features, features.T @ targets], dim=1)  # size = (H + 1, H + 1 + S)
+    count = torch.tensor([float(len(features))], dtype=torch.float64, device=features.device)
+    stats, count = accelerator.reduce(stats, "sum"), accelerator.reduce(count, "sum")
+    solution = ridge_solution(stats[:, :features.size(1)], stats[:, features.size(1):], count.item())  # size = (H + 1, S)
+    actor.set_value_heads(solution, streams)
+    residual = targets - features @ solution  # size = (N, S)
+    total = (targets - targets.mean(0)).pow(2).sum(0).clamp(min=1e-12)
+    return {f"{s}_value_head_fit_r2": (1 - residual[:, k].pow(2).sum() / total[k]).item() for k, s in enumerate(streams)}
 
 
 def end_scores(score_model: ScoreModel, batch: Experience) -> torch.Tensor:
@@ -520,7 +549,9 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
             for critic in critics.values():
                 critic.eval()
             with torch.no_grad():
-                scalars = algorithm.make_experience(models, batch)
+                head_fit = fit_value_heads(models, algorithm, batch, accelerator) \
+                    if step == 0 and cfg.critic_layout == "shared_backbone" else {}  # a resumed run loads fitted heads
+                scalars = {**algorithm.make_experience(models, batch), **head_fit}
             time_experience = time.perf_counter() - tick_experience
 
             tick_update = time.perf_counter()

@@ -6,11 +6,14 @@ token from a linear head on the actor's last hidden state (the one the LM head r
 full score models and their AdamW state; in exchange the value loss also trains the actor's backbone, which
 is why the RL loop weighs it (`value_loss_coeff`) in the one objective L_actor + c·Σ_s L_V^s.
 
-The heads start at zero (weight and bias). The score models' heads are not copied even when their hidden size
-matches: they read another backbone's features (a score model trained from the SFT model has moved away from
-it), so a copy would give arbitrary values, while zero heads give V = 0 (GAE then starts from the plain
-returns) and, since ∂V/∂h = w = 0, send no gradient into the shared backbone until they have learnt
-something: the first updates of the backbone are the policy's alone.
+The heads are created at zero and then fitted, before the first update, by least squares on the first rollout
+(`ridge_solution`, called by the RL loop): at step 0 the actor is the reference, so KL_t = 0 and every response
+token's return is its stream's end score S; the fit gives V(h_t) ≈ E[S | h_t] from the actor's own features.
+Why not leave them at zero: V = 0 is no baseline at all. The cost model scores safe answers around −4, so with
+V^C = 0 every safe response gets a large positive cost-side advantage, and GAE (λ_GAE < 1) hands the early
+tokens of short responses more of it than those of long ones: on SafeWorld the policy collapsed to
+2-token answers within 60 rollouts (docs/results.md). The score models' heads are not copied either: they read
+another backbone's features (a score model trained from the SFT model has moved away from it).
 """
 
 from __future__ import annotations
@@ -67,6 +70,14 @@ class ActorCritic(nn.Module):
         values = {s: head(hidden).squeeze(-1).float() for s, head in self.value_heads.items()}  # each (B, L)
         return ActorCriticOutput(logits=out.logits, values=values)
 
+    @torch.no_grad()
+    def set_value_heads(self, solution: torch.Tensor, streams: list[str]) -> None:
+        """Load head weights and biases from `ridge_solution`'s θ (H + 1, S), column k = streams[k]."""
+        for k, stream in enumerate(streams):
+            head = self.value_heads[stream]
+            head.weight.copy_(solution[:-1, k].to(head.weight.dtype).unsqueeze(0))
+            head.bias.copy_(solution[-1:, k].to(head.bias.dtype))
+
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.lm.gradient_checkpointing_enable(**kwargs)
 
@@ -76,6 +87,21 @@ class ActorCritic(nn.Module):
         if state_dict is not None:
             state_dict = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
         self.lm.save_pretrained(path, state_dict=state_dict, **kwargs)
+
+
+def ridge_solution(gram: torch.Tensor, moments: torch.Tensor, count: float, ridge: float = 1e-3) -> torch.Tensor:
+    """Least squares with an L2 penalty on the weights, not the bias, from sufficient statistics.
+
+    X = [h, 1] (N, H + 1) are the features with a constant column last, Y (N, S) one target per stream:
+        gram = XᵀX (H + 1, H + 1),  moments = XᵀY (H + 1, S),  count = N
+        θ = argmin ‖Xθ − Y‖² + ridge·N·‖θ[:H]‖²  = (XᵀX + ridge·N·D)⁻¹ XᵀY,  D = diag(1, …, 1, 0)
+    Returns θ (H + 1, S): column s holds head s's weight (first H rows) and bias (last row). Float64 inside.
+    Sums over processes of gram and moments give the fit on all of their rows.
+    """
+    size = gram.size(0)
+    penalty = torch.eye(size, dtype=torch.float64, device=gram.device) * (ridge * count)
+    penalty[-1, -1] = 0.0  # the bias is free
+    return torch.linalg.solve(gram.double() + penalty, moments.double())  # size = (H + 1, S)
 
 
 def causal_lm(model: nn.Module) -> nn.Module:

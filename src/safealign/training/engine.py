@@ -78,8 +78,8 @@ class TrainingConfig:
     gradient_checkpointing: bool = config_field(False, help="Recompute activations in the backward pass (less memory, ~30% slower).")
     num_workers: int = config_field(0, help="DataLoader worker processes for collation.")
     length_group_size: int = config_field(
-        8, help="Group training examples of similar length: each run of this many optimizer steps' examples is "
-                "sorted by length before batching (less padding: ~1.4x faster on SafeWorld); 1 = plain shuffling.")
+        1, help="Group examples of similar length: each run of this many optimizer steps' examples is sorted by length "
+                "before batching (less padding); 1 = plain shuffling. Reweights a token-mean loss (SFT) towards short examples.")
 
 
 class Step:
@@ -236,6 +236,11 @@ def group_by_length(perm: list[int], lengths: Sequence[int], global_batch: int, 
     per batch falls (SafeWorld, 32 per batch: 61% → 91% real tokens at group_size 8) while each example is
     still seen once per epoch and which examples meet in a step stays random up to the run. The
     epoch's last, partial batch stays last, so steps keep their `s·G` offsets.
+
+    A loss averaged over items of equal weight (pairs: reward and cost models) is unchanged in expectation.
+    A token-mean loss (SFT) is not: a step of short examples spreads its weight over fewer tokens, so short
+    examples weigh more (SafeWorld SFT, 3 epochs: eval loss 0.213 grouped vs 0.188 plain), hence the
+    SFT default of plain shuffling.
     """
     out: list[int] = []
     span = global_batch * group_size
