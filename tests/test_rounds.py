@@ -206,9 +206,14 @@ def test_your_own_annotations_replace_sampling_and_need_no_world(tiny, tmp_path)
     mine.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     metrics = run(RedTeamConfig(annotations=str(mine), previous_preferences=str(mine), output_dir=str(out),
-                                progress=False))
+                                progress=False, new_pairs_weight=3))
     assert metrics["pairs"] == 3 and metrics["preferences_total"] == 6 and metrics["gathered_prompts"] == 3
-    assert len(load_preferences(out / "preferences.jsonl")) == 6
+    assert len(load_preferences(out / "preferences.jsonl")) == 6  # every pair once
+    # What the round's value models train on: the earlier pairs once, this round's three times.
+    train = [(r.prompt, r.better_response_id) for r in load_preferences(out / "train_preferences.jsonl")]
+    assert train == [(f"question {i}", i % 2) for i in range(3)] * 4
+    with pytest.raises(ConfigError, match="new_pairs_weight"):
+        RedTeamConfig(new_pairs_weight=0)
 
 
 def test_config_rejects_unknown_pools_and_missing_inputs(tiny, tmp_path):

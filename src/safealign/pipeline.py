@@ -297,7 +297,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             if k > 1:
                 if cfg.round_value_models == "previous":
                     init = root / round_dirs(k - 1)[key] / "model"
-                train_data = str(root / round_dirs(k)["preferences"])
+                train_data = str(root / round_dirs(k)["redteam"] / "train_preferences.jsonl")  # new pairs × new_pairs_weight
+                if not Path(train_data).is_file():  # a run directory from before train_preferences.jsonl existed
+                    train_data = str(root / round_dirs(k)["preferences"])
                 settings = {**settings, **_stage_settings(cfg, f"round_{key}")}
             return stage.run(load_config(config_class, None, {
                 "model": str(init), "train_data": train_data, "eval_data": paths["preference_eval_data"],

@@ -31,7 +31,9 @@ again from the round k−1 policy.
    answer (EOS first) is left out (PKU rows need text) and counted.
 4. `preferences_out` (the pipeline's `round{k}/preferences.jsonl`): every pair of `previous_preferences`
    (all earlier rounds) and then the new ones. Contradictory rows (spec §1) are left out there (training
-   would skip them) and counted in metrics.json.
+   would skip them) and counted in metrics.json. train_preferences.jsonl (in output_dir): the same with the
+   new pairs `new_pairs_weight` times, what the round's reward and cost models train on (the policy's own
+   answers are otherwise a thin slice of all pairs so far, and the cost model misses its failure modes).
 5. rl_prompts.jsonl: the base RL prompts plus the gathered ones, the rollout prompts of round k.
 6. config.yaml, and metrics.json last (the pipeline's done-marker).
 
@@ -77,6 +79,9 @@ class RedTeamConfig:
         dict(DEFAULT_PROMPT_MIX), help="Share of the new pairs' prompts per pool: unsafe, redteam, solved, benign (normalised; keep benign > 0 against over-refusal).")
     max_pairs_per_prompt: int = config_field(
         4, help="At most this many pairs per prompt (a pool with few prompts, e.g. a nearly safe policy's unsafe ones, gives its rest to the others); 0 = no cap.")
+    new_pairs_weight: int = config_field(
+        1, help="Copies of this round's new pairs in train_preferences.jsonl (what the round's reward and cost models train on; "
+                "preferences.jsonl keeps each pair once). > 1 oversamples the current policy's own answers, a small share of all pairs so far.")
     max_new_tokens: int = config_field(64, help="Most response tokens per sample (as in the RL rollouts and the evaluation).")
     temperature: float = config_field(1.0, help="Sampling temperature of the probe and of the pairs (1: the policy's own distribution).")
     batch_size: int = config_field(64, help="Rows per generation batch and texts per cost-model forward.")
@@ -90,8 +95,8 @@ class RedTeamConfig:
             raise ConfigError(f"redteam: prompt_mix has unknown pool(s) {sorted(unknown)}; known: {list(POOLS)}")
         if any(share < 0 for share in self.prompt_mix.values()) or not sum(self.prompt_mix.values()) > 0:
             raise ConfigError(f"redteam: prompt_mix shares must be >= 0 with a positive sum, got {self.prompt_mix}")
-        if self.pairs < 0 or self.probe_limit < 0 or self.max_pairs_per_prompt < 0 or self.batch_size < 1:
-            raise ConfigError("redteam: pairs, probe_limit and max_pairs_per_prompt must be >= 0 and batch_size >= 1")
+        if self.pairs < 0 or self.probe_limit < 0 or self.max_pairs_per_prompt < 0 or self.batch_size < 1 or self.new_pairs_weight < 1:
+            raise ConfigError("redteam: pairs, probe_limit and max_pairs_per_prompt must be >= 0, batch_size and new_pairs_weight >= 1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,6 +337,7 @@ def run(cfg: RedTeamConfig) -> dict[str, Any]:
     new, new_dropped = preference_rows(str(out / "pairs.jsonl"))
     preferences_out = Path(cfg.preferences_out or out / "preferences.jsonl")
     atomic_write_jsonl(preferences_out, previous + new)
+    atomic_write_jsonl(out / "train_preferences.jsonl", previous + new * cfg.new_pairs_weight)
     if cfg.rl_prompts:
         rl_rows = {row["prompt"]: row for row in _prompt_rows(cfg.rl_prompts)}
         for row in gathered:

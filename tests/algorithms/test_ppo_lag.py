@@ -184,11 +184,13 @@ def test_sigkill_mid_run_then_resume_latest_gives_the_uninterrupted_result(tiny,
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path):
-    """torchrun, 2 gloo ranks, 2 steps (about 35 s here)."""
+@pytest.mark.parametrize("layout", ["full", "shared_backbone"])
+def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layout):
+    """torchrun, 2 gloo ranks, 2 steps (about 35 s here). shared_backbone also fits its value heads on the
+    statistics of both ranks' first rollouts (a float64 all-reduce)."""
     out = tmp_path / "ddp"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    args = _cli_args(tiny, out, tiny.score_model("cost", 0.7), 2)
+    args = _cli_args(tiny, out, tiny.score_model("cost", 0.7), 2) + ["--critic_layout", layout]
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", *args],
                             env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -202,3 +204,6 @@ def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path):
     assert state["algorithm_state.episode_cost_windows"].shape == (2, 16)
     assert (out / "checkpoints" / "step-2" / "rng_state_rank1.json").is_file()
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
+    if layout == "shared_backbone":
+        actor = load_file(str(out / "checkpoints" / "step-2" / "actor.safetensors"))
+        assert actor["value_heads.cost.weight"].abs().sum() > 0 and actor["value_heads.reward.weight"].abs().sum() > 0

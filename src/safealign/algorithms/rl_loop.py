@@ -136,7 +136,8 @@ class RLConfig(TrainingConfig):
         "auto", help="dtype of the frozen reference and score models; auto = bfloat16 under bf16 mixed precision, else float32.")
     critic_layout: Literal["full", "shared_backbone", "lora"] = config_field(
         "full", help="Where the critics live: full = each a full copy of its score model (the reference's); shared_backbone = "
-                     "a zero-initialised value head per stream on the actor's backbone, trained with the actor in one objective; "
+                     "a value head per stream on the actor's backbone (least-squares fit on the first rollout), trained with the actor "
+                     "in one objective (faster, less memory; worse policies than full on SafeWorld); "
                      "lora = a LoRA adapter + head on its frozen score model (whose score is the same forward, adapter off).")
     value_loss_coeff: float = config_field(
         0.1, help="shared_backbone only: c in the one objective L_actor + c·Σ L_V, which also trains the actor's backbone "

@@ -33,7 +33,8 @@ class ActorCriticOutput:
 
 
 class ActorCritic(nn.Module):
-    """A causal LM (`lm`) and one zero-initialised scalar head per stream (`value_heads`) on its last hidden state.
+    """A causal LM (`lm`) and one scalar head per stream (`value_heads`) on its last hidden state; the heads are
+    created at zero and fitted by the RL loop on its first rollout (`set_value_heads`).
 
     The values are computed when asked (`with_values=True`); otherwise the forward is the LM's (a PTX loss on
     SFT data), so DDP (with `find_unused_parameters`) sees that the heads take no part in that loss.
