@@ -143,3 +143,28 @@ def test_label_position_head_falls_back_when_the_head_is_not_the_output_embeddin
     assert step.label_positions_only is False
     reference = sft_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"], torch.tensor(12))
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_length_grouped_sft_weighs_every_label_token_alike():
+    """With `mean_label_tokens` (grouped batches) items are examples and a step's loss is its token NLL sum over
+    examples × mean tokens: a short-example batch no longer gives its tokens more weight than a long one."""
+    model, batch = _tiny_lm("llama"), _label_batch()  # rows with 5, 2 and 5 label tokens
+    plain, grouped = SFTStep(), SFTStep(mean_label_tokens=4.0)
+    assert plain.count_items(batch) == 12 and grouped.count_items(batch) == 3
+    token_sum = sft_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"], 1)
+    plain_loss, _ = plain.loss(model, batch, torch.tensor(12))
+    grouped_loss, _ = grouped.loss(model, batch, torch.tensor(3))
+    assert plain_loss.item() == pytest.approx(token_sum.item() / 12, rel=1e-5)
+    assert grouped_loss.item() == pytest.approx(token_sum.item() / (3 * 4.0), rel=1e-5)
+    # Accumulation stays exact: the step's examples (here 6: this batch twice) set the normaliser.
+    half, _ = grouped.loss(model, batch, torch.tensor(6))
+    assert 2 * half.item() == pytest.approx(grouped_loss.item(), rel=1e-5)
+
+
+def test_sft_with_length_grouping_learns(tmp_path):
+    data = write_arithmetic(tmp_path / "train.jsonl", n=320)
+    cfg = SFTConfig(train_data=str(data), output_dir=str(tmp_path / "run"), mixed_precision="no", num_epochs=4,
+                    per_device_train_batch_size=16, eval_on_start=True, logging_steps=5, eval_fraction=0.1,
+                    length_group_size=4)
+    metrics = run(cfg)
+    assert metrics["eval_loss"] < 0.7 * metrics["initial_eval_loss"], metrics

@@ -79,7 +79,7 @@ class TrainingConfig:
     num_workers: int = config_field(0, help="DataLoader worker processes for collation.")
     length_group_size: int = config_field(
         1, help="Group examples of similar length: each run of this many optimizer steps' examples is sorted by length "
-                "before batching (less padding); 1 = plain shuffling. Reweights a token-mean loss (SFT) towards short examples.")
+                "before batching (less padding); 1 = plain shuffling (SFT's default: grouped batches of one length are of one kind of answer).")
 
 
 class Step:
@@ -237,10 +237,11 @@ def group_by_length(perm: list[int], lengths: Sequence[int], global_batch: int, 
     still seen once per epoch and which examples meet in a step stays random up to the run. The
     epoch's last, partial batch stays last, so steps keep their `s·G` offsets.
 
-    A loss averaged over items of equal weight (pairs: reward and cost models) is unchanged in expectation.
-    A token-mean loss (SFT) is not: a step of short examples spreads its weight over fewer tokens, so short
-    examples weigh more (SafeWorld SFT, 3 epochs: eval loss 0.213 grouped vs 0.188 plain), hence the
-    SFT default of plain shuffling.
+    A loss averaged over items of equal weight (pairs: reward and cost models) is unchanged in expectation
+    (SafeWorld: same gold accuracy, 1.4-1.5x faster). SFT keeps plain shuffling by default: grouped, its
+    token-mean loss gave the tokens of short-example steps more weight (eval loss 0.213 vs 0.188 plain; `SFTStep`
+    now corrects the weights: 0.203), and batches of one length are also batches of one kind of answer on
+    SafeWorld (refusals are short): the grouped SFT policy was less helpful (1.85 vs 2.22) in 139 vs 203 s.
     """
     out: list[int] = []
     span = global_batch * group_size
