@@ -113,6 +113,7 @@ class RLConfig(TrainingConfig):
     eval_steps: int = config_field(0, help="Unused by the RL stages (evaluate the saved actor with `safealign evaluate`).")
     eval_on_start: bool = config_field(False, help="Unused by the RL stages.")
     num_workers: int = config_field(0, help="Unused by the RL stages.")
+    length_group_size: int = config_field(1, help="Unused by the RL stages (PTX batches are shuffled plainly).")
     per_device_prompt_batch_size: int = config_field(
         32, help="Prompts per rollout on each process (32: the rollout of the SafeWorld results in docs/results.md and of the benchmark).")
     samples_per_prompt: int = config_field(1, help="Responses sampled per prompt (rows per rollout = prompts × this).")
@@ -661,8 +662,7 @@ def _ptx_micro_batch(cfg: RLConfig, accelerator: Accelerator, examples: list, co
     per_pass = math.ceil(len(examples) / (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes))
     epoch, position = divmod(update, per_pass)
     micro_batches = epoch_batches(len(examples), epoch, cfg.seed, cfg.per_device_train_batch_size,
-                                  cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index, position,
-                                  [len(e) for e in examples], cfg.length_group_size)
+                                  cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index, position)
     batch = collate([examples[i] for i in micro_batches[micro_index]])
     return {k: v.to(accelerator.device) for k, v in batch.items()}
 
