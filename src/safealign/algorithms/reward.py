@@ -232,7 +232,7 @@ class RewardConfig(PreferenceModelConfig):
 
     output_dir: str = config_field("runs/rm", help="Run directory: config.yaml, logs/, checkpoints/, model/ (a reward score model), metrics.json.")
     num_epochs: float = config_field(2.0, help="Passes over the training pairs (fractions allowed); ignored when max_steps > 0.")
-    learning_rate: float = config_field(1e-3, help="Peak learning rate of AdamW (1e-3 for the tiny preset; ~1e-5 for a pretrained model).")
+    learning_rate: float = config_field(5e-4, help="Peak learning rate of AdamW (5e-4 for the tiny preset: gold agreement 85.7/86.6% over two seeds on SafeWorld vs 82.2% at 1e-3, 78.4% at 2e-3; ~1e-5 for a pretrained model).")
 
 
 class RewardStep(PairStep):
