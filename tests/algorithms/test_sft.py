@@ -161,10 +161,24 @@ def test_length_grouped_sft_weighs_every_label_token_alike():
     assert 2 * half.item() == pytest.approx(grouped_loss.item(), rel=1e-5)
 
 
-def test_sft_with_length_grouping_learns(tmp_path):
+def test_sft_with_length_grouping_weighs_tokens_by_the_training_sets_mean_and_learns(tmp_path, monkeypatch):
+    import safealign.algorithms.sft as sft_module
+
+    steps = []
+
+    class RecordingStep(SFTStep):
+        def __init__(self, mean_label_tokens=None):
+            super().__init__(mean_label_tokens)
+            steps.append(self)
+
+    monkeypatch.setattr(sft_module, "SFTStep", RecordingStep)
     data = write_arithmetic(tmp_path / "train.jsonl", n=320)
-    cfg = SFTConfig(train_data=str(data), output_dir=str(tmp_path / "run"), mixed_precision="no", num_epochs=4,
-                    per_device_train_batch_size=16, eval_on_start=True, logging_steps=5, eval_fraction=0.1,
-                    length_group_size=4)
-    metrics = run(cfg)
+    common = dict(train_data=str(data), mixed_precision="no", per_device_train_batch_size=16, logging_steps=5,
+                  eval_fraction=0.1)
+    run(SFTConfig(output_dir=str(tmp_path / "plain"), max_steps=1, **common))
+    metrics = run(SFTConfig(output_dir=str(tmp_path / "run"), num_epochs=4, eval_on_start=True, length_group_size=4,
+                            **common))
+    assert steps[0].mean_label_tokens is None  # plain shuffling: the step's own token count
+    # Grouped: the mean label tokens per training example ("7" or "13" + EOS: 2 or 3 with this tokenizer).
+    assert steps[1].mean_label_tokens is not None and 1.0 < steps[1].mean_label_tokens < 4.0
     assert metrics["eval_loss"] < 0.7 * metrics["initial_eval_loss"], metrics

@@ -386,7 +386,10 @@ def train(
     if cfg.length_group_size > 1:
         lengths = [step.example_length(example) for example in train_dataset]
         if any(length is None for length in lengths):
-            lengths = None  # this step cannot tell lengths: plain shuffling
+            lengths = None
+            if accelerator.is_main_process:
+                console.print(f"[yellow]warning:[/] length_group_size={cfg.length_group_size}: {type(step).__name__} "
+                              "does not tell example lengths (Step.example_length); shuffling plainly")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     num_parameters = sum(p.numel() for p in model.parameters())
