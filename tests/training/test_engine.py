@@ -41,19 +41,24 @@ def _grad_norms(out: Path) -> list[float]:
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     data = write_mixed_lengths(tmp_path / "train.jsonl")
     runs = {}
-    for name, batch, accumulation in [("big", 16, 1), ("accumulated", 8, 2)]:
+    # "accumulated" sorts each step's examples by length before cutting its micro-batches (the default),
+    # "unsorted" cuts them in shuffled order: both must compute the big batch's update.
+    for name, batch, accumulation, sort in [("big", 16, 1, True), ("accumulated", 8, 2, True), ("unsorted", 4, 4, False)]:
         cfg = SFTConfig(train_data=str(data), output_dir=str(tmp_path / name), mixed_precision="no", max_steps=2,
+                        sort_within_step=sort,
                         per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, warmup_ratio=0.0,
                         lr_scheduler="constant", logging_steps=1, eval_fraction=0.0, save_steps=1, max_grad_norm=0.0,
                         adam_epsilon=1e-6)  # bounds how much Adam amplifies rounding noise on ~0 gradients
         metrics = run(cfg)
         runs[name] = (metrics, load_file(str(tmp_path / name / "model" / "model.safetensors")), _grad_norms(tmp_path / name))
-    (big_metrics, big, big_norms), (acc_metrics, accumulated, acc_norms) = runs["big"], runs["accumulated"]
-    # The gradient norm is sensitive to the normaliser (per-micro-batch means would change it).
-    assert acc_norms == pytest.approx(big_norms, rel=1e-5) and len(big_norms) == 2
-    assert acc_metrics["train_loss"] == pytest.approx(big_metrics["train_loss"], rel=1e-6)
-    for name, tensor in big.items():
-        torch.testing.assert_close(accumulated[name], tensor, atol=1e-6, rtol=0)
+    big_metrics, big, big_norms = runs["big"]
+    for variant in ("accumulated", "unsorted"):
+        acc_metrics, accumulated, acc_norms = runs[variant]
+        # The gradient norm is sensitive to the normaliser (per-micro-batch means would change it).
+        assert acc_norms == pytest.approx(big_norms, rel=1e-5) and len(big_norms) == 2
+        assert acc_metrics["train_loss"] == pytest.approx(big_metrics["train_loss"], rel=1e-6)
+        for name, tensor in big.items():
+            torch.testing.assert_close(accumulated[name], tensor, atol=1e-6, rtol=0)
 
 
 def test_epoch_batches_partition_each_epoch_and_differ_between_epochs():
@@ -100,6 +105,34 @@ def test_length_grouped_epoch_keeps_the_partition_and_cuts_padding():
     assert any(step_max[k] < step_max[k + 1] for k in range(11) if k % 4 != 3)
 
 
+def test_sorting_within_a_step_keeps_each_step_and_cuts_padding():
+    n, batch, accumulation, processes = 203, 4, 4, 2  # global batch 32: 7 steps, the last one wraps round
+    lengths = [int(x) for x in torch.randint(5, 100, (n,), generator=torch.Generator().manual_seed(1))]
+    def epoch(sort: bool, start: int = 0) -> list[list[list[int]]]:
+        return [epoch_batches(n, 0, seed=5, batch_size=batch, accumulation=accumulation, num_processes=processes,
+                              process_index=r, start_step=start, lengths=lengths, sort_within_step=sort)
+                for r in range(processes)]
+    def steps(ranks: list[list[list[int]]]) -> list[list[int]]:
+        return [[i for m in range(accumulation) for rank in ranks for i in rank[s * accumulation + m]]
+                for s in range(len(ranks[0]) // accumulation)]
+    def padded_tokens(ranks) -> int:
+        return sum(len(micro) * max(lengths[i] for i in micro) for rank in ranks for micro in rank)
+
+    plain, sorted_ = epoch(False), epoch(True)
+    assert plain == [epoch_batches(n, 0, 5, batch, accumulation, processes, r) for r in range(processes)]
+    # Every step holds the same examples as with plain shuffling: only their micro-batches change.
+    assert [sorted(step) for step in steps(sorted_)] == [sorted(step) for step in steps(plain)]
+    # Micro-batch m of rank r is slice m·P + r of the step sorted longest first.
+    for s, step in enumerate(steps(sorted_)):
+        ordered = sorted(step, key=lambda i: -lengths[i])
+        for m in range(accumulation):
+            for r in range(processes):
+                offset = (m * processes + r) * batch
+                assert [lengths[i] for i in sorted_[r][s * accumulation + m]] == [lengths[i] for i in ordered[offset:offset + batch]]
+    assert padded_tokens(sorted_) < 0.8 * padded_tokens(plain)
+    assert epoch(True, start=3) == [rank[3 * accumulation:] for rank in sorted_]  # resume: the exact tail
+
+
 def test_optimizer_and_rng_state_round_trip_without_pickle(tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
@@ -139,7 +172,7 @@ def test_two_processes_train_save_once_and_equal_one_process_with_their_joint_ba
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", "sft", "--train_data", str(data),
          "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "4",
-         "--logging_steps", "1", "--mixed_precision", "'no'", "--adam_epsilon", "1e-6", "--eval_fraction", "0.1"],
+         "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--mixed_precision", "'no'", "--adam_epsilon", "1e-6", "--eval_fraction", "0.1"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -151,9 +184,10 @@ def test_two_processes_train_save_once_and_equal_one_process_with_their_joint_ba
     assert (out / "checkpoints" / "step-4" / "rng_state_rank1.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert (out / "model" / "model.safetensors").is_file()
-    # Two processes x 4 = one process x 8: the loss is normalised by the label tokens of both processes.
+    # Two processes x 4 = one process x 8: the loss is normalised by the label tokens of both processes (each
+    # step's 8 examples are sorted by length before the ranks take their halves: the same update).
     single = SFTConfig(train_data=str(data), output_dir=str(tmp_path / "single"), max_steps=4, save_steps=-1,
-                       per_device_train_batch_size=8, logging_steps=1, mixed_precision="no", adam_epsilon=1e-6, eval_fraction=0.1)
+                       per_device_train_batch_size=8, gradient_accumulation_steps=1, logging_steps=1, mixed_precision="no", adam_epsilon=1e-6, eval_fraction=0.1)
     single_metrics = run(single)
     assert single_metrics["train_loss"] == pytest.approx(metrics["train_loss"], rel=1e-5)
     # Evaluation is sharded over the processes (the padded repeats dropped): the same 6 examples' loss.

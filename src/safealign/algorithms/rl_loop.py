@@ -114,6 +114,7 @@ class RLConfig(TrainingConfig):
     eval_on_start: bool = config_field(False, help="Unused by the RL stages.")
     num_workers: int = config_field(0, help="Unused by the RL stages.")
     length_group_size: int = config_field(1, help="Unused by the RL stages (PTX batches are shuffled plainly).")
+    sort_within_step: bool = config_field(False, help="Unused by the RL stages (PTX micro-batches are not sorted by length).")
     per_device_prompt_batch_size: int = config_field(
         32, help="Prompts per rollout on each process (32: the rollout of the SafeWorld results in docs/results.md and of the benchmark).")
     samples_per_prompt: int = config_field(1, help="Responses sampled per prompt (rows per rollout = prompts × this).")

@@ -34,7 +34,11 @@ class SFTConfig(TrainingConfig):
 
     output_dir: str = config_field("runs/sft", help="Run directory: config.yaml, logs/, checkpoints/, model/, metrics.json.")
     learning_rate: float = config_field(1e-3, help="Peak learning rate of AdamW (1e-3 for a tiny model from scratch; ~2e-5 for a pretrained one).")
-    per_device_train_batch_size: int = config_field(32, help="Examples per micro-batch on each process.")
+    # A step of 32 examples as 2 micro-batches of 16 sorted by length (`sort_within_step`): the same update as one
+    # batch of 32 on 12% less time (SafeWorld, 3 epochs: 182 s vs 206 s, eval loss 0.1874 vs 0.1877). More
+    # micro-batches pad less but pay ~20 ms of fixed cost each on the tiny model (4 × 8: 187 s).
+    per_device_train_batch_size: int = config_field(16, help="Examples per micro-batch on each process.")
+    gradient_accumulation_steps: int = config_field(2, help="Micro-batches per optimizer step (same result as one batch that many times larger).")
     model: str = config_field("tiny", help="A preset (tiny, small: built from scratch) or a Hugging Face model directory.")
     tokenizer: str = config_field("", help="Tokenizer directory; '' = the model directory's, or for a preset a byte-level BPE trained on train_data.")
     vocab_size: int = config_field(2048, help="Vocabulary of the BPE trained for a preset.")

@@ -80,6 +80,9 @@ class TrainingConfig:
     length_group_size: int = config_field(
         1, help="Group examples of similar length: each run of this many optimizer steps' examples is sorted by length "
                 "before batching (less padding); 1 = plain shuffling (SFT's default: grouped batches of one length are of one kind of answer).")
+    sort_within_step: bool = config_field(
+        True, help="Sort each optimizer step's examples by length before cutting them into micro-batches (less padding when "
+                   "gradient_accumulation_steps > 1 or under several processes; the step's examples, hence its gradient, are unchanged).")
 
 
 class Step:
@@ -206,12 +209,18 @@ def make_optimizer(cfg: TrainingConfig, model: torch.nn.Module) -> torch.optim.A
 
 def epoch_batches(num_examples: int, epoch: int, seed: int, batch_size: int, accumulation: int,
                   num_processes: int, process_index: int, start_step: int = 0,
-                  lengths: Sequence[int] | None = None, length_group_size: int = 1) -> list[list[int]]:
+                  lengths: Sequence[int] | None = None, length_group_size: int = 1,
+                  sort_within_step: bool = False) -> list[list[int]]:
     """This process's micro-batches (example indices) for the optimizer steps `start_step..` of `epoch`.
 
     Step s uses perm[s·G : (s+1)·G] (indices wrap round), G = batch_size × accumulation × num_processes;
-    micro-batch m of process r is the slice at offset (m·num_processes + r)·batch_size. With `lengths`
-    and `length_group_size` > 1, perm is first grouped by length (`group_by_length`).
+    micro-batch m of process r is the slice at offset (m·num_processes + r)·batch_size of the step's
+    examples. With `lengths`:
+    - `length_group_size` > 1 first groups perm by length across steps (`group_by_length`);
+    - `sort_within_step` sorts each step's examples by length (longest first) before slicing, so every
+      micro-batch holds neighbours in length and pads little. The step's set of examples, and with it the
+      gradient of a loss that sums over items (`Step.loss`), is the same as without sorting: a batch of
+      32 run as 4 sorted micro-batches of 8 computes the same update on fewer padded tokens.
     """
     generator = torch.Generator().manual_seed(seed + epoch)
     perm = torch.randperm(num_examples, generator=generator).tolist()
@@ -221,9 +230,12 @@ def epoch_batches(num_examples: int, epoch: int, seed: int, batch_size: int, acc
     steps = math.ceil(num_examples / global_batch)
     batches = []
     for s in range(start_step, steps):
+        examples = [perm[(s * global_batch + i) % num_examples] for i in range(global_batch)]
+        if lengths is not None and sort_within_step:
+            examples.sort(key=lambda i: -lengths[i])  # stable: deterministic on ties
         for m in range(accumulation):
-            offset = s * global_batch + (m * num_processes + process_index) * batch_size
-            batches.append([perm[(offset + i) % num_examples] for i in range(batch_size)])
+            offset = (m * num_processes + process_index) * batch_size
+            batches.append(examples[offset:offset + batch_size])
     return batches
 
 
@@ -383,11 +395,12 @@ def train(
     if cfg.length_group_size < 1:
         raise ConfigError(f"length_group_size must be >= 1, got {cfg.length_group_size}")
     lengths = None
-    if cfg.length_group_size > 1:
+    sort_within_step = cfg.sort_within_step and accumulation * num_processes > 1
+    if cfg.length_group_size > 1 or sort_within_step:
         lengths = [step.example_length(example) for example in train_dataset]
         if any(length is None for length in lengths):
             lengths = None
-            if accelerator.is_main_process:
+            if accelerator.is_main_process and cfg.length_group_size > 1:
                 console.print(f"[yellow]warning:[/] length_group_size={cfg.length_group_size}: {type(step).__name__} "
                               "does not tell example lengths (Step.example_length); shuffling plainly")
     if cfg.gradient_checkpointing:
@@ -446,7 +459,7 @@ def train(
                 train_dataset, collate_fn=collate_fn, num_workers=cfg.num_workers,
                 batch_sampler=epoch_batches(state.num_train_examples, epoch, cfg.seed, cfg.per_device_train_batch_size,
                                             accumulation, num_processes, accelerator.process_index, first,
-                                            lengths, cfg.length_group_size),
+                                            lengths, cfg.length_group_size, sort_within_step),
                 generator=torch.Generator().manual_seed(cfg.seed + epoch),  # never draw from the global RNG
             )
             micro_batches = iter(loader)
