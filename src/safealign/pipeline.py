@@ -476,7 +476,8 @@ HEADLINE = {
     "ppo": ["kl", "reward"],
 }
 # The policy table: one row per evaluated policy, gold-judged on the test prompts.
-POLICY_METRICS = ["harmful_rate", "helpfulness_benign", "helpfulness_harmful", "over_refusal", "redirection_share"]
+POLICY_METRICS = ["harmful_rate", "harmful_rate_low", "harmful_rate_high", "helpfulness_benign", "helpfulness_harmful",
+                  "over_refusal", "redirection_share"]  # _low/_high: the 95% Wilson interval of the harmful rate
 # round{k}/<metric> in metrics.json: the same names for round 1 (evaluate_ppo_lag, ppo_lag) and later rounds.
 ROUND_HEADLINE = {"evaluate": ["harmful_rate", "helpfulness_benign", "over_refusal", "redirection_share"],
                   "ppo_lag": ["lagrange_multiplier", "episode_cost"]}

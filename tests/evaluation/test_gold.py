@@ -10,7 +10,7 @@ import pytest
 
 from safealign.config import ConfigError, load_config
 from safealign.evaluation import gold
-from safealign.evaluation.gold import GoldEvalConfig, distinct_n, judge_samples, summarise_judgements
+from safealign.evaluation.gold import GoldEvalConfig, distinct_n, judge_samples, summarise_judgements, wilson_interval
 
 
 @dataclass
@@ -83,6 +83,8 @@ def test_summarise_judgements_on_hand_counted_rows():
     assert m["helpfulness_benign"] == pytest.approx((4 + 1) / 2)
     assert m["helpfulness_harmful"] == pytest.approx((2 + 2 + 3 + 3) / 4)
     assert m["over_refusal"] == pytest.approx(1 / 3)
+    assert (m["harmful_rate_low"], m["harmful_rate_high"]) == wilson_interval(2, 4)
+    assert (m["over_refusal_low"], m["over_refusal_high"]) == wilson_interval(1, 3)
     assert m["refusal_rate_benign"] == pytest.approx(1 / 2)
     assert m["refusal_rate_harmful"] == pytest.approx(1 / 4)
     assert m["redirection_rate_harmful"] == pytest.approx(1 / 4)
@@ -96,8 +98,22 @@ def test_summarise_judgements_on_hand_counted_rows():
 def test_summarise_judgements_gives_none_for_empty_denominators():
     m = summarise_judgements([row("benign", "here are the steps")])
     assert m["harmful_rate"] is None and m["over_refusal"] is None and m["redirection_share"] is None
+    assert m["harmful_rate_low"] is None and m["over_refusal_high"] is None
     assert m["mean_response_tokens"] is None and m["truncated_rate"] is None  # no counts given
     assert m["harmful_rate_all"] == 0.0 and not any(k.startswith("harmful_rate/") for k in m)
+
+
+def test_wilson_interval_on_known_values():
+    # The interval is the pair of roots p of (p − p̂)² = z²·p(1 − p)/n; these were solved as that quadratic.
+    assert wilson_interval(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6)
+    assert wilson_interval(10, 10) == pytest.approx((0.722467, 1.0), abs=1e-6)
+    assert wilson_interval(18, 210) == pytest.approx((0.054905, 0.131408), abs=1e-6)
+    assert wilson_interval(0, 0) == (None, None)
+    low, high = wilson_interval(18, 210)
+    assert low < 18 / 210 < high
+    narrow = wilson_interval(180, 2100)  # ten times the prompts: about sqrt(10) narrower
+    assert (high - low) / (narrow[1] - narrow[0]) == pytest.approx(10 ** 0.5, rel=0.05)
 
 
 def test_real_safeworld_judges_fit_the_interface():

@@ -248,6 +248,10 @@ def per_round_figure(rows: list[dict[str, Any]]) -> bytes:
                                        ("over_refusal", "over-refusal (borderline)"))):
         values = [math.nan if r[key] is None else r[key] for r in rows]
         ax.plot(rounds, values, marker="o")
+        if all(r.get(f"{key}_low") is not None and r.get(f"{key}_high") is not None for r in rows):
+            ax.fill_between(rounds, [r[f"{key}_low"] for r in rows], [r[f"{key}_high"] for r in rows], alpha=0.2,
+                            label="95% interval")
+            ax.legend(fontsize=7)
         ax.set_xticks(sorted(set(rounds)))
         ax.set_xlabel("round (0 = SFT)")
         ax.set_title(title)
@@ -371,9 +375,11 @@ def _about(run: Run, notes: list[str]) -> Section:
 
 
 POLICY_COLUMNS = [("harmful_rate", "harmful rate (harmful prompts)", "pct"),
+                  ("harmful_rate_low", "95% low", "pct"), ("harmful_rate_high", "95% high", "pct"),
                   ("helpfulness_benign", "helpfulness (benign)", "num"),
                   ("helpfulness_harmful", "helpfulness (harmful)", "num"),
                   ("over_refusal", "over-refusal (borderline)", "pct"),
+                  ("over_refusal_low", "95% low", "pct"), ("over_refusal_high", "95% high", "pct"),
                   ("redirection_share", "redirections / (redirections + refusals)", "pct"),
                   ("distinct_1", "distinct-1", "num"), ("distinct_2", "distinct-2", "num"),
                   ("mean_response_tokens", "mean tokens", "num"), ("num_prompts", "prompts", "int")]
@@ -392,7 +398,9 @@ def _policies(run: Run) -> Section:
         "Each policy answered the evaluation prompts once (sampled). Harmful rate: share of harmful prompts "
         "answered unsafely; helpfulness: the gold judge's score; over-refusal: share of borderline (benign but "
         "harmful-looking) prompts refused; redirection share: on harmful prompts, safe redirections among "
-        "redirections and bare refusals; distinct-n: unique word n-grams over all n-grams (low = mode collapse).")
+        "redirections and bare refusals; distinct-n: unique word n-grams over all n-grams (low = mode collapse). "
+        "95% low / high: the Wilson score interval of the rate before them, the sampling noise of one response per "
+        "prompt: two policies whose intervals overlap widely are not shown to differ.")
     columns = [c for c in POLICY_COLUMNS if any(p.metrics.get(c[0]) is not None for p in evaluated)]
     section.blocks.append(TableBlock("Gold judges" if run.safeworld else "Responses (no gold judges)", [
         Column("policy"), Column("kind")] + [Column(title, style) for _, title, style in columns],
@@ -468,11 +476,12 @@ def _harm(run: Run) -> Section:
     baseline = next(iter(run.of_kind("sft")), None)
     rounds = ([(0, baseline)] if baseline else []) + sorted(
         ((p.entry.round or 1, p) for p in run.of_kind("safe_rlhf")), key=lambda rp: rp[0])
-    keys = ("harmful_rate", "helpfulness_benign", "over_refusal", "redirection_share")
+    keys = ("harmful_rate", "harmful_rate_low", "harmful_rate_high", "helpfulness_benign", "over_refusal", "redirection_share")
     if len(rounds) >= 1:
         rows = [{"round": r, "policy": p.name, **{k: p.metrics.get(k) for k in keys}} for r, p in rounds]
         section.blocks.append(TableBlock("Per round (round 0 = SFT; round k = Safe RLHF after k rounds)", [
-            Column("round", "int"), Column("policy"), Column("harmful rate", "pct"), Column("helpfulness (benign)", "num"),
+            Column("round", "int"), Column("policy"), Column("harmful rate", "pct"), Column("95% low", "pct"),
+            Column("95% high", "pct"), Column("helpfulness (benign)", "num"),
             Column("over-refusal", "pct"), Column("redirection share", "pct")],
             [[r["round"], r["policy"]] + [r[k] for k in keys] for r in rows]))
         if len(rows) >= 2:
