@@ -215,6 +215,11 @@ def test_report_numbers_are_the_stages_numbers(full):
     row = next(r for r in policies["rows"] if r[0] == "sft")
     assert row[columns.index("harmful rate (harmful prompts)")] == sft_metrics["harmful_rate"] == 0.5
     assert row[columns.index("distinct-2")] == sft_metrics["distinct_2"]
+    # The 95% interval follows its rate: the first pair of "95% low/high" columns is the harmful rate's.
+    low = columns.index("95% low")
+    assert columns[low - 1] == "harmful rate (harmful prompts)" and columns[low + 1] == "95% high"
+    assert row[low:low + 2] == [sft_metrics["harmful_rate_low"], sft_metrics["harmful_rate_high"]]
+    assert row[low] < 0.5 < row[low + 1]
 
     comparison = json.loads((root / "eval" / "compare" / "comparison.json").read_text())
     elo = table(report, "Elo, SafeWorld gold")
@@ -227,6 +232,7 @@ def test_report_numbers_are_the_stages_numbers(full):
     rounds = table(report, "Per round")
     assert [r[:2] for r in rounds["rows"]] == [[0, "sft"], [1, "safe_rlhf_r1"], [2, "safe_rlhf_r2"]]
     assert [r[2] for r in rounds["rows"]] == [0.5, 0.2, 0.0]  # harmful rate falls round over round
+    assert all(r[3] <= r[2] <= r[4] for r in rounds["rows"])  # each round's 95% interval holds its rate
     curves = table(report, "Last logged value")
     lam = next(r for r in curves["rows"] if r[0] == "safe_rlhf_r2")
     assert lam[1] == 5 and lam[2] == pytest.approx(0.5 + 2.4)  # step 5 of λ's synthetic curve
