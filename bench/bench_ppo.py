@@ -70,6 +70,10 @@ class PhaseClock:
 
     @staticmethod
     def now() -> tuple[float, float]:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # CUDA runs asynchronously: stamp a phase boundary once its kernels are done
         return time.perf_counter(), time.process_time()
 
     def wrap_generation(self, fn):
@@ -103,6 +107,12 @@ class PhaseClock:
             result[prefix + "experience"] = sum(self.updating[i][clock] - self.generated[i][clock] for i in steps)
             result[prefix + "update"] = sum(self.starts[i + 1][clock] - self.updating[i][clock] for i in steps)
         return result
+
+
+def phases(row: dict[str, Any], prefix: str) -> str:
+    """Seconds per step in generation / experience / update: CPU time on a CPU (steadier on a shared machine),
+    wall time on a GPU (where the CPU mostly waits for kernels)."""
+    return " / ".join(f"{row[prefix + phase]:.2f}" for phase in ("generation", "experience", "update"))
 
 
 def prepare_models(work: Path, preset: str, seed: int) -> None:
@@ -249,18 +259,22 @@ def main() -> None:
                                     for k in ("seconds", "cpu_seconds", "generation", "experience", "update",
                                               "cpu_generation", "cpu_experience", "cpu_update")},
                                  "peak_rss_mib": statistics.median(x["peak_rss_mib"] for x in runs),
-                                 "growth_mib": statistics.median(x["peak_rss_mib"] - x["rss_before_mib"] for x in runs)})
+                                 "growth_mib": statistics.median(x["peak_rss_mib"] - x["rss_before_mib"] for x in runs),
+                                 "peak_cuda_mib": (statistics.median(x["peak_cuda_mib"] for x in runs)
+                                                   if all("peak_cuda_mib" in x for x in runs) else None)})
         print("\nPPO step: samples/s over steady-state steps (medians); speed ratios vs TRL PPO (> 1: faster), "
               "medians of per-round ratios, by wall time and by CPU time\n")
-        print("| preset | precision | framework | samples/s | s/step | CPU s/step | CPU s: generation / experience / update "
-              "| peak RSS MiB | RSS growth MiB | speed vs TRL PPO (wall) | (CPU) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        cuda = all(row["peak_cuda_mib"] is not None for row in rows)
+        print("| preset | precision | framework | samples/s | s/step | CPU s/step | "
+              + ("wall" if cuda else "CPU") + " s: generation / experience / update | peak RSS MiB | RSS growth MiB | speed vs TRL PPO (wall) | (CPU) |" + (" peak CUDA MiB |" if cuda else ""))
+        print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
         for row in rows:
             ratio = f"**{row['ratio']:.2f}×**" if row["ratio"] is not None else ""
             cpu_ratio = f"{row['cpu_ratio']:.2f}×" if row["cpu_ratio"] is not None else ""
             print(f"| {row['preset']} | {row['precision']} | {row['framework']} | {PROMPTS / row['seconds']:.2f} "
-                  f"| {row['seconds']:.3f} | {row['cpu_seconds']:.3f} | {row['cpu_generation']:.2f} / {row['cpu_experience']:.2f} "
-                  f"/ {row['cpu_update']:.2f} | {row['peak_rss_mib']:,.0f} | {row['growth_mib']:,.0f} | {ratio} | {cpu_ratio} |")
+                  f"| {row['seconds']:.3f} | {row['cpu_seconds']:.3f} | {phases(row, 'cpu_' if not cuda else '')} "
+                  f"| {row['peak_rss_mib']:,.0f} | {row['growth_mib']:,.0f} | {ratio} | {cpu_ratio} |"
+                  + (f" {row['peak_cuda_mib']:,.0f} |" if cuda else ""))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,10 @@ def worker_main(run_trial: Callable[[Trial], dict[str, Any]]) -> None:
         torch.set_num_threads(trial.threads)
     result = run_trial(trial)
     result["peak_rss_mib"] = peak_rss_mib()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # on a GPU the memory that counts is the device's
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 

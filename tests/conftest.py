@@ -21,6 +21,13 @@ from typing import Callable  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def two_ranks_env() -> dict[str, str]:
+    """Environment for a two-rank torchrun test: the ranks run on the CPU (gloo) unless there are two GPUs.
+    On a one-GPU machine both ranks would take cuda:0, which NCCL refuses ("Duplicate GPU detected")."""
+    return {} if torch.cuda.device_count() >= 2 else {"CUDA_VISIBLE_DEVICES": ""}
+
+
 @pytest.fixture(scope="session")
 def world_backbone(tmp_path_factory) -> Callable[..., dict[str, Path]]:
     """Factory: a small SafeWorld (no SFT corpus) and an untrained `tiny` backbone (tokenizer trained on the world)

@@ -11,7 +11,7 @@ from safealign.cli import app
 ROW = {"prompt": "How?", "response_0": "Like this.", "response_1": "No.", "better_response_id": 0,
        "safer_response_id": 1, "is_response_0_safe": False, "is_response_1_safe": True}
 CONTRADICTORY = {**ROW, "safer_response_id": 0}
-ENV = {"COLUMNS": "400"}  # rich wraps error messages to the terminal width
+ENV = {"COLUMNS": "60"}  # a narrow terminal: error messages must still keep each path on one line
 
 
 def _write(path, rows):
@@ -37,11 +37,13 @@ def test_validate_strict_fails_on_contradictory_labels(tmp_path):
 
 
 def test_validate_reports_a_bad_row_without_a_traceback(tmp_path):
-    path = _write(tmp_path / "pairs.jsonl", [ROW, {**ROW, "is_response_1_safe": "yes"}])
+    folder = tmp_path / ("a_long_folder_name_" * 6)  # longer than any terminal line: rich would fold it mid-word
+    folder.mkdir()
+    path = _write(folder / "pairs.jsonl", [ROW, {**ROW, "is_response_1_safe": "yes"}])
     result = CliRunner().invoke(app, ["data", "validate", str(path)], env=ENV)
     assert result.exit_code != 0
-    output = " ".join(result.output.split())
-    assert f"{path}: row 2: field 'is_response_1_safe': expected true or false" in output
+    output = result.output
+    assert f"{path}: row 2: field 'is_response_1_safe': expected true or false" in output  # unbroken, as printed
     assert "Traceback" not in output
     assert isinstance(result.exception, SystemExit)  # a clean exit, not an uncaught error
 

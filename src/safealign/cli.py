@@ -14,22 +14,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
 from safealign.config import ConfigError, describe_config, load_config
+from safealign.console import stderr_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 world_app = typer.Typer(no_args_is_help=True, help="SafeWorld, the embedded simulated world.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate data files.")
 app.add_typer(world_app, name="world")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+console = stderr_console()
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _user_error(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: never break a long path or row reference across lines (copy-paste, grep)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 

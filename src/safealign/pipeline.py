@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from rich.console import Console
 from rich.table import Table
 
 from safealign.config import ConfigError, config_field, load_config, save_config
+from safealign.console import stderr_console
 from safealign.io import atomic_write_json
 
-console = Console(stderr=True)
+console = stderr_console()
 
 # Profiles set sizes only; every value can still be overridden in the YAML or on the command line.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {

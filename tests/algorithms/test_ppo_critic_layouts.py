@@ -138,7 +138,7 @@ def test_lora_critics_share_the_frozen_weights_which_stay_frozen(tiny, tmp_path)
     trained = [p for p in critic.parameters() if p.requires_grad]
     assert 0 < sum(p.numel() for p in trained) < 0.1 * sum(p.numel() for p in critic.parameters())
     assert all(p.dtype == torch.float32 for p in trained)
-    reward_model = load_score_model(tiny.reward_model).eval()
+    reward_model = load_score_model(tiny.reward_model).eval().to(batch["sequences"].device)
     with torch.no_grad():
         before = rl_loop.end_scores(models.score_models["reward"], batch)
         torch.testing.assert_close(before, rl_loop.end_scores(reward_model, batch), atol=1e-6, rtol=0)

@@ -185,14 +185,14 @@ def test_sigkill_mid_run_then_resume_latest_gives_the_uninterrupted_result(tiny,
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 @pytest.mark.parametrize("layout", ["full", "shared_backbone"])
-def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layout):
+def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layout, two_ranks_env):
     """torchrun, 2 gloo ranks, 2 steps (about 35 s here). shared_backbone also fits its value heads on the
     statistics of both ranks' first rollouts (a float64 all-reduce)."""
     out = tmp_path / "ddp"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     args = _cli_args(tiny, out, tiny.score_model("cost", 0.7), 2) + ["--critic_layout", layout]
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", *args],
-                            env=_env(), capture_output=True, text=True, timeout=600)
+                            env={**_env(), **two_ranks_env}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [[json.loads(line) for line in (out / f"lagrange_multiplier_rank{r}.jsonl").read_text().splitlines()]
              for r in (0, 1)]

@@ -257,3 +257,11 @@ def test_sampler_top_p_keeps_the_nucleus():
 def test_sampling_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cpu_generator_samples_the_same_tokens_for_a_cuda_model():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    on_cpu = sample_next_token(logits, SamplingConfig(top_k=10), torch.Generator().manual_seed(1))
+    on_cuda = sample_next_token(logits.cuda(), SamplingConfig(top_k=10), torch.Generator().manual_seed(1))
+    assert on_cuda.device.type == "cuda" and torch.equal(on_cuda.cpu(), on_cpu)

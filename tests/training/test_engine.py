@@ -57,8 +57,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         # The gradient norm is sensitive to the normaliser (per-micro-batch means would change it).
         assert acc_norms == pytest.approx(big_norms, rel=1e-5) and len(big_norms) == 2
         assert acc_metrics["train_loss"] == pytest.approx(big_metrics["train_loss"], rel=1e-6)
+        # On a GPU the micro-batches' sums are reduced in another order: seen 2e-6 on one weight of an H100.
+        atol = 1e-5 if torch.cuda.is_available() else 1e-6
         for name, tensor in big.items():
-            torch.testing.assert_close(accumulated[name], tensor, atol=1e-6, rtol=0)
+            torch.testing.assert_close(accumulated[name], tensor, atol=atol, rtol=0)
 
 
 def test_epoch_batches_partition_each_epoch_and_differ_between_epochs():
@@ -163,11 +165,12 @@ def test_mixed_precision_auto_resolves_to_what_the_hardware_runs():
 @pytest.mark.slow  # ~25 s of CPU: two interpreters start, then a one-process run to compare with
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-def test_two_processes_train_save_once_and_equal_one_process_with_their_joint_batch(tmp_path):
+def test_two_processes_train_save_once_and_equal_one_process_with_their_joint_batch(tmp_path, two_ranks_env):
     data = write_mixed_lengths(tmp_path / "train.jsonl", n=64)
     out = tmp_path / "run"
     src = str(Path(safealign.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+           **two_ranks_env}
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", "sft", "--train_data", str(data),

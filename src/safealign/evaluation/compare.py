@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from safealign.config import ConfigError, config_field, load_config, save_config
@@ -51,9 +50,10 @@ from safealign.evaluation.pairwise import (
     gold_judge,
     win_rate_matrix,
 )
+from safealign.console import stderr_console
 from safealign.io import atomic_write_json
 
-console = Console(stderr=True)
+console = stderr_console()
 
 AXES = ("helpfulness", "harmlessness")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a model name is a directory name under output_dir

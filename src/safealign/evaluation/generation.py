@@ -30,6 +30,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safealign.config import config_field
+from safealign.console import stderr_console
 from safealign.data.formatting import tokenize_prompt
 
 
@@ -121,6 +122,10 @@ def sample_next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torc
         drop = drop_sorted.scatter(-1, sorted_index, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)  # size = (B, V)
+    if generator is not None and generator.device != probs.device:
+        # A generator on another device (a CPU one with a CUDA model) draws where it lives: the same tokens on
+        # any device, at the cost of a (B, V) copy per token. Pass a generator on the model's device to avoid it.
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
@@ -134,7 +139,8 @@ def generate_tokens(
 ) -> RolloutBatch:
     """Sample `cfg.num_samples` responses per tokenised prompt (one left-padded batch, KV cache).
 
-    `generator` (on the model's device) makes sampling reproducible; None uses the global RNG.
+    `generator` makes sampling reproducible (best on the model's device; a CPU one also works); None uses the
+    global RNG.
     The model is put in eval mode for the loop and given back in the mode it came in.
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
@@ -235,11 +241,10 @@ def generate_samples(
 
     starts = range(0, len(order), prompts_per_batch)
     if progress:
-        from rich.console import Console
         from rich.progress import track
 
         starts = track(starts, description="generating", total=len(starts), transient=True,
-                       console=Console(stderr=True))  # stdout stays clean for the CLI's metrics
+                       console=stderr_console())  # stdout stays clean for the CLI's metrics
     for start in starts:
         chunk = order[start:start + prompts_per_batch]
         batch = generate_tokens(model, tokenizer, [prompt_ids[i] for i in chunk], cfg, generator)

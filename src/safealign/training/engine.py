@@ -29,13 +29,13 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, send_to_device, set_seed
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from safealign.config import ConfigError, config_field, save_config
+from safealign.console import stderr_console
 from safealign.io import atomic_path, atomic_write_json
 from safealign.training.checkpoint import (
     checkpoint_dir,
@@ -45,7 +45,7 @@ from safealign.training.checkpoint import (
     save_checkpoint,
 )
 
-console = Console(stderr=True)  # stdout is the CLI's (it prints the metrics JSON)
+console = stderr_console()  # stdout is the CLI's (it prints the metrics JSON)
 
 
 @dataclass
