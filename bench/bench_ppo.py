@@ -265,8 +265,9 @@ def main() -> None:
         print("\nPPO step: samples/s over steady-state steps (medians); speed ratios vs TRL PPO (> 1: faster), "
               "medians of per-round ratios, by wall time and by CPU time\n")
         cuda = all(row["peak_cuda_mib"] is not None for row in rows)
-        print("| preset | precision | framework | samples/s | s/step | CPU s/step | "
-              + ("wall" if cuda else "CPU") + " s: generation / experience / update | peak RSS MiB | RSS growth MiB | speed vs TRL PPO (wall) | (CPU) |" + (" peak CUDA MiB |" if cuda else ""))
+        phase_clock = "wall" if cuda else "CPU"
+        print(f"| preset | precision | framework | samples/s | s/step | CPU s/step | {phase_clock} s: generation / experience "
+              "/ update | peak RSS MiB | RSS growth MiB | speed vs TRL PPO (wall) | (CPU) |" + (" peak CUDA MiB |" if cuda else ""))
         print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
         for row in rows:
             ratio = f"**{row['ratio']:.2f}×**" if row["ratio"] is not None else ""
