@@ -14,5 +14,5 @@ LOG_WIDTH = 160
 def stderr_console() -> Console:
     console = Console(stderr=True)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(stderr=True, width=LOG_WIDTH)
+        console.width = LOG_WIDTH
     return console

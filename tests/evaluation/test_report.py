@@ -233,6 +233,11 @@ def test_report_numbers_are_the_stages_numbers(full):
     assert [r[:2] for r in rounds["rows"]] == [[0, "sft"], [1, "safe_rlhf_r1"], [2, "safe_rlhf_r2"]]
     assert [r[2] for r in rounds["rows"]] == [0.5, 0.2, 0.0]  # harmful rate falls round over round
     assert all(r[3] <= r[2] <= r[4] for r in rounds["rows"])  # each round's 95% interval holds its rate
+    names = [c["name"] for c in rounds["columns"]]
+    refusal = names.index("over-refusal")
+    assert names[refusal + 1:refusal + 3] == ["95% low", "95% high"]  # the rows the per-round figure bands
+    assert all(None not in r[refusal:refusal + 3] and r[refusal + 1] <= r[refusal] <= r[refusal + 2]
+               for r in rounds["rows"])
     curves = table(report, "Last logged value")
     lam = next(r for r in curves["rows"] if r[0] == "safe_rlhf_r2")
     assert lam[1] == 5 and lam[2] == pytest.approx(0.5 + 2.4)  # step 5 of λ's synthetic curve

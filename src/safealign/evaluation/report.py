@@ -476,13 +476,15 @@ def _harm(run: Run) -> Section:
     baseline = next(iter(run.of_kind("sft")), None)
     rounds = ([(0, baseline)] if baseline else []) + sorted(
         ((p.entry.round or 1, p) for p in run.of_kind("safe_rlhf")), key=lambda rp: rp[0])
-    keys = ("harmful_rate", "harmful_rate_low", "harmful_rate_high", "helpfulness_benign", "over_refusal", "redirection_share")
+    keys = ("harmful_rate", "harmful_rate_low", "harmful_rate_high", "helpfulness_benign", "over_refusal",
+            "over_refusal_low", "over_refusal_high", "redirection_share")  # per_round_figure bands both rates
     if len(rounds) >= 1:
         rows = [{"round": r, "policy": p.name, **{k: p.metrics.get(k) for k in keys}} for r, p in rounds]
         section.blocks.append(TableBlock("Per round (round 0 = SFT; round k = Safe RLHF after k rounds)", [
             Column("round", "int"), Column("policy"), Column("harmful rate", "pct"), Column("95% low", "pct"),
             Column("95% high", "pct"), Column("helpfulness (benign)", "num"),
-            Column("over-refusal", "pct"), Column("redirection share", "pct")],
+            Column("over-refusal", "pct"), Column("95% low", "pct"), Column("95% high", "pct"),
+            Column("redirection share", "pct")],
             [[r["round"], r["policy"]] + [r[k] for k in keys] for r in rows]))
         if len(rows) >= 2:
             section.blocks.append(FigureBlock("per_round.png", "Harmful rate, helpfulness and over-refusal per round",
