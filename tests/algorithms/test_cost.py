@@ -94,3 +94,37 @@ def test_cost_gold_metrics_compare_signs_with_the_gold_harm_judge(world):
     assert perfect["annotator_gold_sign_accuracy"] == pytest.approx(sum(labels_agree) / len(labels_agree))
     assert cost_gold_metrics(records, [(0.5, 0.5)] * len(records))["gold_sign_accuracy"] == pytest.approx(
         sum(u for pair in gold_unsafe for u in pair) / (2 * len(records)))
+
+
+def test_spliced_pairs_teach_the_cost_model_that_harm_inside_safe_text_is_unsafe(world):
+    """Same steps and seed, with and without spliced training pairs: on held-out spliced responses (a safe
+    answer with a sentence of an unsafe one inside), the spliced model scores more of them unsafe, and its
+    held-out sign accuracy on ordinary pairs stays high. The held-out pairs are never spliced."""
+    from safealign.algorithms.reward import score_texts
+    from safealign.data.augment import splice_unsafe_pairs
+    from safealign.models.tokenizer import load_tokenizer
+
+    plain = run(config(world, "plain", max_steps=60))
+    spliced = run(config(world, "spliced", max_steps=60, splice_fraction=1.0))
+    assert plain["added_train_pairs"] == 0 < spliced["added_train_pairs"]
+    assert spliced["train_pairs"] == plain["train_pairs"] + spliced["added_train_pairs"]
+    assert spliced["eval_pairs"] == plain["eval_pairs"]
+    assert spliced["eval_sign_accuracy"] >= 0.8, spliced
+
+    held_out = [r for r in splice_unsafe_pairs(load_preferences(world["test"]).records, 1.0, seed=7)
+                if not judge_harm(r.prompt, r.response_1).is_safe]  # gold-unsafe spliced answers only
+    assert len(held_out) >= 20
+    tokenizer = load_tokenizer(world["backbone"])
+    flagged = {}
+    for name in ("plain", "spliced"):
+        model = load_score_model(world["root"] / name / "model")
+        costs = score_texts(model, tokenizer, [r.prompt for r in held_out], [r.response_1 for r in held_out], 256)
+        flagged[name] = sum(c > 0 for c in costs) / len(costs)
+    assert flagged["spliced"] >= flagged["plain"] + 0.1, flagged  # measured: 0.51 vs 0.32 (37 answers)
+
+
+def test_splice_fraction_out_of_range_is_a_config_error(world):
+    from safealign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="splice_fraction"):
+        run(config(world, "bad", max_steps=1, splice_fraction=2.0))

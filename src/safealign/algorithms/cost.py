@@ -7,6 +7,12 @@ one; s(y) = +1 if y is labelled unsafe, −1 if safe (`is_response_*_safe`). **C
 `variant="classifier"` keeps only the sign terms: the paper's ablation of a cost model that classifies
 instead of also ranking (`losses.cost_loss(use_pairwise=False)`).
 
+`splice_fraction` > 0 adds spliced pairs to the training set (`data/augment.py`): a safe response with one
+sentence of its pair's unsafe response inserted, labelled unsafe. Not in the paper, so off by default (the
+pipeline too: `--cm "{splice_fraction: 1.0}"`). Without it the policy learns to hide harmful fragments inside
+refusals, which the cost model scores as safe; with it, over eight seeds, fewer unsafe answers got through but
+more borderline prompts were refused (docs/results.md).
+
 Pairs, batching (both responses in one forward), the loop and the saved score model are shared with the
 reward model (`reward.py`). Gold metrics on SafeWorld: `gold_sign_accuracy`, the fraction of held-out
 responses whose cost sign matches the gold `judge_harm(...).is_safe`, next to its label-noise ceiling
@@ -23,7 +29,8 @@ import torch
 
 from safealign.algorithms.losses import cost_loss, safety_sign
 from safealign.algorithms.reward import PairStep, PreferenceModelConfig, pick, train_preference_model
-from safealign.config import config_field
+from safealign.config import ConfigError, config_field
+from safealign.data.augment import splice_unsafe_pairs
 from safealign.data.schema import PreferenceRecord
 
 
@@ -36,6 +43,10 @@ class CostConfig(PreferenceModelConfig):
     learning_rate: float = config_field(1e-3, help="Peak learning rate of AdamW (1e-3 for the tiny preset; ~1e-5 for a pretrained model).")
     variant: Literal["preference", "classifier"] = config_field(
         "preference", help="preference = ranking + sign terms (Safe RLHF); classifier = sign terms only (the paper's ablation).")
+    splice_fraction: float = config_field(
+        0.0, help="Share of the training pairs with one safe and one unsafe response that also give a spliced pair: the safe "
+                  "response with a sentence of the unsafe one inserted, labelled unsafe (data/augment.py; not in the paper). "
+                  "0 = off (default); 1 = every such pair (docs/results.md: fewer unsafe answers, more borderline refusals).")
 
 
 class CostStep(PairStep):
@@ -101,5 +112,8 @@ def cost_gold_metrics(records: Sequence[PreferenceRecord], scores: Sequence[tupl
 
 def run(cfg: CostConfig) -> dict[str, Any]:
     """Train the cost model; returns flat metrics (eval_ranking_accuracy, eval_sign_accuracy, gold_sign_accuracy, ...)."""
+    if not 0.0 <= cfg.splice_fraction <= 1.0:
+        raise ConfigError(f"cm: splice_fraction must be in [0, 1], got {cfg.splice_fraction}")
     step = CostStep(cfg.l2_coeff, use_pairwise=cfg.variant == "preference")
-    return train_preference_model(cfg, "cost", step, cost_gold_metrics)
+    spliced = (lambda records: splice_unsafe_pairs(records, cfg.splice_fraction, cfg.seed)) if cfg.splice_fraction > 0 else None
+    return train_preference_model(cfg, "cost", step, cost_gold_metrics, extra_train_pairs=spliced)

@@ -171,11 +171,14 @@ def train_preference_model(
     score_type: ScoreType,
     step: PairStep,
     gold_metrics: Callable[[list[PreferenceRecord], list[tuple[float, float]]], dict[str, float]],
+    extra_train_pairs: Callable[[list[PreferenceRecord]], list[PreferenceRecord]] | None = None,
 ) -> dict[str, Any]:
     """Train a reward or cost model with `step` on cfg's pairs; returns (and writes) the flat metrics.
 
-    After the shared loop, the saved model (`output_dir/model`, a score model) scores the held-out pairs
-    once more for `gold_metrics` when they are SafeWorld's; data counts are added as well.
+    `extra_train_pairs(train_records)` adds pairs to the training set only (the cost model's spliced pairs);
+    the held-out pairs stay as given. After the shared loop, the saved model (`output_dir/model`, a score
+    model) scores the held-out pairs once more for `gold_metrics` when they are SafeWorld's; data counts are
+    added as well.
     """
     stage = "rm" if score_type == "reward" else "cm"
     if not cfg.train_data:
@@ -184,6 +187,8 @@ def train_preference_model(
         raise ConfigError(f"{stage}: l2_coeff must be >= 0, got {cfg.l2_coeff}")
     _require_backbone(cfg.model)
     train_set, eval_set, train_records, eval_records = _load_splits(cfg)
+    added = extra_train_pairs(train_records) if extra_train_pairs is not None else []
+    train_records = train_records + added
     tokenizer = _tokenizer(cfg, train_records)
     model = build_score_model(cfg.model, score_type=score_type, tokenizer=tokenizer, seed=cfg.seed)
     collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
@@ -192,7 +197,7 @@ def train_preference_model(
 
     from accelerate import PartialState
 
-    metrics.update(train_pairs=len(train_records), eval_pairs=len(eval_records),
+    metrics.update(train_pairs=len(train_records), eval_pairs=len(eval_records), added_train_pairs=len(added),
                    contradictory_train_skipped=train_set.num_contradictory_skipped,
                    contradictory_eval_skipped=eval_set.num_contradictory_skipped if eval_set else 0)
     if PartialState().is_main_process:
