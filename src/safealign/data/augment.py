@@ -52,8 +52,10 @@ def splice_unsafe_pairs(records: Sequence[PreferenceRecord], fraction: float, se
         unsafe_sentences = split_sentences(record.response(1 - safe))
         if not safe_sentences or not unsafe_sentences:
             continue
-        inserted = unsafe_sentences[rng.randrange(1, len(unsafe_sentences))] if len(unsafe_sentences) > 1 \
-            else unsafe_sentences[0]
+        if len(unsafe_sentences) > 1:  # never u's own opener ("Sure, here is how."): it is not the harm
+            inserted = unsafe_sentences[rng.randrange(1, len(unsafe_sentences))]
+        else:
+            inserted = unsafe_sentences[0]
         position = rng.randint(1, len(safe_sentences))
         text = " ".join(safe_sentences[:position] + [inserted] + safe_sentences[position:])
         spliced.append(replace(
