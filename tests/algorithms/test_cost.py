@@ -24,9 +24,9 @@ def world(world_backbone) -> dict[str, Path]:
 
 
 def config(world, name: str, **overrides) -> CostConfig:
+    settings = dict(per_device_train_batch_size=16, logging_steps=5, save_steps=-1, mixed_precision="no") | overrides
     return CostConfig(model=str(world["backbone"]), train_data=str(world["train"]), eval_data=str(world["test"]),
-                      output_dir=str(world["root"] / name), per_device_train_batch_size=16, logging_steps=5,
-                      save_steps=-1, mixed_precision="no", **overrides)
+                      output_dir=str(world["root"] / name), **settings)
 
 
 class FixedScores(torch.nn.Module):
@@ -104,8 +104,9 @@ def test_spliced_pairs_teach_the_cost_model_that_harm_inside_safe_text_is_unsafe
     from safealign.data.augment import splice_unsafe_pairs
     from safealign.models.tokenizer import load_tokenizer
 
-    plain = run(config(world, "plain", max_steps=60))
-    spliced = run(config(world, "spliced", max_steps=60, splice_fraction=1.0))
+    plain = run(config(world, "plain", max_steps=40, eval_steps=-1, per_device_train_batch_size=8))
+    spliced = run(config(world, "spliced", max_steps=40, eval_steps=-1, per_device_train_batch_size=8,
+                             splice_fraction=1.0))
     assert plain["added_train_pairs"] == 0 < spliced["added_train_pairs"]
     assert spliced["train_pairs"] == plain["train_pairs"] + spliced["added_train_pairs"]
     assert spliced["eval_pairs"] == plain["eval_pairs"]
@@ -120,7 +121,7 @@ def test_spliced_pairs_teach_the_cost_model_that_harm_inside_safe_text_is_unsafe
         model = load_score_model(world["root"] / name / "model")
         costs = score_texts(model, tokenizer, [r.prompt for r in held_out], [r.response_1 for r in held_out], 256)
         flagged[name] = sum(c > 0 for c in costs) / len(costs)
-    assert flagged["spliced"] >= flagged["plain"] + 0.1, flagged  # measured: 0.51 vs 0.32 (37 answers)
+    assert flagged["spliced"] >= flagged["plain"] + 0.25, flagged  # measured: 0.49 vs 0.08 of 37 answers
 
 
 def test_splice_fraction_out_of_range_is_a_config_error(world):
