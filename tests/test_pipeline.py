@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from safealign.config import ConfigError, load_config
+from safealign.evaluation.aggregate import AggregateConfig, aggregate
 from safealign.evaluation.report import format_value
 from safealign.pipeline import PipelineConfig, expand_stages, run
 
@@ -136,6 +137,13 @@ def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
                 shown = format_value(value, column["style"])
                 assert html.escape(shown) in page and shown.replace("|", "\\|") in markdown, (block["title"], column["name"])
     assert "simulation" in page.lower()
+
+    # The summary over runs reads a real run directory: one run's means are that run's numbers.
+    seeds = aggregate(AggregateConfig(run_dirs=[str(root)], output_dir=str(tmp_path / "summary")))
+    for entry in manifest["policies"]:
+        gold = json.loads((root / entry["eval_dir"] / "metrics.json").read_text())
+        assert seeds["policies"][entry["name"]]["harmful_rate"]["mean"] == pytest.approx(gold["harmful_rate"])
+    assert seeds["rounds"]["rounds"] == [0, 1, 2] and seeds["claims"]["ppo_more_harmful"]["runs"] == 1
 
     before = done_files(root)
     again = run(cfg)

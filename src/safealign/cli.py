@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from safealign.config import ConfigError, describe_config, load_config
+from safealign.config import ConfigError, StageFailed, describe_config, load_config
 from safealign.console import stderr_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -44,7 +44,7 @@ def _run_stage(module: str, config_class: str, config: Optional[Path], args: lis
         if fixed:
             cfg = type(cfg)(**{**cfg.__dict__, **{k: v for k, v in fixed.items() if v is not None}})
         metrics = stage.run(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, StageFailed) as err:
         _user_error(str(err))
     if metrics is not None:
         print(json.dumps(metrics, indent=2, default=str))
@@ -82,6 +82,10 @@ _stage_command("redteam", "safealign.rounds", "RedTeamConfig",
 _stage_command("report", "safealign.evaluation.report", "ReportConfig",
                "Render a run directory as report.html (self-contained), report.md and report.json.")
 _stage_command("pipeline", "safealign.pipeline", "PipelineConfig", "The main job: SafeWorld -> SFT -> reward + cost models -> Safe RLHF and baselines -> evaluation, in one run directory.")
+_stage_command("seeds", "safealign.seeds", "SeedsConfig",
+               "The pipeline once per seed (--seeds \"[0, 1, 2]\", --jobs at once), then the summary over the runs (seeds.html).")
+_stage_command("aggregate", "safealign.evaluation.aggregate", "AggregateConfig",
+               "Summarise finished pipeline runs (e.g. one per seed): claims counted over runs, numbers as mean ± std (seeds.html).")
 
 
 @world_app.command("generate", context_settings=EXTRA_ARGS)

@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the stage's config dataclass."""
 
 
+class StageFailed(RuntimeError):
+    """A stage ran but could not finish (e.g. one of several pipeline processes); the message says where to look."""
+
+
 def config_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
     """A dataclass field with a one-line `help` (shown by `--help` and in the docs)."""
     if isinstance(default, (list, dict, set)):

@@ -84,6 +84,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "round_ppo_lag": {"max_steps": 20},
     },
 }
+STAGES = ("world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "ppo", "evaluate_ppo",
+          "shaping", "evaluate_shaping", "compare", "report")  # and `rounds`: round{k}/<ROUND_STEPS> for k >= 2
 ALWAYS_RUN = {"compare", "report"}  # cheap summaries of the whole run directory: re-done so they see every policy
 PROFILE_ROUNDS = {"quick": 2, "default": 3}  # Safe RLHF rounds when `rounds` is 0 (the paper ran 3)
 ROUND_STEPS = ("redteam", "rm", "cm", "eval_scores", "ppo_lag", "evaluate")  # the stages of round k >= 2, in order
@@ -198,9 +200,19 @@ def _check_rounds(cfg: PipelineConfig, stages: list[str]) -> None:
             f"{rounds - 1} needed, {len(cfg.round_preference_data)} given), or set rounds: 1")
 
 
-def run(cfg: PipelineConfig) -> dict[str, Any]:
+def check_config(cfg: PipelineConfig) -> list[str]:
+    """The stages cfg runs (`rounds` expanded); a ConfigError before anything runs when the settings cannot work."""
     stages = expand_stages(cfg)
     _check_rounds(cfg, stages)
+    known = list(STAGES) + [round_stage(k, step) for k in range(2, num_rounds(cfg) + 1) for step in ROUND_STEPS]
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        raise ConfigError(f"unknown pipeline stage(s) {unknown}; known: {known + ['rounds']}")
+    return stages
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    stages = check_config(cfg)
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
@@ -398,10 +410,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             round_stage(k, "ppo_lag"): (round_ppo_lag(k), root / dirs["ppo_lag"]),
             round_stage(k, "evaluate"): (lambda policy=policy, out=root / dirs["eval"]: gold_eval(policy, out), root / dirs["eval"]),
         })
-    unknown = [s for s in stages if s not in stage_fns]
-    if unknown:
-        raise ValueError(f"unknown pipeline stage(s) {unknown}; known: {list(stage_fns) + ['rounds']}")
-
     def write_manifest() -> None:
         atomic_write_json(root / "policies.json", policies_manifest(cfg, root, set(stages)))
 

@@ -127,7 +127,7 @@ class Policy:
         return self.entry.name
 
 
-def _read_json(path: Path) -> Any:
+def read_json_or_none(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, json.JSONDecodeError):
@@ -185,12 +185,12 @@ def read_run(root: Path) -> tuple[Run, list[str]]:
     policies = []
     for entry in manifest.policies:
         eval_dir = root / entry.eval_dir
-        metrics = _read_json(eval_dir / "metrics.json")
+        metrics = read_json_or_none(eval_dir / "metrics.json")
         samples = eval_dir / "samples.jsonl" if (eval_dir / "samples.jsonl").is_file() else None
         if metrics is None:
             notes.append(f"Policy {entry.name}: not evaluated yet ({entry.eval_dir}/metrics.json missing): left out of the tables.")
         policies.append(Policy(entry, metrics, samples))
-    comparison = _read_json(root / COMPARISON)
+    comparison = read_json_or_none(root / COMPARISON)
     safeworld = (root / "world").is_dir() or any((p.metrics or {}).get("harmful_rate") is not None for p in policies)
     return Run(root, manifest, policies, comparison, safeworld), notes
 
@@ -198,7 +198,7 @@ def read_run(root: Path) -> tuple[Run, list[str]]:
 # --------------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------------
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,8 +207,8 @@ def _plt():
     return plt
 
 
-def _png(fig) -> bytes:
-    plt = _plt()
+def figure_png(fig) -> bytes:
+    plt = pyplot()
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
@@ -222,7 +222,7 @@ def _label(policy: Policy) -> str:
 
 def elo_plane_figure(elo: dict[str, dict[str, dict[str, float]]], baseline: str, judge: str) -> bytes:
     """Helpfulness Elo (x) vs harmlessness Elo (y) per model with bootstrap intervals, as the paper's figure."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 5.0))
     helpful, harmless = elo["helpfulness"], elo["harmlessness"]
     for name in helpful:
@@ -236,11 +236,11 @@ def elo_plane_figure(elo: dict[str, dict[str, dict[str, float]]], baseline: str,
     ax.set_ylabel("harmlessness Elo")
     ax.set_title(f"Elo plane ({judge} judge; {baseline} = 1000)")
     ax.legend(fontsize=7)  # models at one point overlap their labels; the colours still tell them apart
-    return _png(fig)
+    return figure_png(fig)
 
 
 def per_round_figure(rows: list[dict[str, Any]]) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.4))
     rounds = [r["round"] for r in rows]
     for ax, (key, title) in zip(axes, (("harmful_rate", "harmful rate (harmful prompts)"),
@@ -255,12 +255,12 @@ def per_round_figure(rows: list[dict[str, Any]]) -> bytes:
         ax.set_xticks(sorted(set(rounds)))
         ax.set_xlabel("round (0 = SFT)")
         ax.set_title(title)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def category_figure(categories: list[str], policies: list[str], values: list[list[float | None]]) -> bytes:
     """Heatmap: harmful rate per harm category (rows) and policy (columns)."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     grid = np.array([[math.nan if v is None else v for v in row] for row in values], dtype=float)  # size = (C, P)
@@ -274,12 +274,12 @@ def category_figure(categories: list[str], policies: list[str], values: list[lis
                 ax.text(j, i, f"{100 * grid[i, j]:.0f}", ha="center", va="center", fontsize=7)
     fig.colorbar(image, ax=ax, label="harmful rate")
     ax.set_title("harmful rate per harm category (%)")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def histogram_figure(scores: dict[str, dict[str, list[float]]]) -> tuple[bytes, dict[str, Any]]:
     """Reward and cost histograms of each policy's samples (shared bins); returns the PNG and the bin counts."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.6))
@@ -301,11 +301,11 @@ def histogram_figure(scores: dict[str, dict[str, list[float]]]) -> tuple[bytes, 
         ax.set_xlabel(f"{kind} model score")
         ax.set_ylabel("responses")
         ax.legend(fontsize=8)
-    return _png(fig), data
+    return figure_png(fig), data
 
 
 def curves_figure(series: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 3, figsize=(11.0, 6.0))
@@ -321,11 +321,11 @@ def curves_figure(series: dict[str, dict[str, list[tuple[int, float]]]]) -> byte
         if ax.lines:
             ax.legend(fontsize=7)
     flat[-1].set_visible(False)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def frontier_figure(points: list[dict[str, Any]]) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.6))
     shaping = sorted((p for p in points if p["kind"] == "shaping"), key=lambda p: p["nu"] or 0.0)
     if shaping:
@@ -346,7 +346,7 @@ def frontier_figure(points: list[dict[str, Any]]) -> bytes:
     ax.set_title("reward-shaping frontier and Safe RLHF (lower right is better)")
     if shaping:
         ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,7 +519,7 @@ def _value_models(run: Run) -> Section:
     rows = []
     for v in entries:
         scores_dir = run.root / v.scores_dir if v.scores_dir else None
-        metrics = _read_json(scores_dir / "metrics.json") if scores_dir else None
+        metrics = read_json_or_none(scores_dir / "metrics.json") if scores_dir else None
         if metrics is None:
             section.notes.append(f"Round {v.round}: no eval-scores results ({v.scores_dir or 'no scores_dir'}/metrics.json).")
             continue
@@ -540,7 +540,7 @@ def _value_models(run: Run) -> Section:
     chosen = [p for p in (baseline, final) if p is not None]
     scores = {}
     for p in chosen:
-        cached = _read_json((run.root / COMPARISON).parent / score_files[p.name]) if p.name in score_files else None
+        cached = read_json_or_none((run.root / COMPARISON).parent / score_files[p.name]) if p.name in score_files else None
         if cached:
             scores[p.name] = {"reward": cached.get("reward"), "cost": cached.get("cost")}
     if final is None:
@@ -592,6 +592,14 @@ def _training(run: Run) -> Section:
     return section
 
 
+def dominated_by(point: dict[str, Any], others: list[dict[str, Any]]) -> list[str]:
+    """Names of the `others` at least as helpful and at most as harmful as `point`, and better on one of the two
+    (points: {"policy", "helpfulness_benign", "harmful_rate"}); [] = `point` is on or beyond their frontier."""
+    return [o["policy"] for o in others
+            if o["helpfulness_benign"] >= point["helpfulness_benign"] and o["harmful_rate"] <= point["harmful_rate"]
+            and (o["helpfulness_benign"], o["harmful_rate"]) != (point["helpfulness_benign"], point["harmful_rate"])]
+
+
 def _frontier(run: Run) -> Section:
     section = Section("frontier", "Reward shaping vs Safe RLHF")
     if not run.safeworld:
@@ -611,9 +619,7 @@ def _frontier(run: Run) -> Section:
         "over-refuses. A Safe RLHF policy lies on or beyond the sweep's frontier when no shaping policy is at least "
         "as helpful and at most as harmful (and better on one of the two).")
     for safe in (p for p in points if p["kind"] == "safe_rlhf"):
-        dominating = [s["policy"] for s in shaping
-                      if s["helpfulness_benign"] >= safe["helpfulness_benign"] and s["harmful_rate"] <= safe["harmful_rate"]
-                      and (s["helpfulness_benign"], s["harmful_rate"]) != (safe["helpfulness_benign"], safe["harmful_rate"])]
+        dominating = dominated_by(safe, shaping)
         if shaping:
             section.paragraphs.append(
                 f"{safe['policy']}: dominated by {', '.join(dominating)}." if dominating else
@@ -792,21 +798,25 @@ def build_report(run_dir: str | Path, samples_per_kind: int = 3) -> dict[str, An
     ]
     sections = [_guarded(key, title, build) for key, title, build in builders]
     title = f"safealign report: {root.resolve().name}" + (" (SafeWorld, a simulation)" if run.safeworld else "")
-    figure_dir = "report"
-    report = {
-        "title": title, "run_dir": str(root), "safeworld": run.safeworld, "manifest": run.manifest.source,
-        "comparison": str(root / COMPARISON) if run.comparison is not None else None,
-        "notes": [note for s in sections for note in s.notes],
-        "sections": [_section_json(s, figure_dir) for s in sections],
-    }
+    return write_report(root, "report", title, sections, {
+        "run_dir": str(root), "safeworld": run.safeworld, "manifest": run.manifest.source,
+        "comparison": str(root / COMPARISON) if run.comparison is not None else None})
+
+
+def write_report(root: Path, stem: str, title: str, sections: list[Section], header: dict[str, Any]) -> dict[str, Any]:
+    """Write root/{stem}.html (self-contained), {stem}.md (+ root/{stem}/*.png) and {stem}.json from the same
+    sections; return the JSON's content: title, `header`'s keys, every section's notes, and the sections."""
+    report = {"title": title, **header, "notes": [note for s in sections for note in s.notes],
+              "sections": [_section_json(s, stem) for s in sections]}
     figures = [b for s in sections for b in s.blocks if isinstance(b, FigureBlock)]
-    with atomic_path(root / figure_dir) as tmp:  # the figure folder is replaced whole: no stale PNGs remain
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(root / stem) as tmp:  # the figure folder is replaced whole: no stale PNGs remain
         tmp.mkdir()
         for figure in figures:
             (tmp / figure.name).write_bytes(figure.png)
-    atomic_write_text(root / "report.md", render_markdown(title, sections, figure_dir))
-    atomic_write_text(root / "report.html", render_html(title, sections))
-    atomic_write_json(root / "report.json", report)
+    atomic_write_text(root / f"{stem}.md", render_markdown(title, sections, stem))
+    atomic_write_text(root / f"{stem}.html", render_html(title, sections))
+    atomic_write_json(root / f"{stem}.json", report)
     return report
 
 

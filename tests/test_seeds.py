@@ -1,0 +1,81 @@
+"""`safealign seeds`: one pipeline process per seed (in parallel), then the summary; failures name their logs.
+
+The pipelines here run only the world stage at a tiny size: the point is the orchestration (seeds, directories,
+processes, resume, errors), not what the runs learn (tests/test_pipeline.py runs every stage)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from safealign.config import ConfigError, StageFailed, load_config
+from safealign.pipeline import STAGES, PipelineConfig
+from safealign.seeds import SeedsConfig, pipeline_config, run
+
+TINY_WORLD = {"sft_examples": 60, "train_pairs": 30, "test_pairs": 6, "redteam_prompts": 14}
+
+
+def seeds_config(tmp_path, **overrides) -> SeedsConfig:
+    return load_config(SeedsConfig, None, {"output_dir": str(tmp_path / "seeds"), "stages": ["world"], "world": TINY_WORLD,
+                                           **overrides})
+
+
+def test_each_seed_gets_the_pipeline_config_with_its_seed_and_directory(tmp_path):
+    cfg = seeds_config(tmp_path, seeds=[3, 4], profile="quick", cm={"splice_fraction": 1.0})
+    one = pipeline_config(cfg, 4)
+    assert isinstance(one, PipelineConfig) and one.seed == 4 and one.output_dir == str(tmp_path / "seeds" / "seed-4")
+    assert one.profile == "quick" and one.cm == {"splice_fraction": 1.0} and one.world == TINY_WORLD
+
+
+def test_seeds_run_in_parallel_processes_then_are_summarised(tmp_path):
+    cfg = seeds_config(tmp_path, seeds=[3, 4], jobs=2)
+    metrics = run(cfg)
+
+    root = tmp_path / "seeds"
+    worlds = {}
+    for seed in (3, 4):
+        out = root / f"seed-{seed}"
+        assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == seed
+        assert "world" in (out / "pipeline.log").read_text()
+        worlds[seed] = json.loads((out / "world" / "world.json").read_text())
+        assert worlds[seed]["seed"] == seed
+        assert metrics[f"seed-{seed}/time_s"] > 0
+    assert (root / "seed-3" / "world" / "prompts" / "train.jsonl").read_text() != (
+        root / "seed-4" / "world" / "prompts" / "train.jsonl").read_text()  # different seeds, different worlds
+    summary = json.loads((root / "seeds.json").read_text())
+    assert summary["runs"] == {f"seed-{s}": {"run_dir": str(root / f"seed-{s}"), "seed": s} for s in (3, 4)}
+    assert summary["metrics"]["world/train_pairs"]["values"] == {"seed-3": 30, "seed-4": 30}
+    assert metrics["runs"] == 2 and (root / "seeds.html").is_file()
+    assert yaml.safe_load((root / "config.yaml").read_text())["seeds"] == [3, 4]
+
+    # The same command again resumes: each pipeline finds its world done and skips it.
+    before = {s: (root / f"seed-{s}" / "world" / "world.json").stat().st_mtime_ns for s in (3, 4)}
+    run(cfg)
+    assert before == {s: (root / f"seed-{s}" / "world" / "world.json").stat().st_mtime_ns for s in (3, 4)}
+
+
+def test_a_failing_seed_names_its_log_and_the_command_fails(tmp_path):
+    cfg = seeds_config(tmp_path, seeds=[0, 1], jobs=2, stages=["sft"], sft_data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(StageFailed, match=r"2 of 2 pipelines failed \(seed 0: .*seed-0/pipeline.log, seed 1: ") as err:
+        run(cfg)
+    assert "Re-run the same command" in str(err.value)
+    assert "missing.jsonl" in (tmp_path / "seeds" / "seed-0" / "pipeline.log").read_text()  # the child's own error
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"seeds": []}, "at least one seed"),
+    ({"seeds": [1, 1]}, "each seed once"),
+    ({"jobs": 0}, "jobs must be >= 1"),
+    ({"stages": ["wrld"]}, r"unknown pipeline stage\(s\) \['wrld'\]"),
+    ({"rounds": 2, "round_thresholds": [0.0]}, "round_thresholds has 1 values for 2 rounds"),
+])
+def test_bad_settings_fail_before_any_process_starts(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run(seeds_config(tmp_path, **overrides))
+    assert not (tmp_path / "seeds").exists()
+
+
+def test_the_pipeline_knows_every_stage_of_its_defaults():
+    assert set(PipelineConfig().stages) == set(STAGES) | {"rounds"}
