@@ -3,8 +3,8 @@
     safealign seeds --config configs/pipeline.yaml --seeds "[0, 1, 2, 3]" --output_dir runs/seeds [--jobs 4]
 
 Every key of `safealign pipeline` is accepted (same YAML); `seed` is replaced by `seeds`. Seed S runs as its own
-`safealign pipeline` process into `output_dir/seed-S/` (config.yaml there; its output in `seed-S/pipeline.log`),
-`jobs` of them at a time, and `safealign aggregate` then summarises the finished runs into
+`safealign pipeline` process into `output_dir/seed-S/` (config.yaml there; its output in `seed-S/pipeline.log`,
+and on the terminal when one job runs at a time), `jobs` of them at a time, and `safealign aggregate` then summarises the finished runs into
 `output_dir/seeds.{html,md,json}` (claims counted over runs, every number as mean ± std and range).
 
 Why processes: each pipeline owns its Accelerate state, threads and memory, a seed that crashes does not take the
@@ -19,10 +19,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from safealign.config import ConfigError, StageFailed, config_field, save_config
 from safealign.console import stderr_console
@@ -63,6 +64,18 @@ def _child_env(jobs: int) -> dict[str, str]:
     return env
 
 
+def _copy_output(stream: IO[bytes], log_path: Path, echo: bool) -> None:
+    """Append a child's output to its log as it comes (and to this terminal when `echo`)."""
+    with open(log_path, "ab") as log:
+        for line in iter(stream.readline, b""):
+            log.write(line)
+            log.flush()
+            if echo:
+                sys.stderr.write(line.decode("utf-8", errors="replace"))
+                sys.stderr.flush()
+    stream.close()
+
+
 def run(cfg: SeedsConfig) -> dict[str, Any]:
     seeds = list(cfg.seeds)
     if not seeds:
@@ -78,7 +91,7 @@ def run(cfg: SeedsConfig) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
     pending = list(seeds)
-    running: dict[int, tuple[subprocess.Popen, float, Any]] = {}
+    running: dict[int, tuple[subprocess.Popen, float, threading.Thread]] = {}
     finished: dict[int, dict[str, Any]] = {}
     env = _child_env(cfg.jobs)
     while pending or running:
@@ -87,15 +100,18 @@ def run(cfg: SeedsConfig) -> dict[str, Any]:
             out = seed_dir(cfg, seed)
             out.mkdir(parents=True, exist_ok=True)
             save_config(pipeline_config(cfg, seed), out / "config.yaml")  # the pipeline re-saves the same resolved config
-            log = open(out / "pipeline.log", "a", encoding="utf-8")  # noqa: SIM115 - closed when the process ends
             command = [sys.executable, "-m", "safealign.cli", "pipeline", "--config", str(out / "config.yaml")]
-            running[seed] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.monotonic(), log)
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            # One job at a time: its output also goes to the terminal (stages, progress); several: to their logs only.
+            pump = threading.Thread(target=_copy_output, args=(process.stdout, out / "pipeline.log", cfg.jobs == 1), daemon=True)
+            pump.start()
+            running[seed] = (process, time.monotonic(), pump)
             console.print(f"seed {seed}: started ({out}, log: {out / 'pipeline.log'})", highlight=False)
         time.sleep(0.2)
-        for seed, (process, started, log) in list(running.items()):
+        for seed, (process, started, pump) in list(running.items()):
             if process.poll() is None:
                 continue
-            log.close()
+            pump.join()
             del running[seed]
             finished[seed] = {"returncode": process.returncode, "time_s": round(time.monotonic() - started, 1)}
             state = "done" if process.returncode == 0 else f"[bold red]failed[/] (exit code {process.returncode})"
