@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from safealign.config import ConfigError, load_config
@@ -242,3 +244,36 @@ def test_rounds_on_your_own_data_without_annotations_fail_before_any_stage(tmp_p
     assert not root.exists()
     with pytest.raises(ConfigError, match="round_thresholds"):
         run(load_config(PipelineConfig, None, {"output_dir": str(root), "rounds": 3, "round_thresholds": [0.0, -1.0]}))
+
+
+def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    root = tmp_path / "run"
+    settings = {"output_dir": str(root), "profile": "quick", "stages": ["world", "sft"], "world": TINY["world"],
+                "sft": {**TINY["sft"], "max_steps": 4, "save_steps": 2, "save_total_limit": 0}}
+    run(load_config(PipelineConfig, None, settings))
+    uninterrupted = load_file(root / "sft" / "model" / "model.safetensors")
+
+    def crash_after_step_2() -> None:  # what a kill between the step-2 and step-4 checkpoints leaves
+        shutil.rmtree(root / "sft" / "checkpoints" / "step-4")
+        shutil.rmtree(root / "sft" / "model")
+        (root / "sft" / "metrics.json").unlink()
+
+    crash_after_step_2()
+    capsys.readouterr()
+    summary = run(load_config(PipelineConfig, None, settings))
+    err = capsys.readouterr().err
+    assert "resuming the interrupted stage in" in err and "at step 2" in err  # the engine continued from step-2
+    assert summary["sft/global_step"] == 4 and yaml.safe_load((root / "sft" / "config.yaml").read_text())["resume"] == "latest"
+    resumed = load_file(root / "sft" / "model" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-5), name
+
+    # Another config than the interrupted attempt's: that stage starts over.
+    crash_after_step_2()
+    changed = {**settings, "sft": {**settings["sft"], "learning_rate": 5e-4}}
+    run(load_config(PipelineConfig, None, changed))
+    assert "interrupted attempt with another config: starting it fresh" in capsys.readouterr().err
+    assert yaml.safe_load((root / "sft" / "config.yaml").read_text())["resume"] == ""

@@ -3,7 +3,8 @@ the PPO and reward-shaping baselines -> gold evaluation of every policy; then mo
 red-teaming (the paper ran three).
 
 Every stage writes into one run directory (`output_dir/<stage>/`) and is skipped when its
-`metrics.json` already exists, so a crashed or extended pipeline re-runs only what is missing; each
+`metrics.json` already exists, so a crashed or extended pipeline re-runs only what is missing (a training stage
+that was interrupted continues from its newest checkpoint when its config is unchanged: `resume_interrupted`); each
 stage can also be run alone with its own command (`safealign sft`, `safealign rm`, ...). Per-stage
 settings are passed through as mappings (`sft: {learning_rate: 1e-3}`) and resolved by that stage's
 own config class, so the pipeline adds no second set of names.
@@ -31,20 +32,22 @@ produce, with paths relative to the run directory, for the report and the multi-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import yaml
 from rich.table import Table
 
-from safealign.config import ConfigError, config_field, load_config, save_config
+from safealign.config import ConfigError, config_field, config_to_dict, load_config, save_config
 from safealign.console import stderr_console
 from safealign.io import atomic_write_json
 
 console = stderr_console()
+StageConfig = TypeVar("StageConfig")
 
 # Profiles set sizes only; every value can still be overridden in the YAML or on the command line.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
@@ -200,6 +203,35 @@ def _check_rounds(cfg: PipelineConfig, stages: list[str]) -> None:
             f"{rounds - 1} needed, {len(cfg.round_preference_data)} given), or set rounds: 1")
 
 
+def resume_interrupted(config: StageConfig) -> StageConfig:
+    """A training stage's config, set to continue the attempt that crashed in its output_dir.
+
+    The pipeline runs a stage again when it has no metrics.json. If that stage left checkpoints under the very same
+    config (output_dir/config.yaml, written when it started; `resume` aside), it continues from the newest one
+    (`resume: latest`: the same trajectory as an uninterrupted run, as `--resume` of the stage's own command). After
+    a config change it starts fresh, with a note. A `resume` the user set in the stage's settings is kept as given.
+    """
+    from safealign.training.checkpoint import latest_checkpoint  # torch: not at import (fast --help)
+
+    if getattr(config, "resume", None) != "":
+        return config
+    out = Path(config.output_dir)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return config
+    try:
+        previous = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        previous = None
+    current = yaml.safe_load(yaml.safe_dump(config_to_dict(config), sort_keys=False))  # as save_config writes it
+    if not isinstance(previous, dict) or {**previous, "resume": ""} != current:
+        console.print(f"[yellow]note:[/] {out} holds checkpoints of an interrupted attempt with another config: "
+                      "starting it fresh", highlight=False)
+        return config
+    console.print(f"resuming the interrupted stage in {out} from {checkpoint.name}", highlight=False)
+    return dataclasses.replace(config, resume="latest")
+
+
 def check_config(cfg: PipelineConfig) -> list[str]:
     """The stages cfg runs (`rounds` expanded); a ConfigError before anything runs when the settings cannot work."""
     stages = expand_stages(cfg)
@@ -237,9 +269,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     def sft() -> dict:
         from safealign.algorithms import sft as stage
 
-        return stage.run(load_config(stage.SFTConfig, None, {
+        return stage.run(resume_interrupted(load_config(stage.SFTConfig, None, {
             "model": cfg.model, "train_data": paths["sft_data"], "seed": cfg.seed,
-            **_stage_settings(cfg, "sft"), "output_dir": str(root / "sft")}))
+            **_stage_settings(cfg, "sft"), "output_dir": str(root / "sft")})))
 
     def gold_eval(model_dir: Path, out: Path) -> dict:
         from safealign.evaluation import gold as stage
@@ -261,14 +293,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         from safealign.algorithms import ppo_lag as stage
 
         threshold = {"threshold": round_threshold(cfg, 1)} if cfg.round_thresholds else {}
-        return stage.run(load_config(stage.PPOLagConfig, None, {
-            **rl_settings("ppo_lag"), **threshold, "output_dir": str(root / "ppo_lag")}))
+        return stage.run(resume_interrupted(load_config(stage.PPOLagConfig, None, {
+            **rl_settings("ppo_lag"), **threshold, "output_dir": str(root / "ppo_lag")})))
 
     def ppo() -> dict:
         from safealign.algorithms import ppo as stage
 
         settings = {k: v for k, v in rl_settings("ppo").items() if k != "cost_model"}  # PPO has no cost model
-        return stage.run(load_config(stage.PPOConfig, None, {**settings, "output_dir": str(root / "ppo")}))
+        return stage.run(resume_interrupted(load_config(stage.PPOConfig, None, {**settings, "output_dir": str(root / "ppo")})))
 
     def shaping() -> dict:
         """One shaped-PPO policy per ν into shaping/nu-{ν} (each skipped when done); metrics keyed nu=ν/..."""
@@ -280,8 +312,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             if (out / "metrics.json").exists():
                 metrics = json.loads((out / "metrics.json").read_text())
             else:
-                metrics = stage.run(load_config(stage.RewardShapingConfig, None, {
-                    **rl_settings("shaping"), "nus": [], "nu": nu, "output_dir": str(out)}))
+                metrics = stage.run(resume_interrupted(load_config(stage.RewardShapingConfig, None, {
+                    **rl_settings("shaping"), "nus": [], "nu": nu, "output_dir": str(out)})))
             flat.update({f"nu={nu:g}/{k}": v for k, v in metrics.items()})
         atomic_write_json(root / "shaping" / "metrics.json", flat)
         return flat
@@ -313,9 +345,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                 if not Path(train_data).is_file():  # a run directory from before train_preferences.jsonl existed
                     train_data = str(root / round_dirs(k)["preferences"])
                 settings = {**settings, **_stage_settings(cfg, f"round_{key}")}
-            return stage.run(load_config(config_class, None, {
+            return stage.run(resume_interrupted(load_config(config_class, None, {
                 "model": str(init), "train_data": train_data, "eval_data": paths["preference_eval_data"],
-                "seed": cfg.seed, **settings, "output_dir": str(root / round_dirs(k)[key])}))
+                "seed": cfg.seed, **settings, "output_dir": str(root / round_dirs(k)[key])})))
 
         return train
 
@@ -361,12 +393,12 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                 # constraint is slack). With λ_0 = 1 instead, the first rollouts of a short later round are
                 # mostly constraint: safer, fewer redirections, less helpful (docs/results.md).
                 carried = {"lambda_init": json.loads((root / previous["ppo_lag"] / "metrics.json").read_text())["lagrange_multiplier"]}
-            return stage.run(load_config(stage.PPOLagConfig, None, {
+            return stage.run(resume_interrupted(load_config(stage.PPOLagConfig, None, {
                 **rl_settings("ppo_lag"), **_stage_settings(cfg, "round_ppo_lag"), **carried,
                 "actor_model": str(root / previous["ppo_lag"] / "model"),
                 "reward_model": str(root / dirs["rm"] / "model"), "cost_model": str(root / dirs["cm"] / "model"),
                 "prompt_data": str(root / dirs["redteam"] / "rl_prompts.jsonl"), "threshold": round_threshold(cfg, k),
-                "output_dir": str(root / dirs["ppo_lag"])}))
+                "output_dir": str(root / dirs["ppo_lag"])})))
 
         return train
 
