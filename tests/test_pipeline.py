@@ -277,3 +277,12 @@ def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, cap
     run(load_config(PipelineConfig, None, changed))
     assert "interrupted attempt with another config: starting it fresh" in capsys.readouterr().err
     assert yaml.safe_load((root / "sft" / "config.yaml").read_text())["resume"] == ""
+
+
+def test_a_run_directory_started_with_other_settings_says_which(tmp_path, capsys):
+    settings = {"output_dir": str(tmp_path), "stages": ["world"], "world": TINY["world"]}
+    run(load_config(PipelineConfig, None, settings))
+    run(load_config(PipelineConfig, None, {**settings, "stages": ["world", "report"]}))  # other stages only: no warning
+    assert "started with other settings" not in capsys.readouterr().err
+    run(load_config(PipelineConfig, None, {**settings, "cm": {"splice_fraction": 1.0}, "seed": 3}))
+    assert "was started with other settings (seed, cm)" in capsys.readouterr().err

@@ -232,6 +232,23 @@ def resume_interrupted(config: StageConfig) -> StageConfig:
     return dataclasses.replace(config, resume="latest")
 
 
+def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
+    """A run directory started with other settings keeps the stages already done (skip-when-done): say which
+    settings differ, so that results of two configurations are not mixed unknowingly."""
+    try:
+        previous = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(previous, dict):
+        return
+    current = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    changed = [k for k in current if k != "stages" and k in previous and previous[k] != current[k]]
+    if changed:
+        console.print(f"[yellow]warning:[/] {root} was started with other settings ({', '.join(changed)}): the stages already "
+                      "done keep their results and are skipped; remove their directories (or use a new output_dir) to "
+                      "redo them with these settings", highlight=False)
+
+
 def check_config(cfg: PipelineConfig) -> list[str]:
     """The stages cfg runs (`rounds` expanded); a ConfigError before anything runs when the settings cannot work."""
     stages = expand_stages(cfg)
@@ -247,6 +264,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     stages = check_config(cfg)
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    _warn_if_settings_changed(cfg, root)
     save_config(cfg, root / "config.yaml")
     world_dir = root / "world"
     paths = {
