@@ -27,7 +27,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -93,7 +93,8 @@ def check_claims(sft: dict | None, rounds: list[dict], ppo: dict | None, shaping
     harmful = [r.get("harmful_rate") for r in rounds]
     claims = []
 
-    def add(key: str, text: str, needs: list[Any], decide, show) -> None:
+    def add(key: str, text: str, needs: list[Any], decide: Callable[[], bool], show: Callable[[], str]) -> None:
+        """Decide the claim when all it `needs` is there (else met = None)."""
         ready = all(x is not None for x in needs)
         claims.append(Claim(key, text, bool(decide()) if ready else None, show() if ready else "n/a"))
 
@@ -108,8 +109,10 @@ def check_claims(sft: dict | None, rounds: list[dict], ppo: dict | None, shaping
         [final and final.get("over_refusal"), sft and sft.get("over_refusal")],
         lambda: final["over_refusal"] <= sft["over_refusal"] + over_refusal_margin + TOLERANCE,
         lambda: f"{_pct(final['over_refusal'])} vs {_pct(sft['over_refusal'])}")
-    trajectory = lambda: " → ".join(_pct(h) for h in harmful)  # noqa: E731 - shown twice
-    several = harmful if len(harmful) >= 2 else [None]
+    def trajectory() -> str:
+        return " → ".join(_pct(h) for h in harmful)
+
+    several = harmful if len(harmful) >= 2 else [None]  # one round is no trajectory
     add("harmful_falls_every_round", "harmful rate falls round over round", several,
         lambda: all(b < a - TOLERANCE for a, b in zip(harmful, harmful[1:])), trajectory)
     add("harmful_never_rises", "harmful rate never rises round over round", several,
