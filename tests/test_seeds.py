@@ -79,3 +79,14 @@ def test_bad_settings_fail_before_any_process_starts(tmp_path, overrides, messag
 
 def test_the_pipeline_knows_every_stage_of_its_defaults():
     assert set(PipelineConfig().stages) == set(STAGES) | {"rounds"}
+
+
+def test_parallel_jobs_share_the_cores_and_take_one_gpu_each():
+    from safealign.seeds import child_env
+
+    assert child_env({"PATH": "/bin"}, jobs=1, slot=0, num_gpus=8, num_cpus=16) == {"PATH": "/bin"}  # one job: untouched
+    four = [child_env({}, jobs=4, slot=s, num_gpus=2, num_cpus=16) for s in range(4)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in four] == ["0", "1", "0", "1"] and {e["OMP_NUM_THREADS"] for e in four} == {"4"}
+    assert "CUDA_VISIBLE_DEVICES" not in child_env({}, jobs=8, slot=3, num_gpus=1, num_cpus=16)  # one GPU: all share it
+    assert child_env({"CUDA_VISIBLE_DEVICES": "5", "OMP_NUM_THREADS": "1"}, jobs=2, slot=1, num_gpus=8, num_cpus=2) == {
+        "CUDA_VISIBLE_DEVICES": "5", "OMP_NUM_THREADS": "1"}  # the user's own settings win

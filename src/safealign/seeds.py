@@ -9,8 +9,8 @@ and on the terminal when one job runs at a time), `jobs` of them at a time, and 
 
 Why processes: each pipeline owns its Accelerate state, threads and memory, a seed that crashes does not take the
 others down, and several small runs share one GPU well (eight tiny-preset pipelines at once on one H100 took
-6.5 minutes, docs/results.md). On a CPU, parallel jobs split its cores (each gets cpu_count / jobs threads), so
-`jobs: 1` is as fast there. Re-running the same command resumes: each pipeline skips its finished stages.
+6.5 minutes, docs/results.md). On a machine with several GPUs the jobs take one GPU each in turn; on a CPU they
+split its cores (each gets cpu_count / jobs threads), so `jobs: 1` is as fast there. Re-running the same command resumes: each pipeline skips its finished stages.
 A seed that fails is reported with its log, the others are still summarised, and the command exits non-zero.
 """
 
@@ -57,11 +57,23 @@ def pipeline_config(cfg: SeedsConfig, seed: int) -> PipelineConfig:
     return PipelineConfig(**{**values, "seed": seed, "output_dir": str(seed_dir(cfg, seed))})
 
 
-def _child_env(jobs: int) -> dict[str, str]:
-    env = dict(os.environ)
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # torch's CPU threads: the cores are shared between the jobs
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+def child_env(environ: dict[str, str], jobs: int, slot: int, num_gpus: int, num_cpus: int) -> dict[str, str]:
+    """The environment of the pipeline in job slot `slot` (0 .. jobs-1) of `jobs` running at once.
+
+    Several jobs share the CPU cores (torch's threads: num_cpus // jobs each) and, on a machine with several GPUs,
+    take one GPU each in turn (CUDA_VISIBLE_DEVICES = slot mod num_gpus); settings the user made are kept."""
+    env = dict(environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, num_cpus // jobs))
+    if jobs > 1 and num_gpus > 1 and "CUDA_VISIBLE_DEVICES" not in env:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % num_gpus)
     return env
+
+
+def _num_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _copy_output(stream: IO[bytes], log_path: Path, echo: bool) -> None:
@@ -91,24 +103,27 @@ def run(cfg: SeedsConfig) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
     pending = list(seeds)
-    running: dict[int, tuple[subprocess.Popen, float, threading.Thread]] = {}
+    running: dict[int, tuple[subprocess.Popen, float, threading.Thread, int]] = {}
     finished: dict[int, dict[str, Any]] = {}
-    env = _child_env(cfg.jobs)
+    num_gpus = _num_gpus() if cfg.jobs > 1 else 0
     while pending or running:
         while pending and len(running) < cfg.jobs:
             seed = pending.pop(0)
+            slot = min(set(range(cfg.jobs)) - {job[3] for job in running.values()})
             out = seed_dir(cfg, seed)
             out.mkdir(parents=True, exist_ok=True)
             save_config(pipeline_config(cfg, seed), out / "config.yaml")  # the pipeline re-saves the same resolved config
             command = [sys.executable, "-m", "safealign.cli", "pipeline", "--config", str(out / "config.yaml")]
+            env = child_env(dict(os.environ), cfg.jobs, slot, num_gpus, os.cpu_count() or 1)
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             # One job at a time: its output also goes to the terminal (stages, progress); several: to their logs only.
             pump = threading.Thread(target=_copy_output, args=(process.stdout, out / "pipeline.log", cfg.jobs == 1), daemon=True)
             pump.start()
-            running[seed] = (process, time.monotonic(), pump)
-            console.print(f"seed {seed}: started ({out}, log: {out / 'pipeline.log'})", highlight=False)
+            running[seed] = (process, time.monotonic(), pump, slot)
+            gpu = f", GPU {env['CUDA_VISIBLE_DEVICES']}" if num_gpus > 1 and "CUDA_VISIBLE_DEVICES" in env else ""
+            console.print(f"seed {seed}: started ({out}{gpu}, log: {out / 'pipeline.log'})", highlight=False)
         time.sleep(0.2)
-        for seed, (process, started, pump) in list(running.items()):
+        for seed, (process, started, pump, _) in list(running.items()):
             if process.poll() is None:
                 continue
             pump.join()
