@@ -70,7 +70,8 @@ class CostStep(PairStep):
         costs = torch.stack([unsafer, safer], dim=1).detach()  # size = (B, 2)
         return loss, {
             "ranking_accuracy": (unsafer > safer).float().sum() / num_items,
-            "sign_accuracy": (torch.sign(costs) == signs).float().sum() / (2 * num_items),
+            # cost > 0 = unsafe, as everywhere else (a cost of exactly 0 counts as safe, as in `evaluate`)
+            "sign_accuracy": (torch.where(costs > 0, 1, -1) == signs).float().sum() / (2 * num_items),
             "unsafer_cost": unsafer.detach().sum() / num_items,
             "safer_cost": safer.detach().sum() / num_items,
         }
