@@ -76,6 +76,19 @@ def test_parse_overrides_bare_flag_and_equals():
     assert parse_overrides(["--a", "--b=3", "--c", "x"]) == {"a": True, "b": 3, "c": "x"}
 
 
+@pytest.mark.parametrize("text", ["010", "0x10", "1_000", "yes", "null", "~", "1e-4"])
+def test_a_string_field_keeps_the_text_typed(text):
+    assert load_config(ToyConfig, None, ["--name", text]).name == text  # YAML would read 8, 16, 1000, True, None, ...
+
+
+def test_a_bare_key_needs_a_value_unless_it_is_a_flag():
+    with pytest.raises(ConfigError, match="--name needs a value"):
+        load_config(ToyConfig, None, ["--name"])
+    with pytest.raises(ConfigError, match="--epochs needs a value"):
+        load_config(ToyConfig, None, ["--epochs", "--bf16"])
+    assert load_config(ToyConfig, None, ["--bf16"]).bf16 is True
+
+
 def test_yaml_boolean_spelling_maps_back_to_literal_choice():
     @dataclass
     class Precision:

@@ -116,11 +116,13 @@ def _apply(values: dict[str, Any], updates: dict[str, Any], types_: dict[str, An
         values[key] = _coerce(value, types_[key], key, source)
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
+def parse_overrides(args: list[str], types_: dict[str, Any] | None = None) -> dict[str, Any]:
     """Turn ['--lr', '1e-4', '--bf16=false', '--flag'] into {'lr': 1e-4, 'bf16': False, 'flag': True}.
 
     Values are parsed as YAML scalars/lists (`--sizes [1,2]`), then checked against the field's type
-    (YAML reads `1e-4` as a string; the float check converts it).
+    (YAML reads `1e-4` as a string; the float check converts it). With the fields' `types_`, a string field
+    keeps its text as typed (`--output_dir 010` is the folder "010", not 8; `yes` stays "yes"), and a bare
+    `--key` is an error unless the field is a bool.
     """
     overrides: dict[str, Any] = {}
     i = 0
@@ -136,8 +138,14 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             text = args[i + 1]
             i += 2
         else:
+            annotation = (types_ or {}).get(key.replace("-", "_"), bool)
+            if annotation is not bool:
+                raise ConfigError(f"command line: --{key} needs a value (--{key} VALUE)")
             text = "true"  # bare flag
             i += 1
+        if (types_ or {}).get(key.replace("-", "_")) is str:
+            overrides[key] = text
+            continue
         try:
             overrides[key] = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
@@ -162,7 +170,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
         _apply(values, loaded, types_, str(path))
     if overrides:
         if isinstance(overrides, list):
-            overrides = parse_overrides(overrides)
+            overrides = parse_overrides(overrides, types_)
         _apply(values, overrides, types_, "command line")
     try:
         return cls(**values)

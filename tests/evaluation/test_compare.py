@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from safealign.cli import app
@@ -278,9 +279,19 @@ def test_evaluate_models_generates_judges_compares_and_reuses(tiny, tmp_path, mo
     def fail(*args, **kwargs):
         raise AssertionError("should have been reused")
 
+    original_run, original_score = gold.run, reward.score_texts
     monkeypatch.setattr(gold, "run", fail)
     monkeypatch.setattr(reward, "score_texts", fail)
     assert compare_module.run(cfg) == flat
+
+    # Another model under the name "rl": its samples no longer describe it, so it is evaluated again (sft is reused).
+    evaluated = []
+    monkeypatch.setattr(gold, "run", lambda c: evaluated.append(c.model) or original_run(c))
+    monkeypatch.setattr(reward, "score_texts", original_score)
+    compare_module.run(evaluate_config(tiny, out, reward_model=str(tiny["reward"]), cost_model=str(tiny["cost"]),
+                                       models={"sft": str(tiny["sft"]), "rl": str(tiny["sft"])}))
+    assert evaluated == [str(tiny["sft"])]
+    assert yaml.safe_load((out / "rl" / "config.yaml").read_text())["model"] == str(tiny["sft"])
 
 
 def test_evaluate_models_on_a_users_prompts_runs_without_gold_judges(tiny, tmp_path, monkeypatch):

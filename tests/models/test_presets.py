@@ -44,8 +44,24 @@ def test_preset_config_follows_the_tokenizer():
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         preset_config("huge", VocabStub())
-    with pytest.raises(ValueError, match="not a preset"):
+    with pytest.raises(FileNotFoundError, match="policy model '/no/such/model-dir' not found"):
         build_causal_lm("/no/such/model-dir")
+
+
+def test_a_local_path_that_is_no_policy_is_named(tmp_path, monkeypatch):
+    from safealign.config import ConfigError
+    from safealign.models.presets import looks_local
+
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no config.json: not a model directory"):
+        build_causal_lm(tmp_path / "data")
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text('{"model_type": "llama", "score_type": "reward"}')
+    with pytest.raises(ConfigError, match="is a reward model .* not a policy"):
+        build_causal_lm(tmp_path / "rm")
+    monkeypatch.chdir(tmp_path)
+    assert looks_local("data/sft") and looks_local("./x") and looks_local("a/b/c") and looks_local("model")
+    assert not looks_local("HuggingFaceTB/SmolLM2-135M")  # owner/name with no such local folder: a hub id
 
 
 def test_preset_needs_a_tokenizer():

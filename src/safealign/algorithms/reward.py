@@ -35,7 +35,7 @@ from safealign.data.formatting import tokenize_for_scoring
 from safealign.data.loading import PreferenceDataset, load_preferences
 from safealign.data.schema import PreferenceRecord, SFTExample
 from safealign.io import atomic_write_json
-from safealign.models.presets import PRESETS, PRETRAINED, resolve_pretrained
+from safealign.models.presets import PRESETS, PRETRAINED, looks_local, resolve_pretrained
 from safealign.models.score_model import ScoreModel, ScoreType, build_score_model, load_score_model
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training.engine import Step, TrainingConfig, train
@@ -145,7 +145,7 @@ def is_safeworld(prompts: Sequence[str]) -> bool:
 def _require_backbone(name: str) -> None:
     if name in PRESETS or name in PRETRAINED or Path(name).expanduser().exists():
         return
-    if name.startswith(("/", ".", "~")) or name.count("/") != 1:  # a path, not a hub name
+    if looks_local(name):
         raise FileNotFoundError(f"model '{name}' not found: give the SFT model directory (e.g. runs/sft/model) "
                                 f"or a preset ({', '.join(PRESETS)})")
 

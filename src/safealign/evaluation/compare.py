@@ -311,16 +311,31 @@ def _check_name(name: Any, source: str) -> str:
 
 def _check_model(name: str, path: str) -> None:
     """A model to generate with must exist (a directory, a preset, or a hub name when a network exists)."""
-    from safealign.models.presets import PRESETS, PRETRAINED
+    from safealign.models.presets import PRESETS, PRETRAINED, looks_local
 
     if path in PRESETS or path in PRETRAINED or Path(path).expanduser().exists():
         return
-    if path.startswith(("/", ".", "~")) or path.count("/") != 1:  # a path, not a hub name
+    if looks_local(path):
         raise FileNotFoundError(f"models: '{name}': model directory not found: {path}")
 
 
 def _has_samples(directory: Path) -> bool:
     return (directory / "samples.jsonl").is_file() and (directory / "metrics.json").is_file()
+
+
+def _changed_settings(directory: Path, wanted: GoldEvalConfig) -> list[str]:
+    """The settings in which `directory`'s samples differ from `wanted` (all of them when it has no config.yaml)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((directory / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        saved = None
+    current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(wanted), sort_keys=False))
+    ignored = {"output_dir", "progress"}
+    if not isinstance(saved, dict):
+        return ["config.yaml"]
+    return [k for k, v in current.items() if k not in ignored and saved.get(k) != v]
 
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:
@@ -347,16 +362,24 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             raise FileNotFoundError(f"evaluate: {key}: score model directory not found: {path}")
 
     out = Path(cfg.output_dir)
-    todo = [name for name in models if not _has_samples(out / name)]
+    gold_fields = {f.name for f in dataclasses.fields(GoldEvalConfig)}
+    wanted = {name: GoldEvalConfig(**{**{k: v for k, v in vars(cfg).items() if k in gold_fields},
+                                      "model": path, "output_dir": str(out / name)}) for name, path in models.items()}
+    todo = []
+    for name in models:  # samples are reused only when made with the same model and settings
+        if not _has_samples(out / name):
+            todo.append(name)
+        elif changed := _changed_settings(out / name, wanted[name]):
+            console.print(f"[yellow]note:[/] {out / name}: its samples were made with other settings "
+                          f"({', '.join(changed)}): evaluating {name} again", highlight=False)
+            todo.append(name)
     for name in todo:  # every missing model is reported before any generation starts
         _check_model(name, models[name])
     from safealign.evaluation import gold
 
-    gold_fields = {f.name for f in dataclasses.fields(GoldEvalConfig)}
     for name in todo:
         console.rule(f"[bold]evaluate {name}")
-        gold.run(GoldEvalConfig(**{**{k: v for k, v in vars(cfg).items() if k in gold_fields},
-                                   "model": models[name], "output_dir": str(out / name)}))
+        gold.run(wanted[name])
     for name in models:
         if name not in todo:
             console.print(f"[dim]reuse {out / name}/samples.jsonl[/]")

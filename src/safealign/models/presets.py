@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from safealign.config import ConfigError
 from safealign.io import atomic_path
 
 # Llama configs built from scratch. Sizes with a 2048 vocabulary: tiny ~1.6M params, small ~28M.
@@ -111,22 +113,48 @@ def build_causal_lm(
         torch.manual_seed(seed)  # the initial weights are part of the run's reproducibility
         model = LlamaForCausalLM(preset_config(name, tokenizer))
         return model.to(dtype) if dtype is not None else model
+    local = require_model_dir(resolve_pretrained(name), "policy model")
+    if local is not None:
+        score_type = json.loads((local / "config.json").read_text(encoding="utf-8")).get("score_type")
+        if score_type is not None:  # a reward/cost model or critic: its LM head would be random
+            raise ConfigError(f"'{name}' is a {score_type} model (a safealign score model), not a policy: give a causal "
+                              "language model directory (e.g. runs/sft/model or runs/ppo_lag/model)")
     model = from_pretrained(AutoModelForCausalLM, name, dtype=dtype, trust_remote_code=trust_remote_code)
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model
 
 
+def looks_local(name: str) -> bool:
+    """A name meant as a local path, not a hub id ("owner/model"): it starts with / . ~, has no or several
+    slashes, or its first component exists here (`runs/sft` when ./runs exists)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).expanduser().exists()
+
+
+def require_model_dir(name_or_path: str | Path, what: str = "model") -> Path | None:
+    """The local model directory `name_or_path` names (None for a hub id, left to the hub); a FileNotFoundError
+    naming `what` when a local path does not exist or holds no model (no config.json)."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if not path.exists():
+        if looks_local(name):
+            raise FileNotFoundError(f"{what} '{name}' not found (a model directory, e.g. runs/sft/model)")
+        return None
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what} '{name}' holds no config.json: not a model directory (e.g. runs/sft/model)")
+    return path
+
+
 def from_pretrained(auto_class, name_or_path: str | Path, **kwargs) -> PreTrainedModel:
     """`auto_class.from_pretrained` on a pretrained preset, a directory or a hub name, with a clear error."""
     name = resolve_pretrained(name_or_path)
+    if require_model_dir(name) is not None:
+        return auto_class.from_pretrained(name, **kwargs)
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except OSError as error:
-        if Path(name).exists():
-            raise
         known = sorted(PRESETS) + sorted(PRETRAINED)
-        raise ValueError(
+        raise FileNotFoundError(
             f"'{name}' is not a preset ({', '.join(known)}), not a local directory, and could not be "
             f"loaded from the Hugging Face hub: {error}"
         ) from error

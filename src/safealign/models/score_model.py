@@ -32,8 +32,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from safealign.config import ConfigError
 from safealign.io import atomic_path
-from safealign.models.presets import PRESETS, from_pretrained, preset_config, resolve_pretrained
+from safealign.models.presets import PRESETS, from_pretrained, preset_config, require_model_dir, resolve_pretrained
 
 ScoreType = Literal["reward", "cost", "critic"]
 SCORE_TYPES = ("reward", "cost", "critic")
@@ -177,11 +178,12 @@ def load_score_model(
     path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> ScoreModel:
     """Load a directory written by `save_score_model` (head, score_type and normaliser included)."""
+    require_model_dir(path, "score model")
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if getattr(config, "score_type", None) not in SCORE_TYPES:
-        raise ValueError(
-            f"{path} is not a safealign score model (its config has no score_type); "
-            "use build_score_model to initialise one from a backbone"
+        raise ConfigError(
+            f"{path} is not a safealign score model (its config has no score_type): give a directory written by "
+            "`safealign rm` or `safealign cm` (e.g. runs/rm/model); in Python, build_score_model starts one from a backbone"
         )
     model = AutoModelForTokenClassification.from_pretrained(
         str(path), config=config, dtype=dtype, trust_remote_code=trust_remote_code

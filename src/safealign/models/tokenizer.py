@@ -57,9 +57,12 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, **
 
     A tokenizer without a pad token gets EOS as pad (the usual choice for decoder-only models).
     """
-    from safealign.models.presets import resolve_pretrained  # "smollm2" -> its converted local directory
+    from safealign.models.presets import looks_local, resolve_pretrained  # "smollm2" -> its converted local directory
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(str(name_or_path)), trust_remote_code=trust_remote_code, **kwargs)
+    name = resolve_pretrained(str(name_or_path))
+    if not Path(name).expanduser().exists() and looks_local(name):
+        raise FileNotFoundError(f"tokenizer '{name}' not found (a model or tokenizer directory, e.g. runs/sft/model)")
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
