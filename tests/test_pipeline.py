@@ -286,3 +286,18 @@ def test_a_run_directory_started_with_other_settings_says_which(tmp_path, capsys
     assert "started with other settings" not in capsys.readouterr().err
     run(load_config(PipelineConfig, None, {**settings, "cm": {"splice_fraction": 1.0}, "seed": 3}))
     assert "was started with other settings (seed, cm)" in capsys.readouterr().err
+    kept = list(tmp_path.glob("config.before-*.yaml"))
+    assert len(kept) == 1 and yaml.safe_load(kept[0].read_text())["seed"] == 0  # the settings the world was made with
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 3
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"ppo_lag": {"learnin_rate": 1}}, r"pipeline setting 'ppo_lag': unknown key 'learnin_rate' \(did you mean 'learning_rate'\?\)"),
+    ({"shaping": {"nus": "abc"}}, r"pipeline setting 'shaping': 'nus' must be a number, got 'abc'"),
+    ({"world": {"bogus": 1}}, r"pipeline setting 'world': unknown key 'bogus'"),
+    ({"round_cm": {"splice_fraction": "all"}}, r"pipeline setting 'round_cm': 'splice_fraction' must be a number"),
+])
+def test_a_bad_stage_setting_fails_before_any_stage_runs(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        run(load_config(PipelineConfig, None, {"output_dir": str(tmp_path / "run"), "stages": ["world"], **settings}))
+    assert not (tmp_path / "run").exists()

@@ -68,6 +68,7 @@ def test_a_failing_seed_names_its_log_and_the_command_fails(tmp_path):
     ({"seeds": []}, "at least one seed"),
     ({"seeds": [1, 1]}, "each seed once"),
     ({"jobs": 0}, "jobs must be >= 1"),
+    ({"harmful_target": 5}, r"harmful_target is a rate in \[0, 1\]"),
     ({"stages": ["wrld"]}, r"unknown pipeline stage\(s\) \['wrld'\]"),
     ({"rounds": 2, "round_thresholds": [0.0]}, "round_thresholds has 1 values for 2 rounds"),
 ])

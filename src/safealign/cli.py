@@ -18,14 +18,15 @@ import typer
 from safealign.config import ConfigError, StageFailed, describe_config, load_config
 from safealign.console import stderr_console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-world_app = typer.Typer(no_args_is_help=True, help="SafeWorld, the embedded simulated world.")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate data files.")
+HELP = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0], context_settings=HELP)
+world_app = typer.Typer(no_args_is_help=True, help="SafeWorld, the embedded simulated world.", context_settings=HELP)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate data files.", context_settings=HELP)
 app.add_typer(world_app, name="world")
 app.add_typer(data_app, name="data")
 console = stderr_console()
 
-EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, **HELP}
 
 
 def _user_error(message: str) -> None:
@@ -64,8 +65,9 @@ def _stage_command(name: str, module: str, config_class: str, summary: str) -> N
         _run_stage(module, config_class, config, list(ctx.args))
 
     command.__doc__ = summary
+    asks_help = bool({"--help", "-h"} & set(sys.argv))
     app.command(name=name, context_settings=EXTRA_ARGS, help=_stage_help(module, config_class, summary)
-                if "--help" in sys.argv and name in sys.argv else summary)(command)
+                if asks_help and name in sys.argv else summary)(command)
 
 
 _stage_command("sft", "safealign.algorithms.sft", "SFTConfig", "Supervised fine-tuning of the policy (loss on response tokens).")
@@ -88,15 +90,17 @@ _stage_command("aggregate", "safealign.evaluation.aggregate", "AggregateConfig",
                "Summarise finished pipeline runs (e.g. one per seed): claims counted over runs, numbers as mean ± std (seeds.html).")
 
 
-@world_app.command("generate", context_settings=EXTRA_ARGS)
+WORLD_SUMMARY = "Generate SafeWorld (prompts, SFT corpus, annotated preference pairs) as PKU-format files."
+
+
+@world_app.command("generate", context_settings=EXTRA_ARGS,
+                   help=_stage_help("safealign.data.safeworld.generate", "WorldConfig", WORLD_SUMMARY)
+                   if {"--help", "-h"} & set(sys.argv) and "generate" in sys.argv else WORLD_SUMMARY)
 def world_generate(
     ctx: typer.Context,
-    out: Path = typer.Option(..., "--out", help="Directory to write the world into."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="World seed (default 0)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of WorldConfig keys."),
 ) -> None:
-    """Generate SafeWorld (prompts, SFT corpus, annotated preference pairs) as PKU-format files."""
-    _run_stage("safealign.data.safeworld.generate", "WorldConfig", config, list(ctx.args), {"out": str(out), "seed": seed})
+    _run_stage("safealign.data.safeworld.generate", "WorldConfig", config, list(ctx.args))
 
 
 @data_app.command("validate")

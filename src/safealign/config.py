@@ -116,6 +116,11 @@ def _apply(values: dict[str, Any], updates: dict[str, Any], types_: dict[str, An
         values[key] = _coerce(value, types_[key], key, source)
 
 
+def check_overrides(cls: type, overrides: dict[str, Any], source: str) -> None:
+    """Fail (ConfigError naming `source`) when `overrides` has a key `cls` lacks or a value of the wrong type."""
+    _apply({}, overrides, _field_types(cls), source)
+
+
 def parse_overrides(args: list[str], types_: dict[str, Any] | None = None) -> dict[str, Any]:
     """Turn ['--lr', '1e-4', '--bf16=false', '--flag'] into {'lr': 1e-4, 'bf16': False, 'flag': True}.
 

@@ -33,6 +33,7 @@ produce, with paths relative to the run directory, for the report and the multi-
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from typing import Any, Callable, Literal, TypeVar
 import yaml
 from rich.table import Table
 
-from safealign.config import ConfigError, config_field, config_to_dict, load_config, save_config
+from safealign.config import ConfigError, check_overrides, config_field, config_to_dict, load_config, save_config
 from safealign.console import stderr_console
 from safealign.io import atomic_write_json
 
@@ -234,7 +235,8 @@ def resume_interrupted(config: StageConfig) -> StageConfig:
 
 def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
     """A run directory started with other settings keeps the stages already done (skip-when-done): say which
-    settings differ, so that results of two configurations are not mixed unknowingly."""
+    settings differ, so that results of two configurations are not mixed unknowingly, and keep the earlier
+    config.yaml next to the new one (config.before-<UTC time>.yaml)."""
     try:
         previous = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
@@ -244,15 +246,33 @@ def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
     current = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     changed = [k for k in current if k != "stages" and k in previous and previous[k] != current[k]]
     if changed:
+        # config.yaml will describe this invocation: the one it replaces is kept, since done stages came from it
+        kept = root / f"config.before-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.yaml"
+        (root / "config.yaml").replace(kept)
         console.print(f"[yellow]warning:[/] {root} was started with other settings ({', '.join(changed)}): the stages already "
                       "done keep their results and are skipped; remove their directories (or use a new output_dir) to "
-                      "redo them with these settings", highlight=False)
+                      f"redo them with these settings. The earlier settings are kept in {kept.name}.", highlight=False)
+
+
+# The config class that reads each per-stage mapping of PipelineConfig (checked before any stage runs).
+STAGE_SETTINGS_CLASSES = {
+    "world": ("safealign.data.safeworld.generate", "WorldConfig"), "sft": ("safealign.algorithms.sft", "SFTConfig"),
+    "rm": ("safealign.algorithms.reward", "RewardConfig"), "cm": ("safealign.algorithms.cost", "CostConfig"),
+    "evaluate": ("safealign.evaluation.gold", "GoldEvalConfig"), "eval_scores": ("safealign.evaluation.scores", "ScoreEvalConfig"),
+    "ppo_lag": ("safealign.algorithms.ppo_lag", "PPOLagConfig"), "ppo": ("safealign.algorithms.ppo", "PPOConfig"),
+    "shaping": ("safealign.algorithms.reward_shaping", "RewardShapingConfig"), "redteam": ("safealign.rounds", "RedTeamConfig"),
+    "round_rm": ("safealign.algorithms.reward", "RewardConfig"), "round_cm": ("safealign.algorithms.cost", "CostConfig"),
+    "round_ppo_lag": ("safealign.algorithms.ppo_lag", "PPOLagConfig"), "compare": ("safealign.evaluation.compare", "CompareConfig"),
+}
 
 
 def check_config(cfg: PipelineConfig) -> list[str]:
-    """The stages cfg runs (`rounds` expanded); a ConfigError before anything runs when the settings cannot work."""
+    """The stages cfg runs (`rounds` expanded); a ConfigError before anything runs when the settings cannot work:
+    unknown stages, round settings that do not fit, a per-stage mapping with a key or value its stage rejects."""
     stages = expand_stages(cfg)
     _check_rounds(cfg, stages)
+    for key, (module, name) in STAGE_SETTINGS_CLASSES.items():
+        check_overrides(getattr(importlib.import_module(module), name), getattr(cfg, key), f"pipeline setting '{key}'")
     known = list(STAGES) + [round_stage(k, step) for k in range(2, num_rounds(cfg) + 1) for step in ROUND_STEPS]
     unknown = [s for s in stages if s not in known]
     if unknown:

@@ -1,6 +1,8 @@
 """The pipeline over several seeds, then one summary: `safealign seeds`.
 
-    safealign seeds --config configs/pipeline.yaml --seeds "[0, 1, 2, 3]" --output_dir runs/seeds [--jobs 4]
+    safealign seeds --config configs/pipeline.yaml --output_dir runs/seeds --seeds "[0, 1, 2, 3]" [--jobs 4]
+
+(Name the output_dir: configs/pipeline.yaml sets its own, runs/demo, which would put the seeds inside the demo run.)
 
 Every key of `safealign pipeline` is accepted (same YAML); `seed` is replaced by `seeds`. Seed S runs as its own
 `safealign pipeline` process into `output_dir/seed-S/` (config.yaml there; its output in `seed-S/pipeline.log`,
@@ -96,6 +98,9 @@ def run(cfg: SeedsConfig) -> dict[str, Any]:
         raise ConfigError(f"seeds: each seed once, got {seeds}")
     if cfg.jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {cfg.jobs}")
+    for key in ("harmful_target", "over_refusal_margin"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"{key} is a rate in [0, 1] (0.03 = 3%), got {getattr(cfg, key)}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("safealign seeds starts its own pipeline processes: run it without accelerate launch / torchrun")
     check_config(pipeline_config(cfg, seeds[0]))  # a bad stage name or round setting fails here, not in every process

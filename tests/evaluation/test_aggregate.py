@@ -132,11 +132,16 @@ def test_aggregate_counts_claims_and_summarises_every_number(tmp_path):
                 shown = format_value(value, column["style"])
                 assert html.escape(shown) in page and shown.replace("|", "\\|") in markdown, (block["title"], column["name"])
     assert "simulation" in page.lower()
+    assert not any("share seed" in note for note in summary["notes"])
+    twice = aggregate(AggregateConfig(run_dirs=[dirs[0], dirs[0] + "/"], output_dir=str(tmp_path / "twice")))
+    assert any("share seed 0" in note for note in twice["notes"])
 
 
 def test_aggregate_errors_name_what_is_missing(tmp_path):
     with pytest.raises(ConfigError, match="run_dirs is empty"):
         aggregate(AggregateConfig(run_dirs=[], output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"harmful_target is a rate in \[0, 1\] \(0.03 = 3%\), got 3.0"):
+        aggregate(AggregateConfig(run_dirs=[str(tmp_path)], output_dir=str(tmp_path), harmful_target=3.0))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         aggregate(AggregateConfig(run_dirs=[str(tmp_path / "nowhere")], output_dir=str(tmp_path)))
     empty = tmp_path / "fresh"

@@ -276,6 +276,10 @@ def test_a_run_with_only_sft_renders_and_says_what_is_missing(tmp_path):
     assert page.count(IMG) == len(blocks(report, "figure")) == 1  # the per-category heatmap of SFT
     assert "compare stage has not run" in (root / "report.md").read_text()
 
+    (root / "eval" / "sft" / "metrics.json").write_text('{"broken": ')  # a corrupt file is not a missing one
+    notes = " ".join(build_report(root)["notes"])
+    assert "sft: eval/sft/metrics.json is unreadable (not valid JSON)" in notes and "sft: not evaluated yet" not in notes
+
 
 def test_a_run_without_gold_judges_says_so_and_shows_the_judge_free_numbers(tmp_path):
     from safealign.evaluation.gold import summarise_samples

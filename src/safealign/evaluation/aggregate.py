@@ -213,6 +213,16 @@ def _about(runs: list[RunSummary], safeworld: bool) -> Section:
     for r in runs:
         wall = sum(v for k, v in r.metrics.items() if k.startswith("time_s/") and _numeric(v))
         rows.append([r.label, r.seed, len(r.run.evaluated()), len(r.rounds()), wall / 60 if wall else None, str(r.run.root)])
+    by_seed: dict[int, list[str]] = {}
+    for r in runs:
+        if r.seed is not None:
+            by_seed.setdefault(r.seed, []).append(r.label)
+    for seed, labels in by_seed.items():
+        if len(labels) > 1:
+            section.notes.append(f"Runs {', '.join(labels)} share seed {seed}: if their settings are the same too, their "
+                                 "differences are not seed-to-seed variation.")
+    if not any(r.run.evaluated() for r in runs):
+        section.notes.append("No run has an evaluated policy: are these run directories of `safealign pipeline`?")
     section.blocks.append(TableBlock("Runs", [Column("run"), Column("seed", "int"), Column("policies evaluated", "int"),
                                               Column("Safe RLHF rounds", "int"), Column("stage time (min)", "num"),
                                               Column("directory")], rows))
@@ -353,6 +363,9 @@ def aggregate(cfg: AggregateConfig) -> dict[str, Any]:
     """Write output_dir/seeds.{html,md,json} (+ seeds/*.png) for cfg.run_dirs; return seeds.json's content."""
     if not cfg.run_dirs:
         raise ConfigError("aggregate: run_dirs is empty: give the run directories to summarise")
+    for key in ("harmful_target", "over_refusal_margin"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"aggregate: {key} is a rate in [0, 1] (0.03 = 3%), got {getattr(cfg, key)}")
     runs = read_runs(cfg.run_dirs)
     safeworld = any(r.run.safeworld for r in runs)
     claims_section, claims = _claims(runs, cfg)

@@ -233,6 +233,8 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
         raise ConfigError(f"evaluate: {err}") from None
     if cfg.batch_size < 1:
         raise ConfigError(f"evaluate: batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.limit < 0:
+        raise ConfigError(f"evaluate: limit must be >= 0 (0 = every prompt), got {cfg.limit}")
     records = _select(load_prompts(cfg.prompts), cfg.limit, cfg.seed)
     gold = uses_gold(cfg.gold, [r.kind for r in records])
     judges = safeworld_judges() if gold else None  # fail before generating if the judges cannot be imported

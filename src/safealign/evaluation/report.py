@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from safealign.config import config_field
+from safealign.config import ConfigError, config_field
 from safealign.evaluation.compare import Manifest, PolicyEntry, load_manifest
 from safealign.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -187,7 +187,10 @@ def read_run(root: Path) -> tuple[Run, list[str]]:
         eval_dir = root / entry.eval_dir
         metrics = read_json_or_none(eval_dir / "metrics.json")
         samples = eval_dir / "samples.jsonl" if (eval_dir / "samples.jsonl").is_file() else None
-        if metrics is None:
+        if metrics is None and (eval_dir / "metrics.json").is_file():
+            notes.append(f"Policy {entry.name}: {entry.eval_dir}/metrics.json is unreadable (not valid JSON): left out of the "
+                         "tables; delete it and re-run its evaluation.")
+        elif metrics is None:
             notes.append(f"Policy {entry.name}: not evaluated yet ({entry.eval_dir}/metrics.json missing): left out of the tables.")
         policies.append(Policy(entry, metrics, samples))
     comparison = read_json_or_none(root / COMPARISON)
@@ -822,6 +825,8 @@ def write_report(root: Path, stem: str, title: str, sections: list[Section], hea
 
 def run(cfg: ReportConfig) -> dict[str, Any]:
     """`safealign report`: build the report; returns where it is and what is missing."""
+    if cfg.samples_per_kind < 0:
+        raise ConfigError(f"report: samples_per_kind must be >= 0, got {cfg.samples_per_kind}")
     report = build_report(Path(cfg.run_dir), cfg.samples_per_kind)
     root = Path(cfg.run_dir)
     return {"report_html": str(root / "report.html"), "report_md": str(root / "report.md"),
