@@ -301,8 +301,13 @@ def _read_with_load_dataset(name: str, split: str | None) -> Rows:
     try:
         loaded = datasets.load_dataset(name, split=split or "train")
     except Exception as err:  # noqa: BLE001 - the hub/network/builder raise many types; report them all alike
+        folder = Path(name).expanduser()
+        files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.suffix.lower() in FILE_FORMATS) \
+            if folder.is_dir() else []
+        hint = (f"; it holds {len(files)} data files ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''}): "
+                "give one file") if files else ""
         raise DataError(name, "not a local file or `datasets` directory, and `datasets.load_dataset` could not "
-                              f"load it ({type(err).__name__}: {err})") from None
+                              f"load it ({type(err).__name__}: {err}){hint}") from None
     return Rows(loaded.to_list(), name, "hub")
 
 
