@@ -53,3 +53,10 @@ def test_validate_a_missing_file(tmp_path):
     assert result.exit_code != 0
     assert "nope.jsonl: no such file or directory" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_an_output_path_that_is_a_file_is_a_user_error(tmp_path):
+    (tmp_path / "taken").write_text("")
+    result = CliRunner().invoke(app, ["world", "generate", "--out", str(tmp_path / "taken" / "w"), "--sft_examples", "10",
+                                      "--train_pairs", "10", "--test_pairs", "5"])
+    assert result.exit_code == 2 and "Not a directory" in result.output and "Traceback" not in result.output

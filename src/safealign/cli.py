@@ -47,6 +47,8 @@ def _run_stage(module: str, config_class: str, config: Optional[Path], args: lis
         metrics = stage.run(cfg)
     except (ConfigError, DataError, FileNotFoundError, StageFailed) as err:
         _user_error(str(err))
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:  # a path the user gave
+        _user_error(f"{err.strerror or err}: {err.filename}" + (f" -> {err.filename2}" if err.filename2 else ""))
     if metrics is not None:
         print(json.dumps(metrics, indent=2, default=str))
     return metrics
