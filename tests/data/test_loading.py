@@ -407,3 +407,16 @@ def test_invalid_json_document_names_line_and_column(tmp_path, rows):
     with pytest.raises(DataError) as info:
         load_rows(path)
     assert_located(info.value, path, None, None, "invalid JSON at line", "Expecting value")
+
+
+def test_a_json_file_holding_one_row_is_one_row(tmp_path):
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}))
+    assert list(load_rows(chat)) == [json.loads(chat.read_text())]
+    single = tmp_path / "prompt.json"
+    single.write_text(json.dumps({"prompt": "How do I bake bread?", "tags": ["food"]}))
+    assert len(load_rows(single)) == 1
+    several = tmp_path / "several.json"
+    several.write_text(json.dumps({"a": [{"prompt": "x"}], "b": [{"prompt": "y"}]}))
+    with pytest.raises(DataError, match="several lists of rows"):
+        load_rows(several)

@@ -216,6 +216,8 @@ def _parse_json(file: str, text: str, split: str | None) -> Rows:
         if err.msg == "Extra data":  # one object per line, under a .json name (`Dataset.to_json` does this)
             return _parse_jsonl(file, text)
         raise DataError(file, f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if isinstance(document, dict) and ("prompt" in document or "messages" in document):
+        document = [document]  # one row (its `messages` list is a field, not the rows)
     if isinstance(document, dict):
         lists = [k for k, v in document.items() if isinstance(v, list)]
         if split in lists:
@@ -225,7 +227,8 @@ def _parse_json(file: str, text: str, split: str | None) -> Rows:
         elif lists:
             preferred = [k for k in JSON_LIST_KEYS if k in lists]
             if not preferred and len(lists) > 1:
-                raise DataError(file, f"several lists of rows ({lists}): pass the one to read as the split")
+                raise DataError(file, f"several lists of rows ({lists}) and none named {list(JSON_LIST_KEYS)}: keep one "
+                                      "list per file (or pass `split` in Python: load_rows(path, split=...))")
             document = document[(preferred or lists)[0]]
         else:
             document = [document]  # a single record
