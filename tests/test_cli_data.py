@@ -60,3 +60,10 @@ def test_an_output_path_that_is_a_file_is_a_user_error(tmp_path):
     result = CliRunner().invoke(app, ["world", "generate", "--out", str(tmp_path / "taken" / "w"), "--sft_examples", "10",
                                       "--train_pairs", "10", "--test_pairs", "5"])
     assert result.exit_code == 2 and "Not a directory" in result.output and "Traceback" not in result.output
+
+
+def test_brackets_in_an_error_message_are_shown_as_written(tmp_path):
+    turns = [{"role": r, "content": "x"} for r in ("user", "assistant", "user", "assistant")]
+    path = _write(tmp_path / "long.jsonl", [{"messages": turns}])
+    result = CliRunner().invoke(app, ["data", "validate", str(path), "--kind", "sft"], env=ENV)
+    assert result.exit_code == 2 and "([system,] user, assistant)" in result.output  # not eaten as rich markup

@@ -31,7 +31,9 @@ EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, **HELP}
 
 def _user_error(message: str) -> None:
     # soft_wrap: never break a long path or row reference across lines (copy-paste, grep)
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # a message may hold brackets ("[system,] user"): text, not markup
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
