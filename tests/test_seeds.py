@@ -48,6 +48,8 @@ def test_seeds_run_in_parallel_processes_then_are_summarised(tmp_path):
     assert summary["runs"] == {f"seed-{s}": {"run_dir": str(root / f"seed-{s}"), "seed": s} for s in (3, 4)}
     assert summary["metrics"]["world/train_pairs"]["values"] == {"seed-3": 30, "seed-4": 30}
     assert metrics["runs"] == 2 and (root / "seeds.html").is_file()
+    progress = json.loads((root / "seed-3" / "progress.json").read_text())
+    assert progress["stage"] is None and progress["number"] == progress["stages"] == 1  # the pipeline finished
     assert yaml.safe_load((root / "config.yaml").read_text())["seeds"] == [3, 4]
 
     # The same command again resumes: each pipeline finds its world done and skips it.

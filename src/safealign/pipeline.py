@@ -27,7 +27,8 @@ starting keeps round 1's fit, and replaying all the pairs (not only the new ones
 towards the new pairs' prompt mix.
 
 `output_dir/policies.json` (written after every stage) lists every policy and value model the stages
-produce, with paths relative to the run directory, for the report and the multi-model comparison.
+produce, with paths relative to the run directory, for the report and the multi-model comparison;
+`output_dir/progress.json` names the stage running now (`safealign seeds` shows it per seed).
 """
 
 from __future__ import annotations
@@ -480,6 +481,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             round_stage(k, "ppo_lag"): (round_ppo_lag(k), root / dirs["ppo_lag"]),
             round_stage(k, "evaluate"): (lambda policy=policy, out=root / dirs["eval"]: gold_eval(policy, out), root / dirs["eval"]),
         })
+
     def write_manifest() -> None:
         atomic_write_json(root / "policies.json", policies_manifest(cfg, root, set(stages)))
 
@@ -487,7 +489,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}  # wall seconds of the stages that ran
     cpu_timings: dict[str, float] = {}  # CPU seconds (all threads): on a busy shared machine, close to a quiet run's wall time
-    for name in stages:
+    for number, name in enumerate(stages, start=1):
         if name == "world" and not uses_world:
             continue
         fn, stage_dir = stage_fns[name]
@@ -496,6 +498,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             console.print(f"[dim]skip {name}: {done} exists[/]")
             results[name] = json.loads(done.read_text())
             continue
+        # progress.json: which stage runs now, for whoever watches the run (`safealign seeds`, a dashboard)
+        atomic_write_json(root / "progress.json", {"stage": name, "number": number, "stages": len(stages),
+                                                   "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         console.rule(f"[bold]{name}")
         start, cpu_start = time.perf_counter(), time.process_time()
         results[name] = fn()
@@ -503,6 +508,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         cpu_timings[name] = round(time.process_time() - cpu_start, 1)
         write_manifest()
 
+    atomic_write_json(root / "progress.json", {"stage": None, "number": len(stages), "stages": len(stages),
+                                               "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     summary = _summary(results, timings, cpu_timings)
     summary.update(_round_headlines(cfg, summary))
     atomic_write_json(root / "metrics.json", summary)

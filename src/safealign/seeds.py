@@ -18,6 +18,7 @@ A seed that fails is reported with its log, the others are still summarised, and
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,6 +91,17 @@ def _copy_output(stream: IO[bytes], log_path: Path, echo: bool) -> None:
     stream.close()
 
 
+def _current_stage(run_dir: Path) -> str | None:
+    """'rm (5/26)' from a running pipeline's progress.json; None before its first stage or when unreadable."""
+    try:
+        progress = json.loads((run_dir / "progress.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not progress.get("stage"):
+        return None
+    return f"{progress['stage']} ({progress['number']}/{progress['stages']})"
+
+
 def run(cfg: SeedsConfig) -> dict[str, Any]:
     seeds = list(cfg.seeds)
     if not seeds:
@@ -111,6 +123,7 @@ def run(cfg: SeedsConfig) -> dict[str, Any]:
     running: dict[int, tuple[subprocess.Popen, float, threading.Thread, int]] = {}
     finished: dict[int, dict[str, Any]] = {}
     num_gpus = _num_gpus() if cfg.jobs > 1 else 0
+    shown: dict[int, str] = {}  # the stage last shown per running seed
     while pending or running:
         while pending and len(running) < cfg.jobs:
             seed = pending.pop(0)
@@ -128,6 +141,12 @@ def run(cfg: SeedsConfig) -> dict[str, Any]:
             gpu = f", GPU {env['CUDA_VISIBLE_DEVICES']}" if num_gpus > 1 and "CUDA_VISIBLE_DEVICES" in env else ""
             console.print(f"seed {seed}: started ({out}{gpu}, log: {out / 'pipeline.log'})", highlight=False)
         time.sleep(0.2)
+        if cfg.jobs > 1:  # one job shows its own output; several: a line when a pipeline starts a stage
+            for seed in running:
+                stage = _current_stage(seed_dir(cfg, seed))
+                if stage is not None and stage != shown.get(seed):
+                    shown[seed] = stage
+                    console.print(f"seed {seed}: {stage}", highlight=False)
         for seed, (process, started, pump, _) in list(running.items()):
             if process.poll() is None:
                 continue
