@@ -5,15 +5,16 @@
 (Name the output_dir: configs/pipeline.yaml sets its own, runs/demo, which would put the seeds inside the demo run.)
 
 Every key of `safealign pipeline` is accepted (same YAML); `seed` is replaced by `seeds`. Seed S runs as its own
-`safealign pipeline` process into `output_dir/seed-S/` (config.yaml there; its output in `seed-S/pipeline.log`,
-and on the terminal when one job runs at a time), `jobs` of them at a time, and `safealign aggregate` then summarises the finished runs into
-`output_dir/seeds.{html,md,json}` (claims counted over runs, every number as mean ± std and range).
+`safealign pipeline` process into `output_dir/seed-S/` (config.yaml there, its output in `seed-S/pipeline.log` and,
+when one job runs at a time, on the terminal), `jobs` of them at a time; `safealign aggregate` then summarises the
+runs into `output_dir/seeds.{html,md,json}` (claims counted over runs, every number as mean ± std and range).
 
 Why processes: each pipeline owns its Accelerate state, threads and memory, a seed that crashes does not take the
 others down, and several small runs share one GPU well (eight tiny-preset pipelines at once on one H100 took
 6.5 minutes, docs/results.md). On a machine with several GPUs the jobs take one GPU each in turn; on a CPU they
-split its cores (each gets cpu_count / jobs threads), so `jobs: 1` is as fast there. Re-running the same command resumes: each pipeline skips its finished stages.
-A seed that fails is reported with its log, the others are still summarised, and the command exits non-zero.
+split its cores (each gets cpu_count / jobs threads), so `jobs: 1` is as fast there. Re-running the same command
+resumes: each pipeline skips its finished stages. A seed that fails is reported with its log, the others are
+still summarised, and the command exits non-zero.
 """
 
 from __future__ import annotations
@@ -103,11 +104,32 @@ def _current_stage(run_dir: Path) -> str | None:
 
 
 def run(cfg: SeedsConfig) -> dict[str, Any]:
-    seeds = list(cfg.seeds)
-    if not seeds:
+    _check(cfg)
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / "config.yaml")
+    finished = _run_pipelines(cfg)
+    metrics: dict[str, Any] = {f"seed-{s}/time_s": finished[s]["time_s"] for s in cfg.seeds}
+    summarised = [s for s in cfg.seeds if (seed_dir(cfg, s) / "policies.json").is_file()]  # a failed seed's done stages count
+    if summarised:
+        metrics.update(aggregate(AggregateConfig(
+            run_dirs=[str(seed_dir(cfg, s)) for s in summarised], output_dir=str(root),
+            harmful_target=cfg.harmful_target, over_refusal_margin=cfg.over_refusal_margin)))
+    failed = [s for s in cfg.seeds if finished[s]["returncode"] != 0]
+    if failed:
+        logs = ", ".join(f"seed {s}: {seed_dir(cfg, s) / 'pipeline.log'}" for s in failed)
+        summary = f"the stages that finished are summarised in {root / 'seeds.html'}" if summarised else "nothing to summarise"
+        raise StageFailed(f"{len(failed)} of {len(cfg.seeds)} pipelines failed ({logs}); {summary}. "
+                          "Re-run the same command to resume them.")
+    return metrics
+
+
+def _check(cfg: SeedsConfig) -> None:
+    """Everything that can be wrong before a process starts (the pipeline's own checks included)."""
+    if not cfg.seeds:
         raise ConfigError("seeds: give at least one seed, e.g. --seeds \"[0, 1, 2]\"")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds: each seed once, got {seeds}")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds: each seed once, got {cfg.seeds}")
     if cfg.jobs < 1:
         raise ConfigError(f"jobs must be >= 1, got {cfg.jobs}")
     for key in ("harmful_target", "over_refusal_margin"):
@@ -115,12 +137,13 @@ def run(cfg: SeedsConfig) -> dict[str, Any]:
             raise ConfigError(f"{key} is a rate in [0, 1] (0.03 = 3%), got {getattr(cfg, key)}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("safealign seeds starts its own pipeline processes: run it without accelerate launch / torchrun")
-    check_config(pipeline_config(cfg, seeds[0]))  # a bad stage name or round setting fails here, not in every process
-    root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "config.yaml")
-    pending = list(seeds)
-    running: dict[int, tuple[subprocess.Popen, float, threading.Thread, int]] = {}
+    check_config(pipeline_config(cfg, cfg.seeds[0]))  # a bad stage name or setting fails here, not in every process
+
+
+def _run_pipelines(cfg: SeedsConfig) -> dict[int, dict[str, Any]]:
+    """Run one pipeline process per seed, `cfg.jobs` at a time; {seed: {returncode, time_s}}."""
+    pending = list(cfg.seeds)
+    running: dict[int, tuple[subprocess.Popen, float, threading.Thread, int]] = {}  # seed: process, start, pump, slot
     finished: dict[int, dict[str, Any]] = {}
     num_gpus = _num_gpus() if cfg.jobs > 1 else 0
     shown: dict[int, str] = {}  # the stage last shown per running seed
@@ -141,7 +164,7 @@ def run(cfg: SeedsConfig) -> dict[str, Any]:
             gpu = f", GPU {env['CUDA_VISIBLE_DEVICES']}" if num_gpus > 1 and "CUDA_VISIBLE_DEVICES" in env else ""
             console.print(f"seed {seed}: started ({out}{gpu}, log: {out / 'pipeline.log'})", highlight=False)
         time.sleep(0.2)
-        if cfg.jobs > 1:  # one job shows its own output; several: a line when a pipeline starts a stage
+        if cfg.jobs > 1:  # several jobs: a line when a pipeline starts a stage
             for seed in running:
                 stage = _current_stage(seed_dir(cfg, seed))
                 if stage is not None and stage != shown.get(seed):
@@ -155,17 +178,4 @@ def run(cfg: SeedsConfig) -> dict[str, Any]:
             finished[seed] = {"returncode": process.returncode, "time_s": round(time.monotonic() - started, 1)}
             state = "done" if process.returncode == 0 else f"[bold red]failed[/] (exit code {process.returncode})"
             console.print(f"seed {seed}: {state} in {finished[seed]['time_s']:.0f} s", highlight=False)
-    completed = [s for s in seeds if finished[s]["returncode"] == 0]
-    failed = [s for s in seeds if s not in completed]
-    metrics: dict[str, Any] = {f"seed-{s}/time_s": finished[s]["time_s"] for s in seeds}
-    summarised = [s for s in seeds if (seed_dir(cfg, s) / "policies.json").is_file()]  # a failed seed's finished stages count
-    if summarised:
-        metrics.update(aggregate(AggregateConfig(
-            run_dirs=[str(seed_dir(cfg, s)) for s in summarised], output_dir=str(root),
-            harmful_target=cfg.harmful_target, over_refusal_margin=cfg.over_refusal_margin)))
-    if failed:
-        logs = ", ".join(f"seed {s}: {seed_dir(cfg, s) / 'pipeline.log'}" for s in failed)
-        summary = f"the stages that finished are summarised in {root / 'seeds.html'}" if summarised else "nothing to summarise"
-        raise StageFailed(f"{len(failed)} of {len(seeds)} pipelines failed ({logs}); {summary}. "
-                          "Re-run the same command to resume them.")
-    return metrics
+    return finished
