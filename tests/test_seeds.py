@@ -38,6 +38,7 @@ def test_seeds_run_in_parallel_processes_then_are_summarised(tmp_path):
     for seed in (3, 4):
         out = root / f"seed-{seed}"
         assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == seed
+        assert yaml.safe_load((root / f"seed-{seed}.yaml").read_text())["output_dir"] == str(out)
         assert "world" in (out / "pipeline.log").read_text()
         worlds[seed] = json.loads((out / "world" / "world.json").read_text())
         assert worlds[seed]["seed"] == seed
@@ -56,6 +57,10 @@ def test_seeds_run_in_parallel_processes_then_are_summarised(tmp_path):
     before = {s: (root / f"seed-{s}" / "world" / "world.json").stat().st_mtime_ns for s in (3, 4)}
     run(cfg)
     assert before == {s: (root / f"seed-{s}" / "world" / "world.json").stat().st_mtime_ns for s in (3, 4)}
+    assert "started with other settings" not in (root / "seed-3" / "pipeline.log").read_text()
+    # Other settings in the same directory: each pipeline says so (its done stages are kept).
+    run(seeds_config(tmp_path, seeds=[3], world={**TINY_WORLD, "train_pairs": 40}))
+    assert "was started with other settings (world)" in (root / "seed-3" / "pipeline.log").read_text()
 
 
 def test_a_failing_seed_names_its_log_and_the_command_fails(tmp_path):

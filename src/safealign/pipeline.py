@@ -34,7 +34,6 @@ produce, with paths relative to the run directory, for the report and the multi-
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -255,16 +254,24 @@ def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
                       f"redo them with these settings. The earlier settings are kept in {kept.name}.", highlight=False)
 
 
-# The config class that reads each per-stage mapping of PipelineConfig (checked before any stage runs).
-STAGE_SETTINGS_CLASSES = {
-    "world": ("safealign.data.safeworld.generate", "WorldConfig"), "sft": ("safealign.algorithms.sft", "SFTConfig"),
-    "rm": ("safealign.algorithms.reward", "RewardConfig"), "cm": ("safealign.algorithms.cost", "CostConfig"),
-    "evaluate": ("safealign.evaluation.gold", "GoldEvalConfig"), "eval_scores": ("safealign.evaluation.scores", "ScoreEvalConfig"),
-    "ppo_lag": ("safealign.algorithms.ppo_lag", "PPOLagConfig"), "ppo": ("safealign.algorithms.ppo", "PPOConfig"),
-    "shaping": ("safealign.algorithms.reward_shaping", "RewardShapingConfig"), "redteam": ("safealign.rounds", "RedTeamConfig"),
-    "round_rm": ("safealign.algorithms.reward", "RewardConfig"), "round_cm": ("safealign.algorithms.cost", "CostConfig"),
-    "round_ppo_lag": ("safealign.algorithms.ppo_lag", "PPOLagConfig"), "compare": ("safealign.evaluation.compare", "CompareConfig"),
-}
+def stage_settings_classes() -> dict[str, type]:
+    """The config class that reads each per-stage mapping of PipelineConfig (checked before any stage runs)."""
+    from safealign.algorithms.cost import CostConfig
+    from safealign.algorithms.ppo import PPOConfig
+    from safealign.algorithms.ppo_lag import PPOLagConfig
+    from safealign.algorithms.reward import RewardConfig
+    from safealign.algorithms.reward_shaping import RewardShapingConfig
+    from safealign.algorithms.sft import SFTConfig
+    from safealign.data.safeworld.generate import WorldConfig
+    from safealign.evaluation.compare import CompareConfig
+    from safealign.evaluation.gold import GoldEvalConfig
+    from safealign.evaluation.scores import ScoreEvalConfig
+    from safealign.rounds import RedTeamConfig
+
+    return {"world": WorldConfig, "sft": SFTConfig, "rm": RewardConfig, "cm": CostConfig, "evaluate": GoldEvalConfig,
+            "eval_scores": ScoreEvalConfig, "ppo_lag": PPOLagConfig, "ppo": PPOConfig, "shaping": RewardShapingConfig,
+            "redteam": RedTeamConfig, "round_rm": RewardConfig, "round_cm": CostConfig, "round_ppo_lag": PPOLagConfig,
+            "compare": CompareConfig}
 
 
 def check_config(cfg: PipelineConfig) -> list[str]:
@@ -272,8 +279,8 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     unknown stages, round settings that do not fit, a per-stage mapping with a key or value its stage rejects."""
     stages = expand_stages(cfg)
     _check_rounds(cfg, stages)
-    for key, (module, name) in STAGE_SETTINGS_CLASSES.items():
-        check_overrides(getattr(importlib.import_module(module), name), getattr(cfg, key), f"pipeline setting '{key}'")
+    for key, config_class in stage_settings_classes().items():
+        check_overrides(config_class, getattr(cfg, key), f"pipeline setting '{key}'")
     known = list(STAGES) + [round_stage(k, step) for k in range(2, num_rounds(cfg) + 1) for step in ROUND_STEPS]
     unknown = [s for s in stages if s not in known]
     if unknown:

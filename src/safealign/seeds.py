@@ -5,8 +5,8 @@
 (Name the output_dir: configs/pipeline.yaml sets its own, runs/demo, which would put the seeds inside the demo run.)
 
 Every key of `safealign pipeline` is accepted (same YAML); `seed` is replaced by `seeds`. Seed S runs as its own
-`safealign pipeline` process into `output_dir/seed-S/` (config.yaml there, its output in `seed-S/pipeline.log` and,
-when one job runs at a time, on the terminal), `jobs` of them at a time; `safealign aggregate` then summarises the
+`safealign pipeline` process into `output_dir/seed-S/` (its config in `output_dir/seed-S.yaml`, its output in
+`seed-S/pipeline.log` and, when one job runs at a time, on the terminal), `jobs` of them at a time; `safealign aggregate` then summarises the
 runs into `output_dir/seeds.{html,md,json}` (claims counted over runs, every number as mean ± std and range).
 
 Why processes: each pipeline owns its Accelerate state, threads and memory, a seed that crashes does not take the
@@ -153,8 +153,10 @@ def _run_pipelines(cfg: SeedsConfig) -> dict[int, dict[str, Any]]:
             slot = min(set(range(cfg.jobs)) - {job[3] for job in running.values()})
             out = seed_dir(cfg, seed)
             out.mkdir(parents=True, exist_ok=True)
-            save_config(pipeline_config(cfg, seed), out / "config.yaml")  # the pipeline re-saves the same resolved config
-            command = [sys.executable, "-m", "safealign.cli", "pipeline", "--config", str(out / "config.yaml")]
+            # The request goes next to the runs: the pipeline compares it with the config.yaml of its earlier start.
+            request = Path(cfg.output_dir) / f"seed-{seed}.yaml"
+            save_config(pipeline_config(cfg, seed), request)
+            command = [sys.executable, "-m", "safealign.cli", "pipeline", "--config", str(request)]
             env = child_env(dict(os.environ), cfg.jobs, slot, num_gpus, os.cpu_count() or 1)
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             # One job at a time: its output also goes to the terminal (stages, progress); several: to their logs only.
