@@ -12,7 +12,10 @@ runs into `output_dir/seeds.{html,md,json}` (claims counted over runs, every num
 Why processes: each pipeline owns its Accelerate state, threads and memory, a seed that crashes does not take the
 others down, and several small runs share one GPU well (eight tiny-preset pipelines at once on one H100 took
 6.5 minutes, docs/results.md). On a machine with several GPUs the jobs take one GPU each in turn; on a CPU they
-split its cores (each gets cpu_count / jobs threads), so `jobs: 1` is as fast there. Re-running the same command
+split its cores (each gets cpu_count / jobs threads), so `jobs: 1` is as fast there. Reproducibility: a seed's run
+is repeatable on the same device and thread count; another thread count (what `jobs` > 1 sets on a CPU) or another
+GPU changes float summation order, and training amplifies that into different numbers (docs/results.md saw one
+such change move SFT's harmful rate by 5 points), so compare runs made the same way. Re-running the same command
 resumes: each pipeline skips its finished stages. A seed that fails is reported with its log, the others are
 still summarised, and the command exits non-zero.
 """
