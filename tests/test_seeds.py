@@ -53,11 +53,15 @@ def test_seeds_run_in_parallel_processes_then_are_summarised(tmp_path):
     assert progress["stage"] is None and progress["number"] == progress["stages"] == 1  # the pipeline finished
     assert yaml.safe_load((root / "config.yaml").read_text())["seeds"] == [3, 4]
 
-    # The same command again resumes: each pipeline finds its world done and skips it.
-    before = {s: (root / f"seed-{s}" / "world" / "world.json").stat().st_mtime_ns for s in (3, 4)}
-    run(cfg)
-    assert before == {s: (root / f"seed-{s}" / "world" / "world.json").stat().st_mtime_ns for s in (3, 4)}
-    assert "started with other settings" not in (root / "seed-3" / "pipeline.log").read_text()
+    # The same command again: both pipelines finished with these settings, so no process starts; the summary is redone.
+    logs = {s: (root / f"seed-{s}" / "pipeline.log").read_text() for s in (3, 4)}
+    assert run(cfg)["seed-3/time_s"] == 0.0
+    assert logs == {s: (root / f"seed-{s}" / "pipeline.log").read_text() for s in (3, 4)}
+    # An interrupted seed (its progress.json names a stage) runs again and skips what it had done.
+    before = (root / "seed-4" / "world" / "world.json").stat().st_mtime_ns
+    (root / "seed-4" / "progress.json").write_text(json.dumps({"stage": "world", "number": 1, "stages": 1}))
+    assert run(cfg)["seed-4/time_s"] > 0 and (root / "seed-4" / "world" / "world.json").stat().st_mtime_ns == before
+    assert "started with other settings" not in (root / "seed-4" / "pipeline.log").read_text()
     # Other settings in the same directory: each pipeline says so (its done stages are kept).
     run(seeds_config(tmp_path, seeds=[3], world={**TINY_WORLD, "train_pairs": 40}))
     assert "was started with other settings (world)" in (root / "seed-3" / "pipeline.log").read_text()

@@ -16,7 +16,8 @@ split its cores (each gets cpu_count / jobs threads), so `jobs: 1` is as fast th
 is repeatable on the same device and thread count; another thread count (what `jobs` > 1 sets on a CPU) or another
 GPU changes float summation order, and training amplifies that into different numbers (docs/results.md saw one
 such change move SFT's harmful rate by 5 points), so compare runs made the same way. Re-running the same command
-resumes: each pipeline skips its finished stages. A seed that fails is reported with its log, the others are
+resumes: a seed whose pipeline finished with the same settings is not started again, the others skip their
+finished stages. A seed that fails is reported with its log, the others are
 still summarised, and the command exits non-zero.
 """
 
@@ -95,6 +96,20 @@ def _copy_output(stream: IO[bytes], log_path: Path, echo: bool) -> None:
     stream.close()
 
 
+def _finished_before(cfg: SeedsConfig, seed: int) -> bool:
+    """Seed's pipeline ran to its end (progress.json) with exactly the settings it would get now (config.yaml)."""
+    import yaml
+
+    out = seed_dir(cfg, seed)
+    try:
+        progress = json.loads((out / "progress.json").read_text(encoding="utf-8"))
+        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    wanted = yaml.safe_load(yaml.safe_dump(asdict(pipeline_config(cfg, seed)), sort_keys=False))
+    return "finished_utc" in progress and saved == wanted
+
+
 def _current_stage(run_dir: Path) -> str | None:
     """'rm (5/26)' from a running pipeline's progress.json; None before its first stage or when unreadable."""
     try:
@@ -150,6 +165,12 @@ def _run_pipelines(cfg: SeedsConfig) -> dict[int, dict[str, Any]]:
     finished: dict[int, dict[str, Any]] = {}
     num_gpus = _num_gpus() if cfg.jobs > 1 else 0
     shown: dict[int, str] = {}  # the stage last shown per running seed
+    for seed in list(pending):
+        if _finished_before(cfg, seed):
+            pending.remove(seed)
+            finished[seed] = {"returncode": 0, "time_s": 0.0}
+            console.print(f"seed {seed}: finished before with these settings ({seed_dir(cfg, seed)}): not run again",
+                          highlight=False)
     while pending or running:
         while pending and len(running) < cfg.jobs:
             seed = pending.pop(0)
