@@ -95,3 +95,16 @@ def test_yaml_boolean_spelling_maps_back_to_literal_choice():
         mixed_precision: Literal["auto", "no", "bf16"] = config_field("auto", help="")
 
     assert load_config(Precision, None, ["--mixed_precision", "no"]).mixed_precision == "no"
+
+
+def test_changed_settings_compares_a_config_with_the_one_saved(tmp_path):
+    from safealign.config import changed_settings
+
+    path = tmp_path / "config.yaml"
+    assert changed_settings(ToyConfig(), path) is None  # nothing saved yet
+    save_config(ToyConfig(), path)
+    assert changed_settings(ToyConfig(), path) == []
+    assert changed_settings(ToyConfig(epochs=3, name="other"), path) == ["epochs", "name"]
+    assert changed_settings(ToyConfig(epochs=3, name="other"), path, ignore=("name",)) == ["epochs"]
+    path.write_text("epochs: 2\n")  # an older version's file without the newer keys: those are not called changed
+    assert changed_settings(ToyConfig(learning_rate=0.5), path) == []

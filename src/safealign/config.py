@@ -192,6 +192,20 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_yaml(path, config_to_dict(cfg))
 
 
+def changed_settings(cfg: Any, path: str | Path, ignore: tuple[str, ...] = ()) -> list[str] | None:
+    """The keys whose value in the config saved at `path` (by `save_config`) differs from `cfg`'s, `ignore` aside;
+    None when no readable config is there. Values are compared as saved (YAML), keys the saved one lacks (an older
+    version's) as unchanged."""
+    try:
+        saved = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    current = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return [k for k, v in current.items() if k not in ignore and k in saved and saved[k] != v]
+
+
 def describe_config(cls: type) -> str:
     """One line per field: `--name (type, default): help`, for `--help` output."""
     lines = []

@@ -43,7 +43,7 @@ from typing import Any, Callable, Literal, TypeVar
 import yaml
 from rich.table import Table
 
-from safealign.config import ConfigError, check_overrides, config_field, config_to_dict, load_config, save_config
+from safealign.config import ConfigError, changed_settings, check_overrides, config_field, load_config, save_config
 from safealign.console import stderr_console
 from safealign.io import atomic_write_json
 
@@ -220,12 +220,7 @@ def resume_interrupted(config: StageConfig) -> StageConfig:
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
         return config
-    try:
-        previous = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        previous = None
-    current = yaml.safe_load(yaml.safe_dump(config_to_dict(config), sort_keys=False))  # as save_config writes it
-    if not isinstance(previous, dict) or {**previous, "resume": ""} != current:
+    if changed_settings(config, out / "config.yaml", ignore=("resume",)) != []:
         console.print(f"[yellow]note:[/] {out} holds checkpoints of an interrupted attempt with another config: "
                       "starting it fresh", highlight=False)
         return config
@@ -237,14 +232,7 @@ def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
     """A run directory started with other settings keeps the stages already done (skip-when-done): say which
     settings differ, so that results of two configurations are not mixed unknowingly, and keep the earlier
     config.yaml next to the new one (config.before-<UTC time>.yaml)."""
-    try:
-        previous = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return
-    if not isinstance(previous, dict):
-        return
-    current = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    changed = [k for k in current if k != "stages" and k in previous and previous[k] != current[k]]
+    changed = changed_settings(cfg, root / "config.yaml", ignore=("stages",))
     if changed:
         # config.yaml will describe this invocation: the one it replaces is kept, since done stages came from it
         kept = root / f"config.before-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.yaml"

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from safealign.config import ConfigError, StageFailed, config_field, save_config
+from safealign.config import ConfigError, StageFailed, changed_settings, config_field, save_config
 from safealign.console import stderr_console
 from safealign.evaluation.aggregate import AggregateConfig
 from safealign.evaluation.aggregate import run as aggregate
@@ -98,16 +98,12 @@ def _copy_output(stream: IO[bytes], log_path: Path, echo: bool) -> None:
 
 def _finished_before(cfg: SeedsConfig, seed: int) -> bool:
     """Seed's pipeline ran to its end (progress.json) with exactly the settings it would get now (config.yaml)."""
-    import yaml
-
     out = seed_dir(cfg, seed)
     try:
         progress = json.loads((out / "progress.json").read_text(encoding="utf-8"))
-        saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError):
         return False
-    wanted = yaml.safe_load(yaml.safe_dump(asdict(pipeline_config(cfg, seed)), sort_keys=False))
-    return "finished_utc" in progress and saved == wanted
+    return "finished_utc" in progress and changed_settings(pipeline_config(cfg, seed), out / "config.yaml") == []
 
 
 def _current_stage(run_dir: Path) -> str | None:

@@ -40,7 +40,7 @@ from typing import Any
 
 from rich.table import Table
 
-from safealign.config import ConfigError, config_field, load_config, save_config
+from safealign.config import ConfigError, changed_settings, config_field, load_config, save_config
 from safealign.evaluation.gold import GoldEvalConfig, judge_samples, summarise_judgements, summarise_samples, uses_gold
 from safealign.evaluation.pairwise import (
     ResponseJudgement,
@@ -324,18 +324,9 @@ def _has_samples(directory: Path) -> bool:
 
 
 def _changed_settings(directory: Path, wanted: GoldEvalConfig) -> list[str]:
-    """The settings in which `directory`'s samples differ from `wanted` (all of them when it has no config.yaml)."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load((directory / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        saved = None
-    current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(wanted), sort_keys=False))
-    ignored = {"output_dir", "progress"}
-    if not isinstance(saved, dict):
-        return ["config.yaml"]
-    return [k for k, v in current.items() if k not in ignored and saved.get(k) != v]
+    """The settings in which `directory`'s samples differ from `wanted` (["config.yaml"] when it has none)."""
+    changed = changed_settings(wanted, directory / "config.yaml", ignore=("output_dir", "progress"))
+    return ["config.yaml"] if changed is None else changed
 
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:
