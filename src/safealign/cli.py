@@ -27,6 +27,7 @@ app.add_typer(data_app, name="data")
 console = stderr_console()
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True, **HELP}
+ASKS_HELP = bool({"--help", "-h"} & set(sys.argv))  # only then import a stage to list its config keys (fast start)
 
 
 def _user_error(message: str) -> None:
@@ -69,9 +70,8 @@ def _stage_command(name: str, module: str, config_class: str, summary: str) -> N
         _run_stage(module, config_class, config, list(ctx.args))
 
     command.__doc__ = summary
-    asks_help = bool({"--help", "-h"} & set(sys.argv))
     app.command(name=name, context_settings=EXTRA_ARGS, help=_stage_help(module, config_class, summary)
-                if asks_help and name in sys.argv else summary)(command)
+                if ASKS_HELP and name in sys.argv else summary)(command)
 
 
 _stage_command("sft", "safealign.algorithms.sft", "SFTConfig", "Supervised fine-tuning of the policy (loss on response tokens).")
@@ -99,7 +99,7 @@ WORLD_SUMMARY = "Generate SafeWorld (prompts, SFT corpus, annotated preference p
 
 @world_app.command("generate", context_settings=EXTRA_ARGS,
                    help=_stage_help("safealign.data.safeworld.generate", "WorldConfig", WORLD_SUMMARY)
-                   if {"--help", "-h"} & set(sys.argv) and "generate" in sys.argv else WORLD_SUMMARY)
+                   if ASKS_HELP and "generate" in sys.argv else WORLD_SUMMARY)
 def world_generate(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of WorldConfig keys."),
