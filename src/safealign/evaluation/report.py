@@ -771,6 +771,20 @@ def _section_json(section: Section, figure_dir: str) -> dict[str, Any]:
             "blocks": blocks}
 
 
+def unshown_cells(report: dict[str, Any], page: str, markdown: str) -> tuple[int, list[tuple[str, str, str]]]:
+    """Check a written report against its JSON: (how many numeric cells there are, the (table, column, text) of every
+    cell whose formatted value is missing from the HTML page or the Markdown)."""
+    numeric, missing = 0, []
+    for block in (b for section in report["sections"] for b in section["blocks"] if b["type"] == "table"):
+        for row in block["rows"]:
+            for column, value in zip(block["columns"], row):
+                shown = format_value(value, column["style"])
+                numeric += column["style"] != "text" and value is not None
+                if html.escape(shown) not in page or _md_cell(shown) not in markdown:
+                    missing.append((block["title"], column["name"], shown))
+    return numeric, missing
+
+
 def _guarded(key: str, title: str, build: Callable[[], Section]) -> Section:
     """A section that cannot be built says why instead of stopping the whole report."""
     try:
