@@ -148,11 +148,12 @@ def require_model_dir(name_or_path: str | Path, what: str = "model") -> Path | N
 def from_pretrained(auto_class, name_or_path: str | Path, **kwargs) -> PreTrainedModel:
     """`auto_class.from_pretrained` on a pretrained preset, a directory or a hub name, with a clear error."""
     name = resolve_pretrained(name_or_path)
-    if require_model_dir(name) is not None:
-        return auto_class.from_pretrained(name, **kwargs)
+    local = require_model_dir(name) is not None  # a missing local path fails here, before any hub lookup
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except OSError as error:
+        if local:
+            raise
         known = sorted(PRESETS) + sorted(PRETRAINED)
         raise FileNotFoundError(
             f"'{name}' is not a preset ({', '.join(known)}), not a local directory, and could not be "
