@@ -1,4 +1,5 @@
-"""Memory and speed of PPO-Lagrangian per critic layout (`critic_layout`: full, shared_backbone, lora).
+"""Memory and speed of PPO-Lagrangian per layout (`critic_layout`: full, shared_backbone, lora; and all_lora: LoRA
+critics with a LoRA actor, `actor_layout: lora`, whose reference is the same network with the adapter off).
 
 Each layout runs a few PPO-Lag steps of bench_ppo.py's shape (32 prompts × 64 new tokens, one PPO epoch in 2
 mini-batches of 16 rows) in a fresh process, from the same models (`bench_ppo.prepare_models`: the preset's
@@ -12,7 +13,7 @@ actor and reward/cost score models, seeded), so the `full` layout is the baselin
 - samples/s over the steady-state steps (rollout start to rollout start, warm-up steps excluded, as in
   bench_ppo.py).
 
-    python bench/bench_ppo_memory.py --preset tiny                # 3 layouts, ~2 min on a busy 2-core CPU
+    python bench/bench_ppo_memory.py --preset tiny                # 4 layouts, ~3 min on a busy 2-core CPU
     python bench/bench_ppo_memory.py --preset tiny --mmap-threshold 131072   # peak RSS closer to live tensors
     python bench/bench_ppo_memory.py --preset small               # 2 steps per layout, the first one timed
     python bench/bench_ppo_memory.py --preset tiny,small --count-only   # the tensor columns alone, in seconds
@@ -41,7 +42,12 @@ from common import (  # noqa: E402
     work_directory,
 )
 
-LAYOUTS = ("full", "shared_backbone", "lora")
+LAYOUTS = {  # name -> the RL config's layout options
+    "full": {"critic_layout": "full"},
+    "shared_backbone": {"critic_layout": "shared_backbone"},
+    "lora": {"critic_layout": "lora"},
+    "all_lora": {"critic_layout": "lora", "actor_layout": "lora"},
+}
 MIB = 2**20
 
 
@@ -49,6 +55,7 @@ def tensor_bytes(accelerator: Any, models: Any, parts: dict[str, tuple]) -> dict
     """MiB of the weights (trained, frozen incl. buffers) and optimizer states; each storage counted once."""
     import torch
 
+    from safealign.models.lora import AdapterDisabledPolicy
     from safealign.models.score_model import AdapterDisabledScores
 
     seen: set[tuple[str, int]] = set()
@@ -63,7 +70,8 @@ def tensor_bytes(accelerator: Any, models: Any, parts: dict[str, tuple]) -> dict
                 total += storage.nbytes()
         return total / MIB
 
-    modules = [accelerator.unwrap_model(models.actor), models.reference,
+    reference = models.reference.actor if isinstance(models.reference, AdapterDisabledPolicy) else models.reference
+    modules = [accelerator.unwrap_model(models.actor), reference,
                *(m.critic if isinstance(m, AdapterDisabledScores) else m for m in models.score_models.values()),
                *(accelerator.unwrap_model(c) for c in models.critics.values())]
     trained = size(p for m in modules for p in m.parameters() if p.requires_grad)
@@ -174,11 +182,12 @@ def main() -> None:
             for precision in precisions(args):
                 results: dict[str, list[dict]] = {layout: [] for layout in LAYOUTS}
                 for r in range(args.repeats):
-                    for layout in LAYOUTS[r % 3:] + LAYOUTS[:r % 3]:
+                    names = list(LAYOUTS)
+                    for layout in names[r % len(names):] + names[:r % len(names)]:
                         trial = Trial(framework="safealign-ppo_lag", preset=preset, precision=precision, steps=steps[preset],
                                       warmup=warmup[preset], batch_size=PROMPTS, max_length=0, seed=args.seed, work_dir=str(work),
                                       out_dir=str(work / "runs" / f"memory-{preset}-{precision}-{layout}-{r}"),
-                                      threads=args.threads, options={"config": {"critic_layout": layout},
+                                      threads=args.threads, options={"config": LAYOUTS[layout],
                                                                      "count_only": args.count_only})
                         res = run_in_child(__file__, trial)
                         results[layout].append(res)

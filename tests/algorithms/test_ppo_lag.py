@@ -104,13 +104,16 @@ def test_lambda_rises_when_the_cost_exceeds_the_threshold_and_falls_below(tiny, 
         assert lambdas[0] > lambdas[1] > lambdas[2] > lambdas[3] > 0
 
 
-@pytest.mark.parametrize("layout", ["full", "shared_backbone", "lora"])
-def test_resume_after_a_crash_continues_exactly(tiny, tmp_path, monkeypatch, layout):
+@pytest.mark.parametrize("layout,actor_layout", [("full", "full"), ("shared_backbone", "full"), ("lora", "full"),
+                                                 ("lora", "lora")])
+def test_resume_after_a_crash_continues_exactly(tiny, tmp_path, monkeypatch, layout, actor_layout):
     """4 steps straight, against 4 steps that crash after step 2's checkpoint and resume from it, in every
-    critic layout (the trained weights of each: full critics, value heads in the actor, LoRA adapters + heads)."""
+    critic layout (the trained weights of each: full critics, value heads in the actor, LoRA adapters + heads)
+    and with a LoRA actor (its adapter)."""
     cost_model = tiny.score_model("cost", 0.7)  # J_C > d = 0: λ moves every step
     straight = tmp_path / "straight"
-    run(lag_config(tiny, straight, cost_model=cost_model, max_steps=4, critic_layout=layout))
+    layouts = dict(critic_layout=layout, actor_layout=actor_layout)
+    run(lag_config(tiny, straight, cost_model=cost_model, max_steps=4, **layouts))
 
     crashed = tmp_path / "crashed"
     original = rl_loop._ppo_updates
@@ -120,16 +123,16 @@ def test_resume_after_a_crash_continues_exactly(tiny, tmp_path, monkeypatch, lay
         return original(cfg, accelerator, algorithm, models, batch, parts, *args)
     monkeypatch.setattr(rl_loop, "_ppo_updates", crash_on_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, critic_layout=layout))
+        run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, **layouts))
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-1", "step-2"]
     monkeypatch.setattr(rl_loop, "_ppo_updates", original)
-    run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, resume="latest", critic_layout=layout))
+    run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, resume="latest", **layouts))
 
     for key in ("lagrange_multiplier", "episode_cost", "reward", "actor_loss", "cost_critic_loss"):
         assert history(crashed, key) == pytest.approx(history(straight, key), rel=1e-5, abs=1e-7), key
     assert len(set(history(straight, "lagrange_multiplier"))) == 4
     trained = "actor" if layout == "shared_backbone" else "cost_critic"  # the value heads live in the actor
-    for name in ("model/model.safetensors", f"checkpoints/step-4/{trained}.safetensors"):
+    for name in ("model/model.safetensors", f"checkpoints/step-4/{trained}.safetensors", "checkpoints/step-4/actor.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(crashed / name))
         assert a.keys() == b.keys()
         for key in a:
@@ -184,13 +187,15 @@ def test_sigkill_mid_run_then_resume_latest_gives_the_uninterrupted_result(tiny,
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-@pytest.mark.parametrize("layout", ["full", "shared_backbone"])
+@pytest.mark.parametrize("layout", ["full", "shared_backbone", "all_lora"])
 def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layout, two_ranks_env):
     """torchrun, 2 gloo ranks, 2 steps (about 35 s here). shared_backbone also fits its value heads on the
-    statistics of both ranks' first rollouts (a float64 all-reduce)."""
+    statistics of both ranks' first rollouts (a float64 all-reduce); all_lora trains only adapters (DDP syncs
+    the trained parameters alone) and saves the merged actor once."""
     out = tmp_path / "ddp"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    args = _cli_args(tiny, out, tiny.score_model("cost", 0.7), 2) + ["--critic_layout", layout]
+    layouts = ["--critic_layout", "lora", "--actor_layout", "lora"] if layout == "all_lora" else ["--critic_layout", layout]
+    args = _cli_args(tiny, out, tiny.score_model("cost", 0.7), 2) + layouts
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", *args],
                             env={**_env(), **two_ranks_env}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -207,3 +212,21 @@ def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layou
     if layout == "shared_backbone":
         actor = load_file(str(out / "checkpoints" / "step-2" / "actor.safetensors"))
         assert actor["value_heads.cost.weight"].abs().sum() > 0 and actor["value_heads.reward.weight"].abs().sum() > 0
+    if layout == "all_lora":
+        assert all(".lora_" in k for k in load_file(str(out / "checkpoints" / "step-2" / "actor.safetensors")))
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        assert not any("lora" in k for k in load_file(str(out / "model" / "model.safetensors")))
+
+
+@pytest.mark.parametrize("sharding", ["DEEPSPEED", "FSDP"])
+def test_sharded_training_is_refused_before_any_model_loads(tiny, tmp_path, monkeypatch, sharding):
+    """The RL loop prepares several models and samples from the actor's weights: under DeepSpeed or FSDP it stops with
+    a ConfigError that names the layout for large models, instead of Accelerate's error after every model loaded."""
+    from accelerate.utils import DistributedType
+
+    from safealign.config import ConfigError
+
+    monkeypatch.setattr(rl_loop, "make_accelerator", lambda *a, **k: SimpleNamespace(distributed_type=DistributedType[sharding]))
+    monkeypatch.setattr(rl_loop, "build_models", lambda *a, **k: pytest.fail("models loaded"))
+    with pytest.raises(ConfigError, match=f"not under {DistributedType[sharding].value}.*actor_layout: lora"):
+        run(lag_config(tiny, tmp_path / "x"))

@@ -38,7 +38,12 @@ Critic layouts (`critic_layout`; peak memory of each: bench/bench_ppo_memory.py)
 The reference model and the frozen score models run in eval mode without gradients, in `frozen_dtype`
 (bf16 halves their memory). Dropout is switched off in the actor, as in the critics, so that the PPO
 ratio is exactly 1 before the first update. Score models must share the actor's tokenizer (they read
-its token ids). Supported: one process, or several with DDP (torchrun / accelerate launch).
+its token ids). Supported: one process, or several with DDP (torchrun / accelerate launch); under DeepSpeed or
+FSDP the stage stops with a ConfigError before loading anything (large models: `actor_layout: lora`).
+
+Actor layouts (`actor_layout`): `full` (default) trains every weight of the actor next to a frozen copy, the
+reference; `lora` trains a LoRA adapter on the SFT model and uses the same network with the adapter disabled as
+the reference (`models.lora`): the policy's weights are held once, and `model/` is saved merged.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from safealign.data.loading import load_prompts, load_sft
 from safealign.evaluation.generation import RolloutBatch, SamplingConfig, decode_responses, generate_tokens
 from safealign.io import atomic_write_json, atomic_write_jsonl
 from safealign.models.actor_critic import ActorCritic, causal_lm, ridge_solution
+from safealign.models.lora import AdapterDisabledPolicy, is_lora_policy, lora_policy, merged_policy
 from safealign.models.presets import PRESETS, build_causal_lm
 from safealign.models.score_model import ScoreModel, build_score_model, load_score_model, lora_critic
 from safealign.models.tokenizer import load_tokenizer
@@ -145,10 +151,15 @@ class RLConfig(TrainingConfig):
         0.1, help="shared_backbone only: c in the one objective L_actor + c·Σ L_V, which also trains the actor's backbone "
                   "(0.1 as TRL's vf_coef: returns are several units, the surrogate's advantages about one). Separate critics "
                   "(full, lora) each minimise their own L_V with their own optimizer.")
-    lora_rank: int = config_field(8, help="lora: rank r of each critic's adapter.")
-    lora_alpha: float = config_field(16.0, help="lora: α of the adapters (their update is scaled by α/r).")
+    actor_layout: Literal["full", "lora"] = config_field(
+        "full", help="What of the actor trains: full = every weight (the reference's); lora = a LoRA adapter on the SFT model, "
+                     "whose adapter-disabled forward is the frozen reference (one policy backbone held, not two; "
+                     "model/ is saved merged, adapter/ alone). With critic_layout lora and bf16, the layout for large models.")
+    lora_rank: int = config_field(8, help="LoRA layouts (actor_layout, critic_layout): rank r of each adapter.")
+    lora_alpha: float = config_field(16.0, help="LoRA layouts: α of the adapters (their update is scaled by α/r).")
     lora_target_modules: list[str] = config_field(
-        [], help="lora: names of the linear layers that get adapters (q_proj, v_proj, ...); [] = every linear layer of the transformer, not the head.")
+        [], help="LoRA layouts: names of the linear layers that get adapters (q_proj, v_proj, ...); [] = every linear layer of "
+                 "the transformer, not the heads.")
     logging_steps: int = config_field(1, help="Log the scalars every this many steps (rollouts).")
     save_steps: int = config_field(50, help="Checkpoint every this many steps (0 = at each epoch's end, -1 = never; the final actor is always saved).")
     sample_steps: int = config_field(10, help="Add sample responses to output_dir/samples.jsonl every this many steps (0 = never).")
@@ -160,8 +171,8 @@ class RLModels:
     """Every model of a run. `actor` and the critics are prepared by Accelerate (DDP-wrapped when several
     processes run); the reference and the score models are frozen, on the device, in eval mode."""
 
-    actor: nn.Module  # the causal LM; an `ActorCritic` (LM + value heads) in the shared_backbone layout
-    reference: nn.Module
+    actor: nn.Module  # the causal LM (a peft model in the lora actor layout); an `ActorCritic` (LM + value heads) in the shared_backbone layout
+    reference: Any  # a frozen copy of the actor, or (lora actor layout) the actor with its adapter disabled
     score_models: dict[str, Any]  # "reward", "cost", ...: end scores of whole sequences (a ScoreModel, or a LoRA critic's base)
     critics: dict[str, nn.Module]  # stream -> critic ("reward", "cost"); none in the shared_backbone layout
     critic_layout: str = "full"
@@ -354,7 +365,11 @@ def build_models(cfg: RLConfig, algorithm: RLAlgorithm, tokenizer: Any, accelera
     else:
         frozen_dtype = getattr(torch, cfg.frozen_dtype)
     actor = disable_dropout(build_causal_lm(cfg.actor_model, tokenizer, seed=cfg.seed))
-    reference = _frozen(copy.deepcopy(actor), device, frozen_dtype)
+    if cfg.actor_layout == "lora":
+        actor = lora_policy(actor, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or None, frozen_dtype).to(device)
+        reference: Any = AdapterDisabledPolicy(actor)
+    else:
+        reference = _frozen(copy.deepcopy(actor), device, frozen_dtype)
     score_paths, critic_paths = algorithm.score_model_paths(), algorithm.critic_paths()
     score_models: dict[str, Any] = {}
     for name, path in score_paths.items():
@@ -463,6 +478,9 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
         _require_dir(path, f"{name} model")
     if cfg.value_loss_coeff < 0 or cfg.lora_rank < 1 or cfg.lora_alpha <= 0:
         raise ConfigError("value_loss_coeff must be >= 0, lora_rank >= 1 and lora_alpha > 0")
+    if cfg.actor_layout == "lora" and cfg.critic_layout == "shared_backbone":
+        raise ConfigError("actor_layout=lora with critic_layout=shared_backbone is not supported: value heads on an adapted "
+                          "backbone were not measured; use critic_layout full or lora")
     rows_per_rollout = cfg.per_device_prompt_batch_size * cfg.samples_per_prompt
     rows_per_update = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     if rows_per_rollout % rows_per_update:
@@ -472,6 +490,13 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     ptx = bool(cfg.ptx_data) and cfg.ptx_coeff > 0
     # DDP: the PTX forward of an actor with value heads leaves the heads out of its loss.
     accelerator = make_accelerator(cfg, find_unused_parameters=ptx and cfg.critic_layout == "shared_backbone")
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        # Accelerate prepares one model per DeepSpeed engine / FSDP2 wrap, and sampling from sharded weights needs every
+        # rank to run the same number of decoding steps: neither is built here, so say so before loading anything.
+        raise ConfigError(f"the RL stages run on one process or several with DDP, not under {accelerator.distributed_type.value}. "
+                          "For a large model use actor_layout: lora, critic_layout: lora and mixed_precision: bf16 (one "
+                          "bf16 backbone per policy / reward / cost model, the adapters trained), one model replica per GPU "
+                          "(README: Large models)")
     set_seed(cfg.seed)
     device = accelerator.device
     out = Path(cfg.output_dir)
@@ -503,11 +528,6 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     collate_ptx = partial(collate_sft, pad_token_id=tokenizer.pad_token_id)
 
     # Resume.
-    save_steps = cfg.save_steps
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        if cfg.resume:
-            raise NotImplementedError(f"resume is implemented for single-process and DDP runs, not {accelerator.distributed_type}")
-        save_steps = -1
     resume_from = resolve_resume(out, cfg.resume)
     if resume_from is not None:
         algorithm_state, saved = load_rl_checkpoint(resume_from, accelerator, parts)
@@ -587,18 +607,23 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
             if state.global_step % max(cfg.logging_steps, 1) == 0 or state.global_step == state.total_steps:
                 logger.log(logged, shown=_CONSOLE_KEYS)
             end_of_epoch = state.global_step % state.steps_per_epoch == 0
-            if (save_steps > 0 and state.global_step % save_steps == 0) or (save_steps == 0 and end_of_epoch):
+            if (cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0) or (cfg.save_steps == 0 and end_of_epoch):
                 save()
             logger.advance("  ".join(f"{k} {logged[k]:.3g}" for k in ("reward", "cost", "lagrange_multiplier") if k in logged))
-        if save_steps >= 0 and state.last_save_step != state.global_step:
+        if cfg.save_steps >= 0 and state.last_save_step != state.global_step:
             save()
 
-    save_final_model(accelerator, actor, tokenizer, out / "model")
+    policy = causal_lm(accelerator.unwrap_model(actor))
+    num_trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    if is_lora_policy(policy):
+        save_final_model(accelerator, policy, None, out / "adapter")  # adapter_model.safetensors + adapter_config.json
+        policy = merged_policy(policy)
+    save_final_model(accelerator, policy, tokenizer, out / "model")
     final: dict[str, Any] = {}
     for entry in state.log_history:  # the last value of every scalar (also when resumed)
         final.update({k: v for k, v in entry.items() if k != "step"})
     final.update(global_step=state.global_step, samples_per_second=run_samples / max(run_time, 1e-9),
-                 num_parameters=sum(p.numel() for p in causal_lm(accelerator.unwrap_model(actor)).parameters()),
+                 num_parameters=sum(p.numel() for p in policy.parameters()), num_trained_actor_parameters=num_trained,
                  runtime_s=time.perf_counter() - started)
     if accelerator.is_main_process:
         atomic_write_json(out / "metrics.json", final)

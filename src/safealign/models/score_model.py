@@ -17,7 +17,6 @@ reward → (x − μ)/σ, cost → x/σ (never shifted: 0 is the safe/unsafe bou
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -218,29 +217,18 @@ def lora_critic(score_model: ScoreModel, rank: int, alpha: float,
     the critic starts equal to the score model, as a full-copy critic does. The frozen scores are the same
     forward with the adapter disabled: peft then runs the original layers and the original head.
     """
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ImportError("critic_layout 'lora' needs peft: pip install 'safealign[peft]' (or pip install peft)") from None
-    from transformers.pytorch_utils import Conv1D
+    from safealign.models.lora import add_adapter, linear_layer_names, require_peft, uses_conv1d
 
+    peft = require_peft()
     backbone = score_model.backbone
     head_name = next((n for n in ("score", "classifier") if isinstance(getattr(backbone, n, None), nn.Module)), None)
     if head_name is None:
         raise ValueError(f"{type(backbone).__name__}: no head named 'score' or 'classifier' to train beside the adapter")
-    if not target_modules:
-        target_modules = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.base_model.named_modules()
-                                 if isinstance(module, (nn.Linear, Conv1D))})
+    target_modules = target_modules or linear_layer_names(backbone.base_model)
     score_type, normalizer = score_model.score_type, score_model.normalizer
     backbone.config.score_type, backbone.config.score_normalizer = "critic", None  # the critic's view of the config
-    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        adapted = get_peft_model(backbone, LoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, modules_to_save=[head_name],
-            fan_in_fan_out=any(isinstance(m, Conv1D) for m in backbone.base_model.modules())))  # GPT-2 stores W transposed
-    for parameter in adapted.parameters():  # AdamW state in float32 even when the shared weights are bf16
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+    adapted = add_adapter(backbone, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
+                                                    modules_to_save=[head_name], fan_in_fan_out=uses_conv1d(backbone.base_model)))
     head = getattr(backbone, head_name).modules_to_save["default"]
     head.register_forward_pre_hook(lambda module, args: tuple(a.to(module.weight.dtype) for a in args))
     critic = ScoreModel(adapted)
