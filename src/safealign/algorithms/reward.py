@@ -35,6 +35,7 @@ from safealign.data.formatting import tokenize_for_scoring
 from safealign.data.loading import PreferenceDataset, load_preferences
 from safealign.data.schema import PreferenceRecord, SFTExample
 from safealign.io import atomic_write_json
+from safealign.models.lora import require_pretrained_base
 from safealign.models.presets import PRESETS, PRETRAINED, looks_local, resolve_pretrained
 from safealign.models.score_model import ScoreModel, ScoreType, build_score_model, load_score_model
 from safealign.models.tokenizer import load_tokenizer
@@ -186,6 +187,8 @@ def train_preference_model(
     if cfg.l2_coeff < 0:
         raise ConfigError(f"{stage}: l2_coeff must be >= 0, got {cfg.l2_coeff}")
     _require_backbone(cfg.model)
+    if cfg.adapter == "lora":
+        require_pretrained_base(cfg.model, stage)
     train_set, eval_set, train_records, eval_records = _load_splits(cfg)
     added = extra_train_pairs(train_records) if extra_train_pairs is not None else []
     train_records = train_records + added

@@ -70,7 +70,7 @@ from safealign.data.loading import load_prompts, load_sft
 from safealign.evaluation.generation import RolloutBatch, SamplingConfig, decode_responses, generate_tokens
 from safealign.io import atomic_write_json, atomic_write_jsonl
 from safealign.models.actor_critic import ActorCritic, causal_lm, ridge_solution
-from safealign.models.lora import AdapterDisabledPolicy, is_lora_policy, lora_policy, merged_policy
+from safealign.models.lora import AdapterDisabledPolicy, lora_policy
 from safealign.models.presets import PRESETS, build_causal_lm
 from safealign.models.score_model import ScoreModel, build_score_model, load_score_model, lora_critic
 from safealign.models.tokenizer import load_tokenizer
@@ -155,11 +155,7 @@ class RLConfig(TrainingConfig):
         "full", help="What of the actor trains: full = every weight (the reference's); lora = a LoRA adapter on the SFT model, "
                      "whose adapter-disabled forward is the frozen reference (one policy backbone held, not two; "
                      "model/ is saved merged, adapter/ alone). With critic_layout lora and bf16, the layout for large models.")
-    lora_rank: int = config_field(8, help="LoRA layouts (actor_layout, critic_layout): rank r of each adapter.")
-    lora_alpha: float = config_field(16.0, help="LoRA layouts: α of the adapters (their update is scaled by α/r).")
-    lora_target_modules: list[str] = config_field(
-        [], help="LoRA layouts: names of the linear layers that get adapters (q_proj, v_proj, ...); [] = every linear layer of "
-                 "the transformer, not the heads.")
+    adapter: Literal["none", "lora"] = config_field("none", help="Unused by the RL stages (a LoRA actor: actor_layout; LoRA critics: critic_layout).")
     logging_steps: int = config_field(1, help="Log the scalars every this many steps (rollouts).")
     save_steps: int = config_field(50, help="Checkpoint every this many steps (0 = at each epoch's end, -1 = never; the final actor is always saved).")
     sample_steps: int = config_field(10, help="Add sample responses to output_dir/samples.jsonl every this many steps (0 = never).")
@@ -478,6 +474,8 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
         _require_dir(path, f"{name} model")
     if cfg.value_loss_coeff < 0 or cfg.lora_rank < 1 or cfg.lora_alpha <= 0:
         raise ConfigError("value_loss_coeff must be >= 0, lora_rank >= 1 and lora_alpha > 0")
+    if cfg.adapter != "none":
+        raise ConfigError("the RL stages take actor_layout: lora (and critic_layout: lora) for adapters, not adapter")
     if cfg.actor_layout == "lora" and cfg.critic_layout == "shared_backbone":
         raise ConfigError("actor_layout=lora with critic_layout=shared_backbone is not supported: value heads on an adapted "
                           "backbone were not measured; use critic_layout full or lora")
@@ -615,10 +613,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
 
     policy = causal_lm(accelerator.unwrap_model(actor))
     num_trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    if is_lora_policy(policy):
-        save_final_model(accelerator, policy, None, out / "adapter")  # adapter_model.safetensors + adapter_config.json
-        policy = merged_policy(policy)
-    save_final_model(accelerator, policy, tokenizer, out / "model")
+    policy = save_final_model(accelerator, policy, tokenizer, out / "model")  # merged (and adapter/) for a LoRA actor
     final: dict[str, Any] = {}
     for entry in state.log_history:  # the last value of every scalar (also when resumed)
         final.update({k: v for k, v in entry.items() if k != "step"})

@@ -23,6 +23,7 @@ from safealign.algorithms.losses import label_cross_entropy, sft_loss
 from safealign.data.formatting import IGNORE_INDEX, SAFE_RLHF_PROMPT_TEMPLATE, TokenizedExample, tokenize_prompt_response
 from safealign.data.loading import load_sft
 from safealign.data.schema import SFTExample
+from safealign.models.lora import require_pretrained_base
 from safealign.models.presets import PRESETS, build_causal_lm
 from safealign.models.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from safealign.training.engine import Step, TrainingConfig, process_state, train
@@ -191,6 +192,8 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     """Train the policy on prompt/response pairs; returns flat metrics (train_loss, eval_loss, tokens_per_second, ...)."""
     if not cfg.train_data:
         raise ConfigError("sft: train_data is required (a file of prompt/response rows)")
+    if cfg.adapter == "lora":
+        require_pretrained_base(cfg.model, "sft")
     train_examples = load_sft(cfg.train_data)
     if cfg.eval_data:
         eval_examples = load_sft(cfg.eval_data)

@@ -1,4 +1,12 @@
-"""LoRA adapters (peft) on frozen weights: the actor of `actor_layout: lora`, and what the LoRA critics share.
+"""LoRA adapters (peft) on frozen weights: what `adapter: lora` trains in SFT and the reward and cost models, the
+actor of `actor_layout: lora`, and the LoRA critics' base.
+
+An adapter adds (α/r)·B A x to each adapted linear layer W x, with B = 0 at the start, so the adapted model starts
+equal to the model, exactly; only A and B train (and, for a score model, a float32 copy of its head: peft's
+`modules_to_save`). Whatever trained an adapter saves it twice (`training.engine.save_final_model`): merged into
+`model/` (a plain model that every stage and any Hugging Face code load as they load a full fine-tune) and alone
+into `adapter/` (peft's `adapter_model.safetensors` + `adapter_config.json`, for `PeftModel.from_pretrained` on
+the base model). Checkpoints hold the trained parameters only.
 
 A LoRA actor is the SFT model with a low-rank adapter on its linear layers: W x + (α/r)·B A x, with B = 0 at the
 start, so the actor starts as the SFT model, exactly. Only A and B train. The frozen reference of PPO is the
@@ -7,11 +15,6 @@ instead of twice, and the AdamW state covers only the adapters. Together with Lo
 (`critic_layout: lora`) and frozen models in bf16, this is the layout that lets one GPU hold a 7B PPO-Lag run:
 one policy backbone (actor and reference), one reward and one cost backbone (each also its critic's), and the
 adapters with their optimizer state.
-
-What the stage saves: `model/` is the SFT model with the adapter merged in (a plain causal LM: `safealign
-evaluate`, the next round and any Hugging Face code load it as they load a full fine-tune), and
-`adapter/` the adapter alone (peft's `adapter_model.safetensors` + `adapter_config.json`, to load on the SFT
-model with `PeftModel.from_pretrained`). Checkpoints hold the adapter weights only.
 """
 
 from __future__ import annotations
@@ -60,6 +63,16 @@ def add_adapter(model: nn.Module, config: Any) -> nn.Module:
     return adapted
 
 
+def require_pretrained_base(model: str, stage: str) -> None:
+    """`adapter: lora` freezes the base weights, so the base must be a trained model, not a preset built from scratch."""
+    from safealign.config import ConfigError
+    from safealign.models.presets import PRESETS
+
+    if model in PRESETS:
+        raise ConfigError(f"{stage}: adapter: lora trains an adapter on frozen weights, but model '{model}' is a preset built "
+                          "from scratch (random weights); give a trained model directory, or adapter: none")
+
+
 def lora_policy(model: nn.Module, rank: int, alpha: float, target_modules: list[str] | None = None,
                 frozen_dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM `model` (the SFT policy) as a LoRA actor: a peft model whose frozen weights are cast to
@@ -75,6 +88,62 @@ def lora_policy(model: nn.Module, rank: int, alpha: float, target_modules: list[
                                               task_type="CAUSAL_LM", fan_in_fan_out=uses_conv1d(model)))
 
 
+def lora_score_model(score_model: nn.Module, rank: int, alpha: float, target_modules: list[str] | None = None) -> nn.Module:
+    """A `ScoreModel` as a LoRA adapter (`rank`, `alpha`, no dropout, on `target_modules`: default every linear layer
+    of the transformer, not the head) on its frozen backbone, plus a trainable float32 copy of its head (peft's
+    `modules_to_save`). It starts equal to `score_model`; the head copy is what a merged model keeps."""
+    from safealign.models.score_model import ScoreModel
+
+    peft = require_peft()
+    backbone = score_model.backbone
+    head_name = next((n for n in ("score", "classifier") if isinstance(getattr(backbone, n, None), nn.Module)), None)
+    if head_name is None:
+        raise ValueError(f"{type(backbone).__name__}: no head named 'score' or 'classifier' to train beside the adapter")
+    adapted = add_adapter(backbone, peft.LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules or linear_layer_names(backbone.base_model),
+        modules_to_save=[head_name], fan_in_fan_out=uses_conv1d(backbone.base_model)))
+    head = getattr(backbone, head_name).modules_to_save["default"]
+    head.register_forward_pre_hook(lambda module, args: tuple(a.to(module.weight.dtype) for a in args))
+    return ScoreModel(adapted)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str] | None = None) -> nn.Module:
+    """`adapter: lora`: a LoRA adapter on a score model (`lora_score_model`) or on a causal LM (`lora_policy`)."""
+    from safealign.models.score_model import ScoreModel
+
+    if isinstance(model, ScoreModel):
+        return lora_score_model(model, rank, alpha, target_modules)
+    return lora_policy(model, rank, alpha, target_modules, next(model.parameters()).dtype)
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def adapter_of(model: nn.Module) -> nn.Module | None:
+    """The peft model inside `model` (the model itself, or a score model's backbone); None when it has no adapter."""
+    for candidate in (model, getattr(model, "backbone", None)):
+        if candidate is not None and _is_peft(candidate):
+            return candidate
+    return None
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """`model` with its adapter merged into the frozen weights: a plain causal LM or score model (in place: call it once,
+    after training). A model without an adapter is returned as it is."""
+    from safealign.models.score_model import ScoreModel
+
+    adapted = adapter_of(model)
+    if adapted is None:
+        return model
+    merged = adapted.merge_and_unload()
+    return ScoreModel(merged) if isinstance(model, ScoreModel) else merged
+
+
 class AdapterDisabledPolicy:
     """The frozen reference of a LoRA actor: the actor's forward with its adapter disabled, i.e. the SFT model.
     Called like a causal LM (`reference(input_ids=..., attention_mask=...)`), always without gradients."""
@@ -87,15 +156,3 @@ class AdapterDisabledPolicy:
             return self.actor(**inputs)
 
 
-def is_lora_policy(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def merged_policy(actor: nn.Module) -> nn.Module:
-    """The LoRA actor with its adapter merged into the frozen weights, as a plain causal LM (in place: call it
-    once, after training)."""
-    return actor.merge_and_unload()

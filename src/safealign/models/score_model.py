@@ -217,21 +217,11 @@ def lora_critic(score_model: ScoreModel, rank: int, alpha: float,
     the critic starts equal to the score model, as a full-copy critic does. The frozen scores are the same
     forward with the adapter disabled: peft then runs the original layers and the original head.
     """
-    from safealign.models.lora import add_adapter, linear_layer_names, require_peft, uses_conv1d
+    from safealign.models.lora import lora_score_model
 
-    peft = require_peft()
-    backbone = score_model.backbone
-    head_name = next((n for n in ("score", "classifier") if isinstance(getattr(backbone, n, None), nn.Module)), None)
-    if head_name is None:
-        raise ValueError(f"{type(backbone).__name__}: no head named 'score' or 'classifier' to train beside the adapter")
-    target_modules = target_modules or linear_layer_names(backbone.base_model)
     score_type, normalizer = score_model.score_type, score_model.normalizer
-    backbone.config.score_type, backbone.config.score_normalizer = "critic", None  # the critic's view of the config
-    adapted = add_adapter(backbone, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
-                                                    modules_to_save=[head_name], fan_in_fan_out=uses_conv1d(backbone.base_model)))
-    head = getattr(backbone, head_name).modules_to_save["default"]
-    head.register_forward_pre_hook(lambda module, args: tuple(a.to(module.weight.dtype) for a in args))
-    critic = ScoreModel(adapted)
+    score_model.config.score_type, score_model.config.score_normalizer = "critic", None  # the critic's view of the config
+    critic = lora_score_model(score_model, rank, alpha, target_modules)
     return critic, AdapterDisabledScores(critic, score_type, normalizer)
 
 

@@ -37,6 +37,7 @@ from transformers.utils import logging as hf_logging
 from safealign.config import ConfigError, config_field, save_config
 from safealign.console import stderr_console
 from safealign.io import atomic_path, atomic_write_json
+from safealign.models.lora import adapter_of, add_lora, merge_adapter
 from safealign.training.checkpoint import (
     checkpoint_dir,
     load_checkpoint,
@@ -76,6 +77,14 @@ class TrainingConfig:
     save_total_limit: int = config_field(2, help="Keep this many newest checkpoints (0 = all).")
     resume: str = config_field("", help="'' = start fresh; 'latest' (or 'true') = newest checkpoint in output_dir; or a checkpoint directory.")
     gradient_checkpointing: bool = config_field(False, help="Recompute activations in the backward pass (less memory, ~30% slower).")
+    adapter: Literal["none", "lora"] = config_field(
+        "none", help="What trains: none = every weight; lora = a LoRA adapter on the frozen weights (a score model's head "
+                     "trains in full), saved merged into model/ and alone into adapter/ (one replica per process: not under DeepSpeed/FSDP).")
+    lora_rank: int = config_field(8, help="LoRA adapters (adapter: lora; the RL stages' actor_layout / critic_layout: lora): rank r.")
+    lora_alpha: float = config_field(16.0, help="LoRA adapters: α (their update is scaled by α/r).")
+    lora_target_modules: list[str] = config_field(
+        [], help="LoRA adapters: names of the linear layers that get one (q_proj, v_proj, ...); [] = every linear layer of "
+                 "the transformer, not the heads.")
     num_workers: int = config_field(0, help="DataLoader worker processes for collation.")
     length_group_size: int = config_field(
         1, help="Group examples of similar length: each run of this many optimizer steps' examples is sorted by length "
@@ -267,11 +276,20 @@ def group_by_length(perm: list[int], lengths: Sequence[int], global_batch: int, 
     return out
 
 
-def save_final_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
-    """`save_pretrained` (safetensors) + tokenizer into `path`, atomically (a whole directory or nothing)."""
+def save_final_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any, path: Path) -> torch.nn.Module:
+    """`save_pretrained` (safetensors) + tokenizer into `path`, atomically (a whole directory or nothing).
+
+    A model with a LoRA adapter is saved twice: the adapter alone into the sibling `adapter/` (peft's files), and
+    with the adapter merged into `path`. Returns the module saved (merged in place: training is over)."""
+    unwrapped = accelerator.unwrap_model(model)
+    adapted = adapter_of(unwrapped)
+    if adapted is not None:
+        if accelerator.is_main_process:
+            with atomic_path(path.parent / "adapter") as tmp:
+                adapted.save_pretrained(tmp)
+        model = unwrapped = merge_adapter(unwrapped)
     state_dict = accelerator.get_state_dict(model)  # gathers shards under DeepSpeed ZeRO-3 / FSDP
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         with atomic_path(path) as tmp:
             if hasattr(unwrapped, "save_pretrained"):
                 bar_was_on = hf_logging.is_progress_bar_enabled()
@@ -289,6 +307,7 @@ def save_final_model(accelerator: Accelerator, model: torch.nn.Module, tokenizer
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
+    return unwrapped
 
 
 def progress_bar() -> Progress:
@@ -403,9 +422,16 @@ def train(
             if accelerator.is_main_process and cfg.length_group_size > 1:
                 console.print(f"[yellow]warning:[/] length_group_size={cfg.length_group_size}: {type(step).__name__} "
                               "does not tell example lengths (Step.example_length); shuffling plainly")
+    num_parameters = sum(p.numel() for p in model.parameters())  # before any adapter: the saved (merged) model's count
+    if cfg.adapter == "lora":
+        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ConfigError(f"adapter: lora keeps one replica per process (DDP), not under {accelerator.distributed_type.value}")
+        if cfg.lora_rank < 1 or cfg.lora_alpha <= 0:
+            raise ConfigError(f"adapter: lora needs lora_rank >= 1 and lora_alpha > 0, got {cfg.lora_rank} and {cfg.lora_alpha}")
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules or None)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    num_parameters = sum(p.numel() for p in model.parameters())
+    num_trained_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(cfg, model)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * state.total_steps),
                               num_training_steps=state.total_steps)  # stepped by us once per optimizer step
@@ -509,6 +535,7 @@ def train(
         epoch=state.global_step / state.steps_per_epoch,
         tokens_per_second=run_tokens / max(run_train_time, 1e-9),
         num_parameters=num_parameters,
+        num_trained_parameters=num_trained_parameters,
         runtime_s=time.perf_counter() - started,
     )
     if accelerator.is_main_process:
