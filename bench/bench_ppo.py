@@ -116,15 +116,16 @@ def phases(row: dict[str, Any], prefix: str) -> str:
 
 
 def prepare_models(work: Path, preset: str, seed: int) -> None:
-    """work/models/<preset>/{actor, reward, cost}: the same initial weights for every run."""
-    from safealign.models.presets import build_causal_lm
+    """work/models/<preset>/{actor, reward, cost}: the same initial weights for every run. A pretrained preset
+    (smollm2) brings its own weights and tokenizer; its reward and cost models get seeded random heads."""
+    from safealign.models.presets import PRETRAINED, build_causal_lm, resolve_pretrained
     from safealign.models.score_model import build_score_model, save_score_model
     from safealign.models.tokenizer import load_tokenizer as load
 
     out = work / "models" / preset
     if (out / "cost").is_dir():
         return
-    tokenizer = load(work / "tokenizer")
+    tokenizer = load(resolve_pretrained(preset) if preset in PRETRAINED else work / "tokenizer")
     actor = build_causal_lm(preset, tokenizer, seed=seed)
     actor.save_pretrained(out / "actor")
     tokenizer.save_pretrained(out / "actor")
