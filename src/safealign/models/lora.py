@@ -8,8 +8,7 @@ equal to the model, exactly; only A and B train (and, for a score model, a float
 into `adapter/` (peft's `adapter_model.safetensors` + `adapter_config.json`, for `PeftModel.from_pretrained` on
 the base model). Checkpoints hold the trained parameters only.
 
-A LoRA actor is the SFT model with a low-rank adapter on its linear layers: W x + (α/r)·B A x, with B = 0 at the
-start, so the actor starts as the SFT model, exactly. Only A and B train. The frozen reference of PPO is the
+A LoRA actor (`actor_layout: lora`) is the SFT model with an adapter. The frozen reference of PPO is the
 same network with the adapter switched off (`AdapterDisabledPolicy`), so the run holds the SFT weights once
 instead of twice, and the AdamW state covers only the adapters. Together with LoRA critics
 (`critic_layout: lora`) and frozen models in bf16, this is the layout that lets one GPU hold a 7B PPO-Lag run:
@@ -154,5 +153,3 @@ class AdapterDisabledPolicy:
     def __call__(self, **inputs: Any) -> Any:
         with torch.no_grad(), self.actor.disable_adapter():
             return self.actor(**inputs)
-
-
