@@ -24,16 +24,16 @@ from test_ppo_lag import lag_config  # noqa: E402
 
 
 def test_lora_actor_starts_as_the_full_actor_then_learns_while_the_reference_stays_the_sft_model(tiny, tmp_path):
-    full = setup(tiny, tmp_path / "full", "full")
+    _, full_algorithm, _, full_models, _, full_batch = setup(tiny, tmp_path / "full", "full")
     cfg, algorithm, accelerator, models, parts, batch = setup(tiny, tmp_path / "lora", "full", actor_layout="lora")
     assert isinstance(models.reference, AdapterDisabledPolicy)
     assert models.reference.actor is accelerator.unwrap_model(models.actor)  # one policy backbone, not two
-    torch.testing.assert_close(batch["sequences"], full[-1]["sequences"], atol=0, rtol=0)  # B = 0: the same samples
+    torch.testing.assert_close(batch["sequences"], full_batch["sequences"], atol=0, rtol=0)  # B = 0: the same samples
     with torch.no_grad():
-        full[1].make_experience(full[3], full[-1])
+        full_algorithm.make_experience(full_models, full_batch)
         algorithm.make_experience(models, batch)
     for key in ("log_probs", "ref_log_probs", "reward_values", "cost_values", "reward_advantages", "cost_advantages"):
-        torch.testing.assert_close(batch[key], full[-1][key], atol=1e-6, rtol=0)
+        torch.testing.assert_close(batch[key], full_batch[key], atol=1e-6, rtol=0)
     torch.testing.assert_close(batch["log_probs"], batch["ref_log_probs"], atol=0, rtol=0)
 
     frozen = {n: p.detach().clone() for n, p in models.reference.actor.named_parameters() if not p.requires_grad}
