@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from typing import Any, Callable, Literal, TypeVar
 import yaml
 from rich.table import Table
 
-from safealign.config import ConfigError, changed_settings, check_overrides, config_field, load_config, save_config
+from safealign.config import ConfigError, StageFailed, changed_settings, check_overrides, config_field, load_config, save_config
 from safealign.console import stderr_console
 from safealign.io import atomic_write_json
 
@@ -92,6 +93,7 @@ STAGES = ("world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", 
           "shaping", "evaluate_shaping", "compare", "report")  # and `rounds`: round{k}/<ROUND_STEPS> for k >= 2
 ALWAYS_RUN = {"compare", "report"}  # cheap summaries of the whole run directory: re-done so they see every policy
 PROFILE_ROUNDS = {"quick": 2, "default": 3}  # Safe RLHF rounds when `rounds` is 0 (the paper ran 3)
+HOW_TO_RUN = ("stages", "parallel_baselines")  # settings that change what runs or how, not what a stage computes
 ROUND_STEPS = ("redteam", "rm", "cm", "eval_scores", "ppo_lag", "evaluate")  # the stages of round k >= 2, in order
 
 
@@ -141,6 +143,11 @@ class PipelineConfig:
     round_cm: dict = config_field({}, help="CostConfig overrides of rounds >= 2, over cm's (e.g. num_epochs).")
     round_ppo_lag: dict = config_field({}, help="PPOLagConfig overrides of rounds >= 2, over ppo_lag's (e.g. max_steps).")
     compare: dict = config_field({}, help="CompareConfig overrides of the compare stage (safealign evaluate --help): n_bootstrap, seed, ...")
+    parallel_baselines: bool = config_field(
+        False, help="Run the baselines (evaluate_sft, eval_scores, ppo, shaping and their evaluations) in a second process beside "
+                    "the Safe RLHF lane (ppo_lag, rounds), the CPU threads split between the two: faster on a CPU "
+                    "(generation uses a second thread poorly); on a GPU both processes hold their models on it. The "
+                    "results are the same (docs/results.md); its log: output_dir/logs/baselines.log.")
 
 
 def _stage_settings(cfg: PipelineConfig, name: str) -> dict[str, Any]:
@@ -232,7 +239,7 @@ def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
     """A run directory started with other settings keeps the stages already done (skip-when-done): say which
     settings differ, so that results of two configurations are not mixed unknowingly, and keep the earlier
     config.yaml next to the new one (config.before-<UTC time>.yaml)."""
-    changed = changed_settings(cfg, root / "config.yaml", ignore=("stages",))
+    changed = changed_settings(cfg, root / "config.yaml", ignore=HOW_TO_RUN)
     if changed:
         # config.yaml will describe this invocation: the one it replaces is kept, since done stages came from it
         kept = root / f"config.before-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.yaml"
@@ -269,6 +276,9 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     _check_rounds(cfg, stages)
     for key, config_class in stage_settings_classes().items():
         check_overrides(config_class, getattr(cfg, key), f"pipeline setting '{key}'")
+    if cfg.parallel_baselines and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("parallel_baselines starts a second pipeline process: run the pipeline without accelerate "
+                          "launch / torchrun, or set parallel_baselines: false")
     known = list(STAGES) + [round_stage(k, step) for k in range(2, num_rounds(cfg) + 1) for step in ROUND_STEPS]
     unknown = [s for s in stages if s not in known]
     if unknown:
@@ -276,12 +286,9 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     return stages
 
 
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    stages = check_config(cfg)
-    root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    _warn_if_settings_changed(cfg, root)
-    save_config(cfg, root / "config.yaml")
+def _stage_table(cfg: PipelineConfig, root: Path) -> tuple[dict[str, tuple[Callable[[], dict], Path]], bool]:
+    """{stage: (the function that runs it, its directory)} for every stage cfg can run, and whether the run uses
+    SafeWorld (False when the user gave every file: no world stage)."""
     world_dir = root / "world"
     paths = {
         "sft_data": cfg.sft_data or str(world_dir / "sft" / "train.jsonl"),
@@ -477,39 +484,204 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             round_stage(k, "evaluate"): (lambda policy=policy, out=root / dirs["eval"]: gold_eval(policy, out), root / dirs["eval"]),
         })
 
-    def write_manifest() -> None:
-        atomic_write_json(root / "policies.json", policies_manifest(cfg, root, set(stages)))
+    return stage_fns, uses_world
 
-    write_manifest()
-    results: dict[str, dict] = {}
-    timings: dict[str, float] = {}  # wall seconds of the stages that ran
-    cpu_timings: dict[str, float] = {}  # CPU seconds (all threads): on a busy shared machine, close to a quiet run's wall time
-    for number, name in enumerate(stages, start=1):
-        if name == "world" and not uses_world:
-            continue
-        fn, stage_dir = stage_fns[name]
-        done = stage_dir / ("world.json" if name == "world" else "metrics.json")
-        if done.exists() and name not in ALWAYS_RUN:
-            console.print(f"[dim]skip {name}: {done} exists[/]")
-            results[name] = json.loads(done.read_text())
-            continue
-        # progress.json: which stage runs now, for whoever watches the run (`safealign seeds`, a dashboard)
-        atomic_write_json(root / "progress.json", {"stage": name, "number": number, "stages": len(stages),
-                                                   "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        console.rule(f"[bold]{name}")
-        start, cpu_start = time.perf_counter(), time.process_time()
-        results[name] = fn()
-        timings[name] = round(time.perf_counter() - start, 1)
-        cpu_timings[name] = round(time.process_time() - cpu_start, 1)
-        write_manifest()
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    stages = check_config(cfg)
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _warn_if_settings_changed(cfg, root)
+    save_config(cfg, root / "config.yaml")
+    table, uses_world = _stage_table(cfg, root)
+    if not uses_world:
+        stages = [s for s in stages if s != "world"]
+    atomic_write_json(root / "policies.json", policies_manifest(cfg, root, set(stages)))
+    runner = _StageRunner(cfg, root, table, stages)
+    side = [s for s in stages if s in BASELINE_LANE] if _parallel_lanes(cfg) else []
+    if any(not runner.done(s) for s in side):
+        head = [s for s in stages if s in LANE_HEAD]
+        tail = [s for s in stages if s in ALWAYS_RUN]
+        runner.run_all(head)
+        _run_beside(runner, main=[s for s in stages if s not in {*head, *side, *tail}], side=side)
+        runner.run_all(tail)
+    else:
+        runner.run_all(stages)
 
     atomic_write_json(root / "progress.json", {"stage": None, "number": len(stages), "stages": len(stages),
                                                "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    summary = _summary(results, timings, cpu_timings)
+    def in_order(values: dict[str, Any]) -> dict[str, Any]:  # the lanes finish their stages out of order
+        return {name: values[name] for name in stages if name in values}
+
+    summary = _summary(in_order(runner.results), in_order(runner.timings), in_order(runner.cpu_timings))
     summary.update(_round_headlines(cfg, summary))
     atomic_write_json(root / "metrics.json", summary)
     _print_summary(summary, num_rounds(cfg))
     return summary
+
+
+class _StageRunner:
+    """Runs stages in one process: skips a stage whose done file exists (loading its metrics), times the others,
+    and after each one rewrites policies.json (and progress.json when this process is the one people watch)."""
+
+    def __init__(self, cfg: PipelineConfig, root: Path, table: dict[str, tuple[Callable[[], dict], Path]],
+                 stages: list[str], watched: bool = True) -> None:
+        self.cfg, self.root, self.table, self.stages, self.watched = cfg, root, table, stages, watched
+        self.results: dict[str, dict] = {}
+        self.timings: dict[str, float] = {}  # wall seconds of the stages that ran
+        self.cpu_timings: dict[str, float] = {}  # CPU seconds of this process (all threads): on a busy shared machine, close to a quiet run's wall time
+        self.before_each: Callable[[], None] = lambda: None  # the lanes' thread rebalancing
+
+    def done_file(self, name: str) -> Path:
+        return self.table[name][1] / ("world.json" if name == "world" else "metrics.json")
+
+    def done(self, name: str) -> bool:
+        return self.done_file(name).exists() and name not in ALWAYS_RUN
+
+    def run_all(self, names: list[str]) -> None:
+        for name in names:
+            self.run_one(name)
+
+    def run_one(self, name: str) -> None:
+        fn, _ = self.table[name]
+        if self.done(name):
+            console.print(f"[dim]skip {name}: {self.done_file(name)} exists[/]")
+            self.results[name] = json.loads(self.done_file(name).read_text())
+            return
+        self.before_each()
+        if self.watched:  # progress.json: which stage runs now, for whoever watches the run (`safealign seeds`, a dashboard)
+            self.write_progress(name)
+        console.rule(f"[bold]{name}")
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self.results[name] = fn()
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        self.cpu_timings[name] = round(time.process_time() - cpu_start, 1)
+        atomic_write_json(self.root / "policies.json", policies_manifest(self.cfg, self.root, set(self.stages)))
+
+    def write_progress(self, name: str, **extra: Any) -> None:
+        atomic_write_json(self.root / "progress.json", {
+            "stage": name, "number": self.stages.index(name) + 1 if name in self.stages else len(self.results),
+            "stages": len(self.stages), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra})
+
+
+# --------------------------------------------------------------------------------------------------
+# Two lanes (`parallel_baselines`): the baselines in a second process beside Safe RLHF's rounds
+# --------------------------------------------------------------------------------------------------
+# After SFT and the round-1 reward and cost models, the baselines depend on nothing else and nothing depends on
+# them but compare/report. On a CPU, generation-heavy stages use a second thread poorly (PPO-Lag on 2 threads:
+# 1.23× its speed on 1; reward-model training 1.88×, docs/results.md), so two one-thread lanes get through the RL
+# and evaluation stages faster than one two-thread lane. A lane takes the other's threads back when that one ends.
+LANE_HEAD = ("world", "sft", "rm", "cm")  # every baseline stage needs these; they run first, with all threads
+BASELINE_LANE = ("evaluate_sft", "eval_scores", "ppo", "evaluate_ppo", "shaping", "evaluate_shaping")
+LANE_LOG = "logs/baselines.log"  # the second lane's output (stages, warnings, a traceback if it fails)
+LANE_RESULT = "logs/baselines.json"  # its stage times, or the stage that failed and why
+LANE_REQUEST = "logs/baselines-request.json"  # what it runs: the pipeline config, its stages, its threads
+LANE_MAIN_DONE = "logs/safe_rlhf_lane.done"  # written when the main lane ends: the second takes all the threads
+
+
+def _parallel_lanes(cfg: PipelineConfig) -> bool:
+    """Whether the baselines get their own lane: asked for, and at least two CPU threads to split."""
+    if not cfg.parallel_baselines:
+        return False
+    import torch
+
+    if torch.get_num_threads() < 2:
+        console.print("[yellow]note:[/] parallel_baselines needs at least 2 CPU threads (torch has "
+                      f"{torch.get_num_threads()}): the stages run one after another", highlight=False)
+        return False
+    return True
+
+
+def _run_beside(runner: _StageRunner, main: list[str], side: list[str]) -> None:
+    """Run `side` in a second process while this one runs `main`; each lane gets half the threads, and whichever
+    finishes first hands its threads to the other at the other's next stage. A stage that fails in the second
+    lane fails the pipeline once `main` is done (StageFailed naming the log); one failing here stops the second
+    lane (re-running the command resumes both: done stages are skipped, interrupted ones resume from checkpoints)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    total = torch.get_num_threads()
+    root = runner.root
+    log, result, main_done = root / LANE_LOG, root / LANE_RESULT, root / LANE_MAIN_DONE
+    log.parent.mkdir(parents=True, exist_ok=True)
+    result.unlink(missing_ok=True)
+    main_done.unlink(missing_ok=True)
+    request = root / LANE_REQUEST
+    atomic_write_json(request, {"config": dataclasses.asdict(runner.cfg), "stages": runner.stages, "names": side,
+                                "threads": total - total // 2, "total_threads": total})
+    console.print(f"baselines ({', '.join(s for s in side if not runner.done(s))}) run in a second process beside the "
+                  f"Safe RLHF lane, {total // 2} + {total - total // 2} threads; its log: {log}", highlight=False)
+    # A fresh interpreter (not fork: no torch, CUDA or Accelerate state is inherited; not multiprocessing's spawn,
+    # which re-runs the caller's main script when it has no __main__ guard).
+    with open(log, "ab") as out:
+        lane = subprocess.Popen([sys.executable, "-c", "import sys; from safealign.pipeline import side_lane; "
+                                 "side_lane(sys.argv[1])", str(request)], stdout=out, stderr=subprocess.STDOUT)
+    torch.set_num_threads(total // 2)
+
+    def rebalance() -> None:
+        if lane.poll() is not None and torch.get_num_threads() != total:
+            torch.set_num_threads(total)
+
+    runner.before_each = rebalance
+    try:
+        runner.run_all(main)
+    except BaseException:
+        lane.terminate()
+        lane.wait()
+        console.print(f"[yellow]the baselines lane was stopped[/] (its log: {log}); the same command resumes it",
+                      highlight=False)
+        raise
+    finally:
+        runner.before_each = lambda: None
+        torch.set_num_threads(total)
+    main_done.touch()
+    if lane.poll() is None:
+        runner.write_progress("baselines lane", log=LANE_LOG)
+        console.print(f"waiting for the baselines lane (its log: {log})", highlight=False)
+    lane.wait()
+    outcome = json.loads(result.read_text()) if result.is_file() else {}
+    if lane.returncode != 0 or outcome.get("error"):
+        failure = outcome.get("error") or {"stage": "?", "message": f"the process ended with exit code {lane.returncode}"}
+        raise StageFailed(f"pipeline stage {failure['stage']} failed in the baselines lane: {failure['message']} "
+                          f"(traceback in {log}). The Safe RLHF lane finished; re-run the same command to resume.")
+    runner.timings.update(outcome["timings"])
+    runner.cpu_timings.update(outcome["cpu_timings"])
+    for name in side:  # the lane's results, as a skipped stage's
+        runner.results[name] = json.loads(runner.done_file(name).read_text())
+
+
+def side_lane(request_path: str) -> None:
+    """The second lane's process (started by `_run_beside`): runs the requested stages with its share of the
+    threads (all of them once the main lane is done), then writes their times, or the stage that failed, to
+    LANE_RESULT."""
+    import sys
+    import traceback
+
+    import torch
+
+    request = json.loads(Path(request_path).read_text())
+    torch.set_num_threads(request["threads"])
+    cfg = PipelineConfig(**request["config"])
+    root = Path(cfg.output_dir)
+    runner = _StageRunner(cfg, root, _stage_table(cfg, root)[0], request["stages"], watched=False)
+
+    def rebalance() -> None:
+        if (root / LANE_MAIN_DONE).exists() and torch.get_num_threads() != request["total_threads"]:
+            torch.set_num_threads(request["total_threads"])
+
+    runner.before_each = rebalance
+    error = None
+    for name in request["names"]:
+        try:
+            runner.run_one(name)
+        except Exception as err:  # reported to the main process, which raises it after its own lane
+            traceback.print_exc()
+            error = {"stage": name, "message": f"{type(err).__name__}: {err}"}
+            break
+    atomic_write_json(root / LANE_RESULT, {"timings": runner.timings, "cpu_timings": runner.cpu_timings, "error": error})
+    sys.exit(1 if error else 0)
 
 
 def shaping_nus(cfg: PipelineConfig) -> list[float]:

@@ -103,7 +103,8 @@ def _finished_before(cfg: SeedsConfig, seed: int) -> bool:
         progress = json.loads((out / "progress.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return "finished_utc" in progress and changed_settings(pipeline_config(cfg, seed), out / "config.yaml") == []
+    return "finished_utc" in progress and changed_settings(
+        pipeline_config(cfg, seed), out / "config.yaml", ignore=("parallel_baselines",)) == []  # one lane or two: the same results
 
 
 def _current_stage(run_dir: Path) -> str | None:
