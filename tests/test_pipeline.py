@@ -274,6 +274,59 @@ def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, cap
     assert yaml.safe_load((root / "sft" / "config.yaml").read_text())["resume"] == ""
 
 
+LANES = ["world", "sft", "evaluate_sft", "rm", "cm", "ppo_lag", "evaluate_ppo_lag", "ppo", "evaluate_ppo"]
+
+
+@pytest.fixture
+def torch_threads(monkeypatch):
+    """Sets the thread count torch reports (lanes are split by it, on any machine); the real one is restored after."""
+    threads = torch.get_num_threads()
+    yield lambda n: monkeypatch.setattr(torch, "get_num_threads", lambda: n)
+    torch.set_num_threads(threads)
+
+
+def test_parallel_baselines_give_the_results_of_one_lane_and_report_a_failure(tmp_path, torch_threads, capsys):
+    from safetensors.torch import load_file
+
+    from safealign.config import StageFailed
+
+    settings = {"profile": "quick", "stages": LANES, "parallel_baselines": True, **TINY}
+    torch_threads(1)  # nothing to split: one lane, with a note
+    one = run(load_config(PipelineConfig, None, {**settings, "output_dir": str(tmp_path / "one")}))
+    assert "needs at least 2 CPU threads" in capsys.readouterr().err and not (tmp_path / "one" / "logs").exists()
+    torch_threads(2)  # two lanes of one thread each
+    root = tmp_path / "two"
+    two = run(load_config(PipelineConfig, None, {**settings, "output_dir": str(root)}))
+
+    log = (root / "logs" / "baselines.log").read_text()
+    assert "evaluate_sft" in log and "evaluate_ppo" in log and "ppo_lag" not in log  # the baselines ran in the second lane
+    assert [k.removeprefix("time_s/") for k in two if k.startswith("time_s/")] == LANES
+    measured = ("time", "runtime", "per_second", "world/out")  # clocks and the run directory: the rest must be equal
+    assert {k: v for k, v in two.items() if not any(m in k for m in measured)} == \
+        {k: v for k, v in one.items() if not any(m in k for m in measured)}
+    for policy in ("ppo", "ppo_lag"):  # bit-identical: a thread count changes no float summation order here
+        lanes, sequential = (load_file(r / policy / "model" / "model.safetensors") for r in (root, tmp_path / "one"))
+        assert lanes.keys() == sequential.keys() and all(torch.equal(lanes[k], sequential[k]) for k in lanes)
+    assert json.loads((root / "progress.json").read_text())["stage"] is None
+
+    # A stage failing in the second lane fails the pipeline after the first lane's stages, naming the stage and log.
+    (root / "ppo" / "metrics.json").unlink()
+    (root / "eval" / "ppo" / "metrics.json").unlink()
+    (root / "eval" / "ppo_lag" / "metrics.json").unlink()
+    broken = {**settings, "output_dir": str(root), "ppo": {**RL, "actor_model": str(tmp_path / "no-such-model")}}
+    with pytest.raises(StageFailed, match=r"stage ppo failed in the baselines lane: .*no-such-model.*baselines\.log"):
+        run(load_config(PipelineConfig, None, broken))
+    assert (root / "eval" / "ppo_lag" / "metrics.json").is_file()  # the Safe RLHF lane finished its stage
+    assert "Traceback" in (root / "logs" / "baselines.log").read_text()
+
+    # A stage failing in the first lane stops the second one and raises its own error.
+    (root / "eval" / "ppo_lag" / "metrics.json").unlink()
+    broken["evaluate"] = {**TINY["evaluate"], "model": str(tmp_path / "no-such-policy")}
+    with pytest.raises(Exception, match="no-such-policy"):
+        run(load_config(PipelineConfig, None, broken))
+    assert not (root / "ppo" / "metrics.json").exists()
+
+
 def test_a_run_directory_started_with_other_settings_says_which(tmp_path, capsys):
     settings = {"output_dir": str(tmp_path), "stages": ["world"], "world": TINY["world"]}
     run(load_config(PipelineConfig, None, settings))

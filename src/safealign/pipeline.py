@@ -26,6 +26,12 @@ over a growing set), which the 15-minute CPU budget of the default profile canno
 starting keeps round 1's fit, and replaying all the pairs (not only the new ones) keeps it from drifting
 towards the new pairs' prompt mix.
 
+Two lanes (`parallel_baselines: true`, as configs/pipeline.yaml sets). After world, SFT, RM and CM, the baselines'
+stages (evaluate_sft, eval_scores, ppo, evaluate_ppo, shaping, evaluate_shaping) run in a second process while this
+one runs Safe RLHF's (ppo_lag, evaluate_ppo_lag, the rounds), the CPU threads split between them; compare and report
+run once both are done. Each stage computes what it would in one lane (measured bit-identical on the CPU:
+tests/test_pipeline.py); only the wall time changes. The second lane's output goes to output_dir/logs/baselines.log.
+
 `output_dir/policies.json` (written after every stage) lists every policy and value model the stages
 produce, with paths relative to the run directory, for the report and the multi-model comparison;
 `output_dir/progress.json` names the stage running now (`safealign seeds` shows it per seed).
@@ -498,8 +504,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         stages = [s for s in stages if s != "world"]
     atomic_write_json(root / "policies.json", policies_manifest(cfg, root, set(stages)))
     runner = _StageRunner(cfg, root, table, stages)
-    side = [s for s in stages if s in BASELINE_LANE] if _parallel_lanes(cfg) else []
-    if any(not runner.done(s) for s in side):
+    side = [s for s in stages if s in BASELINE_LANE]
+    if cfg.parallel_baselines and any(not runner.done(s) for s in side) and _enough_threads():
         head = [s for s in stages if s in LANE_HEAD]
         tail = [s for s in stages if s in ALWAYS_RUN]
         runner.run_all(head)
@@ -510,6 +516,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
     atomic_write_json(root / "progress.json", {"stage": None, "number": len(stages), "stages": len(stages),
                                                "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
     def in_order(values: dict[str, Any]) -> dict[str, Any]:  # the lanes finish their stages out of order
         return {name: values[name] for name in stages if name in values}
 
@@ -579,10 +586,8 @@ LANE_REQUEST = "logs/baselines-request.json"  # what it runs: the pipeline confi
 LANE_MAIN_DONE = "logs/safe_rlhf_lane.done"  # written when the main lane ends: the second takes all the threads
 
 
-def _parallel_lanes(cfg: PipelineConfig) -> bool:
-    """Whether the baselines get their own lane: asked for, and at least two CPU threads to split."""
-    if not cfg.parallel_baselines:
-        return False
+def _enough_threads() -> bool:
+    """At least two CPU threads to split between the lanes (else the stages run one after another, with a note)."""
     import torch
 
     if torch.get_num_threads() < 2:
@@ -610,7 +615,7 @@ def _run_beside(runner: _StageRunner, main: list[str], side: list[str]) -> None:
     main_done.unlink(missing_ok=True)
     request = root / LANE_REQUEST
     atomic_write_json(request, {"config": dataclasses.asdict(runner.cfg), "stages": runner.stages, "names": side,
-                                "threads": total - total // 2, "total_threads": total})
+                                "threads": total - total // 2, "total_threads": total, "parent_pid": os.getpid()})
     console.print(f"baselines ({', '.join(s for s in side if not runner.done(s))}) run in a second process beside the "
                   f"Safe RLHF lane, {total // 2} + {total - total // 2} threads; its log: {log}", highlight=False)
     # A fresh interpreter (not fork: no torch, CUDA or Accelerate state is inherited; not multiprocessing's spawn,
@@ -662,6 +667,7 @@ def side_lane(request_path: str) -> None:
     import torch
 
     request = json.loads(Path(request_path).read_text())
+    _die_with_parent(request["parent_pid"])
     torch.set_num_threads(request["threads"])
     cfg = PipelineConfig(**request["config"])
     root = Path(cfg.output_dir)
@@ -682,6 +688,22 @@ def side_lane(request_path: str) -> None:
             break
     atomic_write_json(root / LANE_RESULT, {"timings": runner.timings, "cpu_timings": runner.cpu_timings, "error": error})
     sys.exit(1 if error else 0)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """On Linux, the second lane gets SIGTERM when the pipeline process that started it dies (even by SIGKILL): a
+    re-run must not find an orphaned lane still training into the same directories. Elsewhere it runs on, so stop
+    it yourself before re-running."""
+    import ctypes
+    import signal
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        sys.exit(1)
 
 
 def shaping_nus(cfg: PipelineConfig) -> list[float]:
