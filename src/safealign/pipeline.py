@@ -50,7 +50,8 @@ from typing import Any, Callable, Literal, TypeVar
 import yaml
 from rich.table import Table
 
-from safealign.config import ConfigError, StageFailed, changed_settings, check_overrides, config_field, load_config, save_config
+from safealign.config import (ConfigError, StageFailed, changed_settings, check_overrides, config_field, load_config,
+                              save_config)
 from safealign.console import stderr_console
 from safealign.io import atomic_write_json
 
@@ -504,12 +505,12 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         stages = [s for s in stages if s != "world"]
     atomic_write_json(root / "policies.json", policies_manifest(cfg, root, set(stages)))
     runner = _StageRunner(cfg, root, table, stages)
-    side = [s for s in stages if s in BASELINE_LANE]
-    if cfg.parallel_baselines and any(not runner.done(s) for s in side) and _enough_threads():
-        head = [s for s in stages if s in LANE_HEAD]
-        tail = [s for s in stages if s in ALWAYS_RUN]
+    head, side, tail = ([s for s in stages if s in names] for names in (LANE_HEAD, BASELINE_LANE, ALWAYS_RUN))
+    main = [s for s in stages if s not in {*head, *side, *tail}]
+    both_lanes_busy = any(not runner.done(s) for s in side) and any(not runner.done(s) for s in main)
+    if cfg.parallel_baselines and both_lanes_busy and _enough_threads():
         runner.run_all(head)
-        _run_beside(runner, main=[s for s in stages if s not in {*head, *side, *tail}], side=side)
+        _run_beside(runner, main=main, side=side)
         runner.run_all(tail)
     else:
         runner.run_all(stages)
