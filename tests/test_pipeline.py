@@ -319,12 +319,25 @@ def test_parallel_baselines_give_the_results_of_one_lane_and_report_a_failure(tm
     assert (root / "eval" / "ppo_lag" / "metrics.json").is_file()  # the Safe RLHF lane finished its stage
     assert "Traceback" in (root / "logs" / "baselines.log").read_text()
 
-    # A stage failing in the first lane stops the second one and raises its own error.
+    # A stage failing in the first lane raises its own error, and the second lane (which would train ppo) is stopped.
     (root / "eval" / "ppo_lag" / "metrics.json").unlink()
-    broken["evaluate"] = {**TINY["evaluate"], "model": str(tmp_path / "no-such-policy")}
+    broken = {**settings, "output_dir": str(root), "evaluate": {**TINY["evaluate"], "model": str(tmp_path / "no-such-policy")}}
     with pytest.raises(Exception, match="no-such-policy"):
         run(load_config(PipelineConfig, None, broken))
+    request = str(root / "logs" / "baselines-request.json")
+    assert not [pid for pid, command in process_command_lines() if request in command], "the second lane still runs"
     assert not (root / "ppo" / "metrics.json").exists()
+
+
+def process_command_lines() -> list[tuple[str, str]]:
+    """(pid, command line) of every process this user can see (Linux /proc)."""
+    lines = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            lines.append((entry.name, (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")))
+        except OSError:
+            continue
+    return lines
 
 
 def test_a_run_directory_started_with_other_settings_says_which(tmp_path, capsys):
