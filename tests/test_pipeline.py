@@ -304,7 +304,7 @@ def test_parallel_baselines_give_the_results_of_one_lane_and_report_a_failure(tm
     measured = ("time", "runtime", "per_second", "world/out")  # clocks and the run directory: the rest must be equal
     assert {k: v for k, v in two.items() if not any(m in k for m in measured)} == \
         {k: v for k, v in one.items() if not any(m in k for m in measured)}
-    for policy in ("ppo", "ppo_lag"):  # bit-identical: a thread count changes no float summation order here
+    for policy in ("ppo", "ppo_lag"):  # bit-identical: on this CPU the thread count changes no float
         lanes, sequential = (load_file(r / policy / "model" / "model.safetensors") for r in (root, tmp_path / "one"))
         assert lanes.keys() == sequential.keys() and all(torch.equal(lanes[k], sequential[k]) for k in lanes)
     assert json.loads((root / "progress.json").read_text())["stage"] is None
