@@ -10,6 +10,9 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by subprocesses (torchrun ranks, CLI runs)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a mistyped name fails at once instead of retrying for a minute
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Messages wrap at the console width; a narrow COLUMNS (or terminal) in the caller's environment would split the
+# phrases the tests look for. 160 is what a log gets (safealign.console); tests of the width set their own.
+os.environ["COLUMNS"] = "160"
 
 import torch  # noqa: E402
 
