@@ -17,6 +17,7 @@ from transformers import (
 from safealign.models.presets import resolve_pretrained
 from safealign.models.score_model import (
     ScoreModel,
+    ScoreOutput,
     build_score_model,
     load_score_model,
     lora_critic,
@@ -137,6 +138,21 @@ def test_padding_gets_no_gradient_and_pad_ids_do_not_matter(reward_model, side):
     with torch.no_grad():
         other_pad = reward_model(pad_batch(rows([3, 8, 6], seed=2), side, pad_id=VOCAB - 1)[0], mask)
         torch.testing.assert_close(other_pad.end_scores, reward_model(ids, mask).end_scores, rtol=0, atol=1e-6)
+
+
+def test_score_output_is_a_pytree_so_fsdp2_finds_the_tensors_to_hook(reward_model):
+    """FSDP2 before torch 2.13 hooks its gradient reduction on the tensors `tree_flatten` finds in a module's output;
+    an unregistered dataclass is one opaque leaf, and a sharded score model then trained with every .grad None."""
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    ids, mask = pad_batch(rows([3, 5], seed=4), "right")
+    output = reward_model(ids, mask)
+    leaves, _ = tree_flatten(output)
+    assert [leaf is field for leaf, field in zip(leaves, (output.scores, output.end_scores, output.end_index))] == [True] * 3
+    assert any(leaf.requires_grad for leaf in leaves)
+    doubled = tree_map(lambda t: t * 2, output)  # FSDP2's output casts rebuild the output this way
+    assert isinstance(doubled, ScoreOutput)
+    torch.testing.assert_close(doubled.end_scores, output.end_scores * 2)
 
 
 def test_position_ids_can_be_passed(reward_model):

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils import _pytree
 from transformers import (
     AutoConfig,
     AutoModelForTokenClassification,
@@ -44,6 +45,16 @@ class ScoreOutput:
     scores: torch.Tensor  # size = (B, L), float32, 0 at padding positions
     end_scores: torch.Tensor  # size = (B,), score at the last non-padding token
     end_index: torch.Tensor  # size = (B,), position of that token
+
+
+# FSDP2 hooks its gradient reduction on the tensors it finds in a wrapped module's output. torch 2.13 looks inside
+# dataclasses; earlier versions flatten registered pytree nodes only, and there a sharded score model trained with
+# no gradients at all (torch 2.11 on an H100: every .grad None, weights unchanged). Registered, it works on both.
+_pytree.register_pytree_node(
+    ScoreOutput,
+    lambda output: ([output.scores, output.end_scores, output.end_index], None),
+    lambda children, _context: ScoreOutput(*children),
+)
 
 
 class ScoreModel(nn.Module):
