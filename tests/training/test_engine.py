@@ -63,6 +63,21 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
             torch.testing.assert_close(accumulated[name], tensor, atol=atol, rtol=0)
 
 
+def test_a_loss_cut_off_from_the_weights_stops_at_the_first_step(tmp_path, monkeypatch):
+    """A wrapper that loses the graph (FSDP2 on torch < 2.13 did, with the score model's output) trains nothing:
+    the first step must say so instead of saving an untrained model."""
+    from safealign.algorithms.sft import SFTStep
+
+    real_loss = SFTStep.loss
+    monkeypatch.setattr(SFTStep, "loss", lambda self, model, batch, num_items: (
+        lambda loss, metrics: (loss.detach().requires_grad_(), metrics))(*real_loss(self, model, batch, num_items)))
+    cfg = SFTConfig(train_data=str(write_mixed_lengths(tmp_path / "train.jsonl", n=32)), output_dir=str(tmp_path / "run"),
+                    mixed_precision="no", max_steps=2, per_device_train_batch_size=8, eval_fraction=0.0)
+    with pytest.raises(RuntimeError, match="no trained weight received a gradient in the first step"):
+        run(cfg)
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_epoch_batches_partition_each_epoch_and_differ_between_epochs():
     n, batch, accumulation, processes = 37, 4, 2, 2  # global batch 16: 3 steps, the last wraps round
     def epoch(e: int, start: int = 0) -> list[list[list[int]]]:

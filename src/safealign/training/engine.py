@@ -507,6 +507,7 @@ def train(
         state.last_save_step = state.global_step
 
     run_tokens, run_train_time = 0.0, 0.0
+    run_steps = 0  # optimizer steps taken by this process run (after a resume too)
     with logger:
         if eval_loader is not None and cfg.eval_on_start and state.global_step == 0:
             evaluate()
@@ -526,7 +527,9 @@ def train(
                     break
                 tick = time.perf_counter()
                 batches = [send_to_device(next(micro_batches), accelerator.device) for _ in range(accumulation)]
-                scalars = _optimizer_step(accelerator, model, optimizer, scheduler, step, batches, cfg.max_grad_norm)
+                scalars = _optimizer_step(accelerator, model, optimizer, scheduler, step, batches, cfg.max_grad_norm,
+                                          check_gradients=run_steps == 0)
+                run_steps += 1
                 state.global_step += 1
                 elapsed = time.perf_counter() - tick
                 run_tokens += scalars["tokens"]
@@ -576,8 +579,12 @@ def train(
 
 
 def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler, step: Step,
-                    batches: list[dict[str, Any]], max_grad_norm: float) -> dict[str, float]:
-    """One optimizer step over this process's micro-batches; returns step scalars reduced over processes."""
+                    batches: list[dict[str, Any]], max_grad_norm: float, check_gradients: bool = False) -> dict[str, float]:
+    """One optimizer step over this process's micro-batches; returns step scalars reduced over processes.
+
+    `check_gradients` (the run's first step): stop if no trained weight got a gradient. A wrapper that loses the
+    graph trains nothing and says nothing: FSDP2 on torch < 2.13 did so with a dataclass output (score_model.py).
+    """
     device = accelerator.device
     counts = torch.tensor([sum(step.count_items(b) for b in batches), sum(step.count_tokens(b) for b in batches)],
                           dtype=torch.float64, device=device)
@@ -596,6 +603,10 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
             for name, value in {"loss": loss, **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if accelerator.sync_gradients:
+                if check_gradients and accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own
+                    if all(p.grad is None for p in model.parameters() if p.requires_grad):
+                        raise RuntimeError(f"no trained weight received a gradient in the first step ({accelerator.distributed_type.value}): "
+                                           "the loss is not connected to the model's weights, so training would change nothing")
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
