@@ -30,7 +30,7 @@ Two lanes (`parallel_baselines: true`, as configs/pipeline.yaml sets). After wor
 stages (evaluate_sft, eval_scores, ppo, evaluate_ppo, shaping, evaluate_shaping) run in a second process while this
 one runs Safe RLHF's (ppo_lag, evaluate_ppo_lag, the rounds), the CPU threads split between them; compare and report
 run once both are done. Each stage computes what it would in one lane (measured bit-identical on the CPU:
-tests/test_pipeline.py); only the wall time changes. The second lane's output goes to output_dir/logs/baselines.log.
+tests/test_pipeline.py, and on an H100); only the wall time changes. The second lane's output goes to output_dir/logs/baselines.log.
 
 `output_dir/policies.json` (written after every stage) lists every policy and value model the stages
 produce, with paths relative to the run directory, for the report and the multi-model comparison;
@@ -153,8 +153,9 @@ class PipelineConfig:
     parallel_baselines: bool = config_field(
         False, help="Run the baselines (evaluate_sft, eval_scores, ppo, shaping and their evaluations) in a second process beside "
                     "the Safe RLHF lane (ppo_lag, rounds), the CPU threads split between the two: faster on a CPU "
-                    "(generation uses a second thread poorly); on a GPU both processes hold their models on it. The "
-                    "results are the same (docs/results.md); its log: output_dir/logs/baselines.log.")
+                    "(generation uses a second thread poorly) and on a GPU that small models leave idle; both processes "
+                    "hold their models on the GPU. The results are the same (docs/results.md); its log: "
+                    "output_dir/logs/baselines.log.")
 
 
 def _stage_settings(cfg: PipelineConfig, name: str) -> dict[str, Any]:
