@@ -69,8 +69,12 @@ def test_a_loss_cut_off_from_the_weights_stops_at_the_first_step(tmp_path, monke
     from safealign.algorithms.sft import SFTStep
 
     real_loss = SFTStep.loss
-    monkeypatch.setattr(SFTStep, "loss", lambda self, model, batch, num_items: (
-        lambda loss, metrics: (loss.detach().requires_grad_(), metrics))(*real_loss(self, model, batch, num_items)))
+
+    def detached_loss(self, model, batch, num_items):
+        loss, metrics = real_loss(self, model, batch, num_items)
+        return loss.detach().requires_grad_(), metrics  # a leaf: backward reaches no weight
+
+    monkeypatch.setattr(SFTStep, "loss", detached_loss)
     cfg = SFTConfig(train_data=str(write_mixed_lengths(tmp_path / "train.jsonl", n=32)), output_dir=str(tmp_path / "run"),
                     mixed_precision="no", max_steps=2, per_device_train_batch_size=8, eval_fraction=0.0)
     with pytest.raises(RuntimeError, match="no trained weight received a gradient in the first step"):
