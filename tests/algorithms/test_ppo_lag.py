@@ -22,6 +22,7 @@ from safealign.algorithms import rl_loop
 from safealign.algorithms.losses import combined_advantage
 from safealign.algorithms.ppo_lag import PPOLagConfig, PPOLagStep, run
 from safealign.algorithms.rl_loop import Experience
+from safealign.models.presets import build_causal_lm
 from test_ppo import FAST, TinySetup, tiny_setup  # noqa: E402  (tests/algorithms is on sys.path)
 
 
@@ -219,15 +220,101 @@ def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layou
         assert not any("lora" in k for k in load_file(str(out / "model" / "model.safetensors")))
 
 
-@pytest.mark.parametrize("sharding", ["DEEPSPEED", "FSDP"])
-def test_sharded_training_is_refused_before_any_model_loads(tiny, tmp_path, monkeypatch, sharding):
-    """The RL loop prepares several models and samples from the actor's weights: under DeepSpeed or FSDP it stops with
-    a ConfigError that names the layout for large models, instead of Accelerate's error after every model loaded."""
+@pytest.mark.parametrize("sharding, overrides, message", [
+    ("DEEPSPEED", {}, "not under DEEPSPEED.*FSDP2.*actor_layout: lora"),
+    ("FSDP1", {}, r"FSDP2 \(FSDP_VERSION=2\), not under FSDP version 1"),
+    ("FSDP2", {"critic_layout": "lora"}, "actor_layout full and critic_layout full"),
+    ("FSDP2", {"actor_layout": "lora", "critic_layout": "lora"}, "actor_layout full and critic_layout full"),
+    ("FSDP2", {"critic_layout": "shared_backbone"}, "actor_layout full and critic_layout full"),
+    ("FSDP2", {"mixed_precision": "fp16"}, "not fp16"),
+    ("FSDP2", {"resume": "latest"}, "resume is implemented for single-process and DDP runs"),
+])
+def test_what_the_rl_loop_does_not_shard_is_refused_before_any_model_loads(tiny, tmp_path, monkeypatch, sharding,
+                                                                            overrides, message):
+    """DeepSpeed and FSDP1 are refused, and under FSDP2 the layouts that share one network between roles, fp16 and
+    resume, with a ConfigError before any model loads (instead of Accelerate's error after every model loaded)."""
     from accelerate.utils import DistributedType
 
     from safealign.config import ConfigError
 
-    monkeypatch.setattr(rl_loop, "make_accelerator", lambda *a, **k: SimpleNamespace(distributed_type=DistributedType[sharding]))
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP if sharding.startswith("FSDP") else DistributedType[sharding],
+                                  is_fsdp2=sharding == "FSDP2", mixed_precision=overrides.get("mixed_precision", "no"),
+                                  is_main_process=True)
+    monkeypatch.setattr(rl_loop, "make_accelerator", lambda *a, **k: accelerator)
     monkeypatch.setattr(rl_loop, "build_models", lambda *a, **k: pytest.fail("models loaded"))
-    with pytest.raises(ConfigError, match=f"not under {DistributedType[sharding].value}.*actor_layout: lora"):
-        run(lag_config(tiny, tmp_path / "x"))
+    with pytest.raises(ConfigError, match=message):
+        run(lag_config(tiny, tmp_path / "x", **{k: v for k, v in overrides.items() if k != "mixed_precision"}))
+
+
+def _actor_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+@pytest.mark.slow  # ~60 s: two two-rank runs of 3 steps (FSDP2, then DDP to compare with)
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_env):
+    """Every model sharded over two gloo ranks (actor, critics, reference, reward and cost models): the same samples,
+    J_C and λ as DDP with the same seed, the same final actor up to the order of float sums, saved as a plain model.
+    Measured here: samples, J_C and λ identical at every step, actor weights within 1.8e-7."""
+    if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
+        pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**_env(), **two_ranks_env}
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        env.pop(name, None)
+    fsdp_env = {**env, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    runs = {}
+    for name, run_env in (("fsdp", fsdp_env), ("ddp", env)):
+        # the real (random) cost model: J_C depends on what was sampled
+        args = _cli_args(tiny, tmp_path / name, tiny.cost_model, 3)
+        result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", *args],
+                                env=run_env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[name] = result
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    # It ran sharded (Accelerate alone falls back to DDP on CPU ranks): no checkpoints, the final model only.
+    assert "under DistributedType.FSDP only the final model is saved" in runs["fsdp"].stderr
+    assert not (fsdp / "checkpoints").exists() and (ddp / "checkpoints" / "step-3").is_dir()
+
+    traces = {name: [[json.loads(line) for line in (out / f"lagrange_multiplier_rank{r}.jsonl").read_text().splitlines()]
+                     for r in (0, 1)] for name, out in (("fsdp", fsdp), ("ddp", ddp))}
+    assert traces["fsdp"][0] == traces["fsdp"][1]  # λ and J_C identical on both ranks
+    assert [row["step"] for row in traces["fsdp"][0]] == [1, 2, 3]
+    for key in ("lagrange_multiplier", "episode_cost"):
+        assert [row[key] for row in traces["fsdp"][0]] == pytest.approx([row[key] for row in traces["ddp"][0]], abs=1e-5), key
+    assert len({row["lagrange_multiplier"] for row in traces["fsdp"][0]}) == 3  # λ moved every step
+    samples = {name: [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+               for name, out in (("fsdp", fsdp), ("ddp", ddp))}
+    first = [[(r["prompt"], r["response"]) for r in samples[name] if r["step"] == 1] for name in ("fsdp", "ddp")]
+    assert first[0] == first[1] and len(first[0]) == 4
+
+    weights, ddp_weights = _actor_weights(fsdp), _actor_weights(ddp)
+    assert weights.keys() == ddp_weights.keys()
+    initial = build_causal_lm(tiny.actor).state_dict()
+    assert any(not torch.equal(weights[k], initial[k]) for k in weights)  # it trained
+    for key, tensor in ddp_weights.items():
+        torch.testing.assert_close(weights[key], tensor, atol=1e-5, rtol=0)
+    # The saved model (gathered from the shards) is a plain Hugging Face directory that loads.
+    reloaded = build_causal_lm(str(fsdp / "model")).state_dict()
+    for key, tensor in weights.items():
+        assert torch.equal(reloaded[key], tensor), key
+    metrics = json.loads((fsdp / "metrics.json").read_text())
+    assert metrics["global_step"] == 3 and metrics["num_parameters"] == sum(t.numel() for t in initial.values())
+
+
+@pytest.mark.slow  # ~10 s: the ranks stop before any model loads
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_fsdp1_on_two_cpu_ranks_is_refused(tiny, tmp_path, two_ranks_env):
+    if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
+        pytest.skip("checks the CPU path")
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**_env(), **two_ranks_env, "ACCELERATE_USE_FSDP": "true"}
+    env.pop("FSDP_VERSION", None)
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli",
+                             *_cli_args(tiny, tmp_path / "x", tiny.cost_model, 1)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "needs FSDP2: set FSDP_VERSION=2" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "x" / "model").exists()

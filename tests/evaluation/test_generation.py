@@ -265,3 +265,67 @@ def test_a_cpu_generator_samples_the_same_tokens_for_a_cuda_model():
     on_cpu = sample_next_token(logits, SamplingConfig(top_k=10), torch.Generator().manual_seed(1))
     on_cuda = sample_next_token(logits.cuda(), SamplingConfig(top_k=10), torch.Generator().manual_seed(1))
     assert on_cuda.device.type == "cuda" and torch.equal(on_cuda.cpu(), on_cpu)
+
+
+LOCK_STEP_SCRIPT = """
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from safealign.data.formatting import tokenize_prompt
+from safealign.evaluation.generation import SamplingConfig, generate_tokens
+from safealign.models.presets import build_causal_lm
+from safealign.models.tokenizer import load_tokenizer
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+tokenizer = load_tokenizer(sys.argv[1])
+model = build_causal_lm(sys.argv[1]).eval()
+prompts = [tokenize_prompt(tokenizer, "bake bread")]
+cfg = SamplingConfig(max_new_tokens=6, greedy=True, num_samples=2)
+free = generate_tokens(model, SimpleNamespace(eos_token_id=-1, pad_token_id=tokenizer.pad_token_id), prompts, cfg)
+# Rank 0 calls its rows' first greedy token EOS: they end after one token. Rank 1's never end.
+eos = -1 if rank else free.responses[0, 0].item()
+ids = SimpleNamespace(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+alone = generate_tokens(model, ids, prompts, cfg)
+for layer in model.model.layers:
+    fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
+fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+sharded = generate_tokens(model, ids, prompts, cfg)
+for name in ("sequences", "attention_mask", "response_mask", "position_ids", "ended_with_eos"):
+    assert torch.equal(getattr(sharded, name), getattr(alone, name)), name
+print(f"rank {rank}: responses {tuple(sharded.responses.shape)}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # ~15 s: two torchrun ranks
+def test_sharded_model_decodes_in_lock_step_until_every_rank_has_ended(model, tokenizer, tmp_path, two_ranks_env):
+    """Under FSDP2 every forward all-gathers the weights: a rank whose rows ended keeps decoding (pad) until every
+    rank's have, or the other rank would wait forever in its next forward. Each rank's rollout is still the one
+    it samples unsharded (the pad-only columns are dropped)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import safealign
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not installed")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "lock_step.py").write_text(LOCK_STEP_SCRIPT)
+    src = str(Path(safealign.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU whatever the machine has
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(tmp_path / "lock_step.py"),
+                             str(tmp_path / "model")], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "rank 0: responses (2, 1)" in result.stdout and "rank 1: responses (2, 6)" in result.stdout, result.stdout

@@ -61,6 +61,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from safealign.algorithms.losses import sft_loss
@@ -90,6 +93,7 @@ from safealign.training.engine import (
     RunLogger,
     TrainerState,
     TrainingConfig,
+    checkpoint_save_steps,
     console,
     continue_trainer_state,
     epoch_batches,
@@ -165,7 +169,8 @@ class RLConfig(TrainingConfig):
 @dataclass
 class RLModels:
     """Every model of a run. `actor` and the critics are prepared by Accelerate (DDP-wrapped when several
-    processes run); the reference and the score models are frozen, on the device, in eval mode."""
+    processes run); the reference and the score models are frozen, on the device, in eval mode. Under FSDP2 every
+    one of them is sharded over the ranks (`shard_models`)."""
 
     actor: nn.Module  # the causal LM (a peft model in the lora actor layout); an `ActorCritic` (LM + value heads) in the shared_backbone layout
     reference: Any  # a frozen copy of the actor, or (lora actor layout) the actor with its adapter disabled
@@ -395,7 +400,14 @@ def build_models(cfg: RLConfig, algorithm: RLAlgorithm, tokenizer: Any, accelera
 def prepare_training(cfg: RLConfig, accelerator: Accelerator, models: RLModels,
                      total_updates: int) -> dict[str, tuple[nn.Module, Any, Any]]:
     """Optimizers and schedulers of the trained models (the actor, each critic), prepared by Accelerate in
-    place in `models`; returns the parts: name -> (model, optimizer, scheduler), what a checkpoint holds."""
+    place in `models`; returns the parts: name -> (model, optimizer, scheduler), what a checkpoint holds.
+
+    Under FSDP2 Accelerate is not used to prepare: its FSDP2 path takes one model per `prepare` (accelerate 1.15:
+    "Only one model is supported when using FSDP2") and never the frozen ones. `shard_models` shards every model
+    first, and the optimizers are then built on the shards."""
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded:
+        shard_models(models, accelerator.mixed_precision, accelerator.device)
     warmup = math.ceil(cfg.warmup_ratio * total_updates)
     actor_optimizer = make_optimizer(cfg, models.actor)
     actor_scheduler = get_scheduler(cfg.lr_scheduler, actor_optimizer, num_warmup_steps=warmup, num_training_steps=total_updates)
@@ -404,13 +416,74 @@ def prepare_training(cfg: RLConfig, accelerator: Accelerator, models: RLModels,
     critic_schedulers = {s: get_scheduler(cfg.critic_lr_scheduler, o, num_warmup_steps=warmup, num_training_steps=total_updates)
                          for s, o in critic_optimizers.items()}
     streams = list(models.critics)
-    prepared = accelerator.prepare(models.actor, actor_optimizer,
-                                   *[x for s in streams for x in (models.critics[s], critic_optimizers[s])])
-    models.actor, actor_optimizer = prepared[0], prepared[1]
-    for i, s in enumerate(streams):
-        models.critics[s], critic_optimizers[s] = prepared[2 + 2 * i], prepared[3 + 2 * i]
+    if not sharded:
+        prepared = accelerator.prepare(models.actor, actor_optimizer,
+                                       *[x for s in streams for x in (models.critics[s], critic_optimizers[s])])
+        models.actor, actor_optimizer = prepared[0], prepared[1]
+        for i, s in enumerate(streams):
+            models.critics[s], critic_optimizers[s] = prepared[2 + 2 * i], prepared[3 + 2 * i]
     return {"actor": (models.actor, actor_optimizer, actor_scheduler),
             **{f"{s}_critic": (models.critics[s], critic_optimizers[s], critic_schedulers[s]) for s in streams}}
+
+
+def shard_models(models: RLModels, mixed_precision: str, device: torch.device) -> None:
+    """FSDP2 (full sharding over every rank), in place: the trained models and the frozen ones alike.
+
+    Each transformer block (the classes Hugging Face's `_no_split_modules` names) is one unit, the rest of the model
+    (embeddings, final norm, heads) the root's: a forward all-gathers one unit's weights at a time and frees them after
+    it, so a rank holds 1/world of every model plus one block. Under bf16 the trained models keep fp32 weights (and
+    AdamW state), compute in bf16, reduce gradients in fp32 and return fp32 outputs, as Accelerate's autocast wrapper
+    does under DDP; the frozen ones compute in their `frozen_dtype`. Must run before the optimizers exist.
+    """
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    if mixed_precision == "bf16":
+        trained_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        trained_policy = MixedPrecisionPolicy()  # fp32 throughout
+    for model in (models.actor, *models.critics.values()):
+        _shard_blocks_then_root(model.to(device), mesh, trained_policy)
+    for model in (models.reference, *models.score_models.values()):
+        _shard_blocks_then_root(model, mesh, MixedPrecisionPolicy())
+
+
+def _shard_blocks_then_root(model: nn.Module, mesh: Any, policy: MixedPrecisionPolicy) -> None:
+    block_names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    for block in [module for module in model.modules() if type(module).__name__ in block_names]:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    if policy.param_dtype is not None:  # the caller gets fp32 (logits for log-softmax, values)
+        policy = dataclasses.replace(policy, output_dtype=torch.float32)
+    # reshard_after_forward on the root too: a frozen model has no backward that would free its root weights
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+
+
+def clip_gradients(accelerator: Accelerator, model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip `model`'s gradient norm to `max_norm`; returns the norm before clipping (a plain tensor).
+
+    Under FSDP the models are not Accelerate's (`prepare_training`), whose clip_grad_norm_ then finds no model to
+    clip: torch's reduces the norm of the sharded (DTensor) gradients over the ranks, read whole with full_tensor()."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def _check_sharding(cfg: RLConfig, accelerator: Accelerator) -> None:
+    """Refuse what the RL loop does not run, before any model loads: DeepSpeed, FSDP1, and under FSDP2 the layouts
+    that share one network between several roles (a LoRA actor or critic, value heads on the actor) or fp16."""
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return
+    if kind != DistributedType.FSDP or not accelerator.is_fsdp2:
+        # Accelerate prepares one model per DeepSpeed engine; FSDP1 is not built here.
+        raise ConfigError(f"the RL stages run on one process, several with DDP, or FSDP2 (FSDP_VERSION=2), not under "
+                          f"{kind.value}{'' if kind != DistributedType.FSDP else ' version 1'}. For a large model use FSDP2, or "
+                          "actor_layout: lora, critic_layout: lora and mixed_precision: bf16 (one bf16 backbone per policy / "
+                          "reward / cost model, the adapters trained), one model replica per GPU (README: Large models)")
+    if cfg.actor_layout != "full" or cfg.critic_layout != "full":
+        raise ConfigError("under FSDP2 the RL stages shard full models: actor_layout full and critic_layout full (LoRA "
+                          "layouts and value heads on the actor's backbone share one network between roles, not sharded here)")
+    if accelerator.mixed_precision == "fp16":
+        raise ConfigError("under FSDP2 the RL stages run in bf16 or fp32 (mixed_precision bf16 or 'no'), not fp16")
 
 
 def _require_dir(path: str, what: str) -> None:
@@ -488,13 +561,8 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     ptx = bool(cfg.ptx_data) and cfg.ptx_coeff > 0
     # DDP: the PTX forward of an actor with value heads leaves the heads out of its loss.
     accelerator = make_accelerator(cfg, find_unused_parameters=ptx and cfg.critic_layout == "shared_backbone")
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        # Accelerate prepares one model per DeepSpeed engine / FSDP2 wrap, and sampling from sharded weights needs every
-        # rank to run the same number of decoding steps: neither is built here, so say so before loading anything.
-        raise ConfigError(f"the RL stages run on one process or several with DDP, not under {accelerator.distributed_type.value}. "
-                          "For a large model use actor_layout: lora, critic_layout: lora and mixed_precision: bf16 (one "
-                          "bf16 backbone per policy / reward / cost model, the adapters trained), one model replica per GPU "
-                          "(README: Large models)")
+    _check_sharding(cfg, accelerator)
+    save_steps = checkpoint_save_steps(cfg, accelerator)  # -1 under FSDP: only the final model; resume refused
     set_seed(cfg.seed)
     device = accelerator.device
     out = Path(cfg.output_dir)
@@ -605,10 +673,10 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
             if state.global_step % max(cfg.logging_steps, 1) == 0 or state.global_step == state.total_steps:
                 logger.log(logged, shown=_CONSOLE_KEYS)
             end_of_epoch = state.global_step % state.steps_per_epoch == 0
-            if (cfg.save_steps > 0 and state.global_step % cfg.save_steps == 0) or (cfg.save_steps == 0 and end_of_epoch):
+            if (save_steps > 0 and state.global_step % save_steps == 0) or (save_steps == 0 and end_of_epoch):
                 save()
             logger.advance("  ".join(f"{k} {logged[k]:.3g}" for k in ("reward", "cost", "lagrange_multiplier") if k in logged))
-        if cfg.save_steps >= 0 and state.last_save_step != state.global_step:
+        if save_steps >= 0 and state.last_save_step != state.global_step:
             save()
 
     policy = causal_lm(accelerator.unwrap_model(actor))
@@ -662,7 +730,7 @@ def _ppo_updates(cfg: RLConfig, accelerator: Accelerator, algorithm: RLAlgorithm
                     metrics["ptx_loss"] = ptx_loss.detach()
                 if accelerator.sync_gradients:
                     for name, (model, _, _) in parts.items():
-                        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                        norm = clip_gradients(accelerator, model, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
                         metrics[f"{name}_grad_norm"] = torch.as_tensor(norm).float() * accumulation  # averaged over micro-batches below
                 for _, optimizer, _ in parts.values():
                     optimizer.step()

@@ -18,6 +18,11 @@ A row stops at its first EOS: the EOS is part of the response (reward and cost m
 prompt + response + EOS), every later position holds the pad token and is 0 in `response_mask` and
 `attention_mask`. A row that reaches `max_new_tokens` without EOS is truncated (`ended_with_eos` False).
 
+A model sharded with FSDP2 (`fully_shard`, the RL stages under FSDP) all-gathers its weights in every forward, a
+collective call: decoding then goes on until every rank's rows have ended (one all-reduce of a flag per token), and
+the columns a rank decoded after its own rows ended (pad only) are dropped, so each rank's rollout is the one it
+samples unsharded.
+
 Other backends (vLLM, a server) plug in behind `GenerationBackend`; `HFGenerationBackend` is this one.
 """
 
@@ -161,13 +166,18 @@ def generate_tokens(
         next_position = position_ids[:, -1:] + 1  # size = (B, 1)
         new_tokens: list[torch.Tensor] = []
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # size = (B,)
+        lock_step = _is_sharded(model)
+        num_kept = cfg.max_new_tokens  # tokens of this batch's rollout: fewer when every row ended earlier
         for step in range(cfg.max_new_tokens):
             token = sample_next_token(out.logits[:, -1, :], cfg, generator)  # size = (B,)
             token = token.masked_fill(finished, pad_id)
             new_tokens.append(token)
             if eos_id is not None:
                 finished = finished | (token == eos_id)
-            if step == cfg.max_new_tokens - 1 or bool(finished.all()):
+            rows_done = bool(finished.all())
+            if rows_done:
+                num_kept = min(num_kept, step + 1)
+            if step == cfg.max_new_tokens - 1 or (_every_rank_done(rows_done, device) if lock_step else rows_done):
                 break
             # Finished rows keep computing (their outputs are discarded): no per-row cache surgery.
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
@@ -177,7 +187,8 @@ def generate_tokens(
     finally:
         model.train(was_training)
 
-    responses = torch.stack(new_tokens, dim=1)  # size = (B, T)
+    # Lock-step steps after this batch's rows ended hold only pad: dropped, the rollout is the one an unsharded run samples.
+    responses = torch.stack(new_tokens[:num_kept], dim=1)  # size = (B, T)
     # A response token is real up to and including the row's first EOS.
     if eos_id is not None:
         is_eos = responses == eos_id  # size = (B, T)
@@ -197,6 +208,21 @@ def generate_tokens(
         position_ids=position_ids_from_mask(full_mask),
         ended_with_eos=ended_with_eos,
     )
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Sharded by FSDP2 over several ranks: every forward all-gathers the weights, a collective that each rank must join."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) and torch.distributed.is_initialized()
+
+
+def _every_rank_done(rows_done: bool, device: torch.device) -> bool:
+    """Whether every rank's rows have ended (one all-reduce): a rank whose rows ended keeps decoding pad until then,
+    so that all ranks make the same number of forward calls."""
+    flag = torch.tensor([int(rows_done)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, batch: RolloutBatch) -> list[str]:

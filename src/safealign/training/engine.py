@@ -228,6 +228,20 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def checkpoint_save_steps(cfg: TrainingConfig, accelerator: Accelerator) -> int:
+    """`cfg.save_steps`, or -1 (no checkpoints, only the final model; a warning says so) where resumable checkpoints
+    are not implemented: DeepSpeed, FSDP, Megatron-LM, XLA. There `resume` is refused. Shared by both loops."""
+    if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM,
+                                            DistributedType.XLA):
+        return cfg.save_steps
+    if cfg.resume:
+        raise ConfigError(f"resume is implemented for single-process and DDP runs, not {accelerator.distributed_type}")
+    if cfg.save_steps >= 0 and accelerator.is_main_process:
+        console.print(f"[yellow]warning:[/] resumable checkpoints are implemented for single-process and DDP runs; "
+                      f"under {accelerator.distributed_type} only the final model is saved")
+    return -1
+
+
 def make_optimizer(cfg: TrainingConfig, model: torch.nn.Module) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on biases, norms).
 
@@ -474,15 +488,7 @@ def train(
             eval_dataset, batch_size=cfg.per_device_eval_batch_size, shuffle=False, collate_fn=collate_fn,
             num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed)))
 
-    checkpoints_supported = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP,
-                                                                 DistributedType.MEGATRON_LM, DistributedType.XLA)
-    save_steps = cfg.save_steps
-    if not checkpoints_supported and (save_steps >= 0 or cfg.resume):
-        if cfg.resume:
-            raise NotImplementedError(f"resume is implemented for single-process and DDP runs, not {accelerator.distributed_type}")
-        console.print(f"[yellow]warning:[/] resumable checkpoints are implemented for single-process and DDP runs; "
-                      f"under {accelerator.distributed_type} only the final model is saved")
-        save_steps = -1
+    save_steps = checkpoint_save_steps(cfg, accelerator)
     resume_from = resolve_resume(out, cfg.resume)
     if resume_from is not None:
         saved = TrainerState(**load_checkpoint(resume_from, accelerator, model, optimizer, scheduler))
