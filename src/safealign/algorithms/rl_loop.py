@@ -38,8 +38,17 @@ Critic layouts (`critic_layout`; peak memory of each: bench/bench_ppo_memory.py)
 The reference model and the frozen score models run in eval mode without gradients, in `frozen_dtype`
 (bf16 halves their memory). Dropout is switched off in the actor, as in the critics, so that the PPO
 ratio is exactly 1 before the first update. Score models must share the actor's tokenizer (they read
-its token ids). Supported: one process, or several with DDP (torchrun / accelerate launch); under DeepSpeed or
-FSDP the stage stops with a ConfigError before loading anything (large models: `actor_layout: lora`).
+its token ids). Supported: one process, several with DDP (torchrun / accelerate launch), or FSDP2 (below); under
+DeepSpeed or FSDP1 the stage stops with a ConfigError before loading anything.
+
+FSDP2 (`ACCELERATE_USE_FSDP=true FSDP_VERSION=2`; full actor and critic layouts only, bf16 or fp32): Accelerate's
+FSDP2 `prepare` takes one model, so `shard_models` applies torch's `fully_shard` to every model itself, frozen ones
+included (each decoder block, then the root), and the optimizers are built on the shards; gradients are clipped by
+`clip_gradients` (DTensor). The rollout decodes in lock-step across ranks (`generate_tokens`); every other forward
+of a sharded model (log-probs, values, scores, updates, PTX) is made the same number of times on every rank, as the
+per-rank row counts are equal. Only the final actor is saved, gathered from the shards (no checkpoints; resume is
+refused). Run on two gloo CPU ranks with tiny models in fp32: PPO-Lag gave DDP's samples, J_C and λ, and its actor
+within 1.8e-7 (tests/algorithms/test_ppo_lag.py); bf16 only as a 2-step smoke run; not yet run on GPUs.
 
 Actor layouts (`actor_layout`): `full` (default) trains every weight of the actor next to a frozen copy, the
 reference; `lora` trains a LoRA adapter on the SFT model and uses the same network with the adapter disabled as
