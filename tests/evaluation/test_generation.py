@@ -286,18 +286,23 @@ rank = dist.get_rank()
 tokenizer = load_tokenizer(sys.argv[1])
 model = build_causal_lm(sys.argv[1]).eval()
 prompts = [tokenize_prompt(tokenizer, "bake bread")]
-cfg = SamplingConfig(max_new_tokens=6, greedy=True, num_samples=2)
+# top_k 1: the argmax token, drawn from the generator all the same (so its state after the rollout can be compared).
+cfg = SamplingConfig(max_new_tokens=6, top_k=1, num_samples=2)
 free = generate_tokens(model, SimpleNamespace(eos_token_id=-1, pad_token_id=tokenizer.pad_token_id), prompts, cfg)
-# Rank 0 calls its rows' first greedy token EOS: they end after one token. Rank 1's never end.
+# Rank 0 calls its rows' first token EOS: they end after one token. Rank 1's never end.
 eos = -1 if rank else free.responses[0, 0].item()
 ids = SimpleNamespace(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-alone = generate_tokens(model, ids, prompts, cfg)
+alone_rng = torch.Generator().manual_seed(7)
+alone = generate_tokens(model, ids, prompts, cfg, alone_rng)
 for layer in model.model.layers:
     fully_shard(layer, mesh=init_device_mesh("cpu", (2,)))
 fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
-sharded = generate_tokens(model, ids, prompts, cfg)
+sharded_rng = torch.Generator().manual_seed(7)
+sharded = generate_tokens(model, ids, prompts, cfg, sharded_rng)
 for name in ("sequences", "attention_mask", "response_mask", "position_ids", "ended_with_eos"):
     assert torch.equal(getattr(sharded, name), getattr(alone, name)), name
+# The pad-only steps draw nothing: the next rollout samples as it would unsharded.
+assert torch.equal(sharded_rng.get_state(), alone_rng.get_state()), "the generator moved on during the pad-only steps"
 print(f"rank {rank}: responses {tuple(sharded.responses.shape)}", flush=True)
 dist.destroy_process_group()
 """
@@ -307,7 +312,7 @@ dist.destroy_process_group()
 def test_sharded_model_decodes_in_lock_step_until_every_rank_has_ended(model, tokenizer, tmp_path, two_ranks_env):
     """Under FSDP2 every forward all-gathers the weights: a rank whose rows ended keeps decoding (pad) until every
     rank's have, or the other rank would wait forever in its next forward. Each rank's rollout is still the one
-    it samples unsharded (the pad-only columns are dropped)."""
+    it samples unsharded (the pad-only columns are dropped, and drew nothing from its generator)."""
     import os
     import shutil
     import subprocess

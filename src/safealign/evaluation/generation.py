@@ -20,8 +20,8 @@ prompt + response + EOS), every later position holds the pad token and is 0 in `
 
 A model sharded with FSDP2 (`fully_shard`, the RL stages under FSDP) all-gathers its weights in every forward, a
 collective call: decoding then goes on until every rank's rows have ended (one all-reduce of a flag per token), and
-the columns a rank decoded after its own rows ended (pad only) are dropped, so each rank's rollout is the one it
-samples unsharded.
+the columns a rank decoded after its own rows ended (pad only, sampled from no RNG) are dropped, so each rank's
+rollout, and its generator's state after it, are those of an unsharded run.
 
 Other backends (vLLM, a server) plug in behind `GenerationBackend`; `HFGenerationBackend` is this one.
 """
@@ -169,7 +169,10 @@ def generate_tokens(
         lock_step = _is_sharded(model)
         num_kept = cfg.max_new_tokens  # tokens of this batch's rollout: fewer when every row ended earlier
         for step in range(cfg.max_new_tokens):
-            token = sample_next_token(out.logits[:, -1, :], cfg, generator)  # size = (B,)
+            if num_kept <= step:  # lock-step only: this rank's rows have ended; no draw, so its RNG stays as unsharded
+                token = torch.full((batch_size,), pad_id, dtype=torch.long, device=device)  # size = (B,)
+            else:
+                token = sample_next_token(out.logits[:, -1, :], cfg, generator)  # size = (B,)
             token = token.masked_fill(finished, pad_id)
             new_tokens.append(token)
             if eos_id is not None:
