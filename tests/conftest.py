@@ -52,3 +52,50 @@ def world_backbone(tmp_path_factory) -> Callable[..., dict[str, Path]]:
                 "train": preferences / "train.jsonl", "test": preferences / "test.jsonl"}
 
     return make
+
+
+_CLI_SCRIPT = '''"""The safealign CLI for torchrun tests, with its checkpoint writers instrumented: each model saved says on stderr whether
+it was FSDP2-sharded, and EXIT_AFTER_CHECKPOINT=step-N ends the process (os._exit: no clean-up, as a kill) right after
+checkpoint step-N is complete."""
+import os
+import sys
+
+from torch.distributed.fsdp import FSDPModule
+
+from safealign.algorithms import rl_loop
+from safealign.cli import main
+from safealign.training import checkpoint, engine
+
+real_save_trained = checkpoint.save_trained
+
+
+def save_trained(accelerator, model, *args):
+    sharded = isinstance(accelerator.unwrap_model(model), FSDPModule)
+    print(f"save_trained: {'FSDP2-sharded' if sharded else 'unsharded'} model", file=sys.stderr)
+    real_save_trained(accelerator, model, *args)
+
+
+def exiting(write):
+    def write_then_exit(path, *args, **kwargs):
+        write(path, *args, **kwargs)
+        if path.name == os.environ.get("EXIT_AFTER_CHECKPOINT"):
+            os._exit(17)
+    return write_then_exit
+
+
+checkpoint.save_trained = rl_loop.save_trained = save_trained
+engine.save_checkpoint = exiting(engine.save_checkpoint)
+rl_loop.save_rl_checkpoint = exiting(rl_loop.save_rl_checkpoint)
+sys.argv[0] = "safealign"
+main()
+'''
+
+
+@pytest.fixture(scope="session")
+def instrumented_cli(tmp_path_factory) -> Path:
+    """A script to give torchrun in place of `-m safealign.cli`: the same CLI, whose checkpoint writers print
+    "save_trained: FSDP2-sharded model" (or "unsharded") per model saved, and which ends every rank right after
+    checkpoint step-N is complete when EXIT_AFTER_CHECKPOINT=step-N is set."""
+    script = tmp_path_factory.mktemp("cli") / "instrumented_cli.py"
+    script.write_text(_CLI_SCRIPT, encoding="utf-8")
+    return script

@@ -227,12 +227,11 @@ def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layou
     ("FSDP2", {"actor_layout": "lora", "critic_layout": "lora"}, "actor_layout full and critic_layout full"),
     ("FSDP2", {"critic_layout": "shared_backbone"}, "actor_layout full and critic_layout full"),
     ("FSDP2", {"mixed_precision": "fp16"}, "not fp16"),
-    ("FSDP2", {"resume": "latest"}, "resume is implemented for single-process and DDP runs"),
 ])
 def test_what_the_rl_loop_does_not_shard_is_refused_before_any_model_loads(tiny, tmp_path, monkeypatch, sharding,
                                                                             overrides, message):
-    """DeepSpeed and FSDP1 are refused, and under FSDP2 the layouts that share one network between roles, fp16 and
-    resume, with a ConfigError before any model loads (instead of Accelerate's error after every model loaded)."""
+    """DeepSpeed and FSDP1 are refused, and under FSDP2 the layouts that share one network between roles and fp16,
+    with a ConfigError before any model loads (instead of Accelerate's error after every model loaded)."""
     from accelerate.utils import DistributedType
 
     from safealign.config import ConfigError
@@ -250,35 +249,57 @@ def _actor_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
+def _two_ranks(tiny: TinySetup, out: Path, env: dict[str, str], cli: Path, *extra: str) -> subprocess.CompletedProcess:
+    """3 steps of PPO-Lag with the real (random) cost model (J_C depends on what was sampled) on two ranks, with the
+    instrumented CLI; a checkpoint after every step (FAST)."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(cli),
+                           *_cli_args(tiny, out, tiny.cost_model, 3), *extra],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def _ddp_and_fsdp2_env(two_ranks_env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    env = {**_env(), **two_ranks_env}
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "EXIT_AFTER_CHECKPOINT"):
+        env.pop(name, None)
+    return env, {**env, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+def _lambda_traces(out: Path) -> list[list[dict]]:
+    return [[json.loads(line) for line in (out / f"lagrange_multiplier_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+
+
 @pytest.mark.slow  # ~60 s: two two-rank runs of 3 steps (FSDP2, then DDP to compare with)
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_env):
+def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_env, instrumented_cli):
     """Every model sharded over two gloo ranks (actor, critics, reference, reward and cost models): the same samples,
-    J_C and λ as DDP with the same seed, the same final actor up to the order of float sums, saved as a plain model.
-    Measured here: samples, J_C and λ identical at every step, actor weights within 1.8e-7."""
+    J_C and λ as DDP with the same seed, the same final actor up to the order of float sums, saved as a plain model,
+    and checkpoints of the kind DDP writes. Measured here: samples, J_C and λ identical at every step, actor weights
+    within 1.8e-7."""
     if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
         pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    env = {**_env(), **two_ranks_env}
-    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
-        env.pop(name, None)
-    fsdp_env = {**env, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    env, fsdp_env = _ddp_and_fsdp2_env(two_ranks_env)
     runs = {}
     for name, run_env in (("fsdp", fsdp_env), ("ddp", env)):
-        # the real (random) cost model: J_C depends on what was sampled
-        args = _cli_args(tiny, tmp_path / name, tiny.cost_model, 3)
-        result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", *args],
-                                env=run_env, capture_output=True, text=True, timeout=600)
+        result = _two_ranks(tiny, tmp_path / name, run_env, instrumented_cli)
         assert result.returncode == 0, result.stderr[-4000:]
         runs[name] = result
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    # It ran sharded (Accelerate alone falls back to DDP on CPU ranks): no checkpoints, the final model only.
-    assert "under DistributedType.FSDP only the final model is saved" in runs["fsdp"].stderr
-    assert not (fsdp / "checkpoints").exists() and (ddp / "checkpoints" / "step-3").is_dir()
+    # It ran sharded (Accelerate alone falls back to DDP on CPU ranks): the checkpoints were gathered from the shards.
+    assert "save_trained: FSDP2-sharded model" in runs["fsdp"].stderr and "unsharded" not in runs["fsdp"].stderr
+    assert "save_trained: unsharded model" in runs["ddp"].stderr
+    # The same files, keys and shapes as DDP's checkpoint, and the same optimizer and scheduler structure.
+    checkpoint, ddp_checkpoint = fsdp / "checkpoints" / "step-3", ddp / "checkpoints" / "step-3"
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted(p.name for p in ddp_checkpoint.iterdir())
+    for path in ddp_checkpoint.iterdir():
+        if path.suffix == ".safetensors":
+            shapes = {k: v.shape for k, v in load_file(str(checkpoint / path.name)).items()}
+            assert shapes == {k: v.shape for k, v in load_file(str(path)).items()}, path.name
+        elif path.name.endswith(("optimizer.json", "scheduler.json")):
+            assert json.loads((checkpoint / path.name).read_text()) == json.loads(path.read_text()), path.name
 
-    traces = {name: [[json.loads(line) for line in (out / f"lagrange_multiplier_rank{r}.jsonl").read_text().splitlines()]
-                     for r in (0, 1)] for name, out in (("fsdp", fsdp), ("ddp", ddp))}
+    traces = {"fsdp": _lambda_traces(fsdp), "ddp": _lambda_traces(ddp)}
     assert traces["fsdp"][0] == traces["fsdp"][1]  # λ and J_C identical on both ranks
     assert [row["step"] for row in traces["fsdp"][0]] == [1, 2, 3]
     for key in ("lagrange_multiplier", "episode_cost"):
@@ -301,6 +322,42 @@ def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_
         assert torch.equal(reloaded[key], tensor), key
     metrics = json.loads((fsdp / "metrics.json").read_text())
     assert metrics["global_step"] == 3 and metrics["num_parameters"] == sum(t.numel() for t in initial.values())
+
+
+@pytest.mark.slow  # ~75 s: three two-rank runs of up to 3 steps
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_fsdp2_resumed_from_step_2_gives_the_uninterrupted_lambda_trajectory_and_actor(tiny, tmp_path, two_ranks_env,
+                                                                                      instrumented_cli):
+    """3 steps straight under FSDP2, against a run whose ranks exit right after checkpoint step-2 and a `resume latest`
+    from it: the actor, both critics and their AdamW states come back into the shards, λ and its cost window from
+    algorithm_state. Measured here: λ, J_C, the logged scalars and the final actor identical to the last bit."""
+    if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
+        pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
+    _, fsdp_env = _ddp_and_fsdp2_env(two_ranks_env)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = _two_ranks(tiny, straight, fsdp_env, instrumented_cli)
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = _two_ranks(tiny, resumed, {**fsdp_env, "EXIT_AFTER_CHECKPOINT": "step-2"}, instrumented_cli)
+    assert result.returncode != 0 and "save_trained: FSDP2-sharded model" in result.stderr
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    result = _two_ranks(tiny, resumed, fsdp_env, instrumented_cli, "--resume", "latest")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "at step 2" in result.stderr
+
+    traces, straight_traces = _lambda_traces(resumed), _lambda_traces(straight)
+    assert [row["step"] for row in traces[0]] == [1, 2, 3] and traces[0] == traces[1]
+    assert len({row["lagrange_multiplier"] for row in straight_traces[0]}) == 3  # λ moved every step
+    for row, straight_row in zip(traces[0], straight_traces[0], strict=True):
+        for key in ("lagrange_multiplier", "episode_cost"):
+            assert row[key] == pytest.approx(straight_row[key], abs=1e-6), (row["step"], key)
+    for key in ("reward", "cost", "actor_loss", "reward_critic_loss", "cost_critic_loss", "kl"):
+        assert history(resumed, key) == pytest.approx(history(straight, key), abs=1e-6), key
+    for name in ("model/model.safetensors", "checkpoints/step-3/cost_critic.safetensors"):
+        weights, straight_weights = load_file(str(resumed / name)), load_file(str(straight / name))
+        assert weights.keys() == straight_weights.keys()
+        for key, tensor in straight_weights.items():
+            torch.testing.assert_close(weights[key], tensor, atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow  # ~10 s: the ranks stop before any model loads

@@ -1,4 +1,5 @@
-"""FSDP2 on two gloo CPU ranks: the reward model trains as under DDP and its saved model is the trained one."""
+"""FSDP2 on two gloo CPU ranks: the reward model trains as under DDP, its saved model is the trained one, its checkpoints
+are DDP's kind and a run resumed from one ends where the uninterrupted run does."""
 
 from __future__ import annotations
 
@@ -29,35 +30,62 @@ def _train_losses(run: Path) -> list[float]:
     return [e.value for e in events.Scalars("train/loss")]
 
 
-def _rm(world: dict[str, Path], out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _rm(world: dict[str, Path], out: Path, env: dict[str, str], cli: Path, save_steps: int = 0,
+        resume: str = "") -> subprocess.CompletedProcess:
+    """4 steps of rm on two ranks with the instrumented CLI (save_steps 0: one checkpoint, at the end)."""
     args = ["--model", str(world["backbone"]), "--train_data", str(world["train"]), "--eval_data", str(world["test"]),
             "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4", "--logging_steps", "1",
             "--learning_rate", "1e-3", "--adam_epsilon", "1e-6", "--mixed_precision", "'no'", "--eval_on_start", "true",
-            "--eval_steps", "-1", "--save_steps", "0"]  # save_steps 0: a checkpoint under DDP, a warning under FSDP
-    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", "rm", *args],
+            "--eval_steps", "-1", "--save_steps", str(save_steps), *(["--resume", resume] if resume else [])]
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(cli), "rm", *args],
                           env=env, capture_output=True, text=True, timeout=300)
+
+
+def _env(two_ranks_env: dict[str, str]) -> dict[str, str]:
+    src = str(Path(safealign.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
+           **two_ranks_env}
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "EXIT_AFTER_CHECKPOINT"):
+        env.pop(name, None)
+    return env
+
+
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+def _log_history(checkpoint: Path) -> list[dict]:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
 
 
 @pytest.mark.slow  # ~40 s: two two-rank runs (FSDP2, then DDP to compare with)
 @pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
-def test_fsdp2_on_two_cpu_ranks_trains_like_ddp_and_saves_the_trained_model(world_backbone, tmp_path, two_ranks_env):
+def test_fsdp2_on_two_cpu_ranks_trains_like_ddp_and_saves_the_trained_model(world_backbone, tmp_path, two_ranks_env,
+                                                                            instrumented_cli):
     if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
         pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
     world = world_backbone("fsdp", seed=0, train_pairs=120, test_pairs=40)
-    src = str(Path(safealign.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
-           **two_ranks_env}
-    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
-        env.pop(name, None)
+    env = _env(two_ranks_env)
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    result = _rm(world, fsdp, {**env, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    result = _rm(world, fsdp, {**env, **FSDP2}, instrumented_cli)
     assert result.returncode == 0, result.stderr[-4000:]
-    # It ran under FSDP (Accelerate alone would have fallen back to DDP on CPU ranks): no checkpoint, only the model.
-    assert "under DistributedType.FSDP only the final model is saved" in result.stderr
-    assert not (fsdp / "checkpoints").exists()
-    result = _rm(world, ddp, env)
+    # It ran under FSDP (Accelerate alone would have fallen back to DDP on CPU ranks): the checkpoint was gathered.
+    assert "save_trained: FSDP2-sharded model" in result.stderr and "unsharded" not in result.stderr
+    result = _rm(world, ddp, env, instrumented_cli)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (ddp / "checkpoints" / "step-4").is_dir()
+    assert "save_trained: unsharded model" in result.stderr
+
+    # The checkpoint gathered from the shards is the kind DDP writes: the same files, keys, shapes, optimizer
+    # structure (parameters numbered, as optimizer.state_dict() numbers them), and close values.
+    checkpoint, ddp_checkpoint = fsdp / "checkpoints" / "step-4", ddp / "checkpoints" / "step-4"
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted(p.name for p in ddp_checkpoint.iterdir())
+    for name in ("model", "optimizer", "rng_state_rank1"):
+        tensors, ddp_tensors = load_file(str(checkpoint / f"{name}.safetensors")), load_file(str(ddp_checkpoint / f"{name}.safetensors"))
+        assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in ddp_tensors.items()}, name
+        if name != "rng_state_rank1":
+            for key, tensor in ddp_tensors.items():
+                torch.testing.assert_close(tensors[key], tensor, atol=1e-5, rtol=0)
+    for name in ("optimizer.json", "scheduler.json"):
+        assert json.loads((checkpoint / name).read_text()) == json.loads((ddp_checkpoint / name).read_text()), name
 
     metrics = json.loads((fsdp / "metrics.json").read_text())
     ddp_metrics = json.loads((ddp / "metrics.json").read_text())
@@ -87,3 +115,39 @@ def test_fsdp2_on_two_cpu_ranks_trains_like_ddp_and_saves_the_trained_model(worl
         reloaded = RewardStep(cfg.l2_coeff).evaluate(load_score_model(fsdp / "model").eval(), loader, OneProcess)
     for name in ("loss", "accuracy", "better_score", "worse_score"):
         assert reloaded[name] == pytest.approx(metrics[f"eval_{name}"], abs=1e-5), name
+
+
+@pytest.mark.slow  # ~60 s: three two-rank runs
+@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
+def test_fsdp2_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_does(world_backbone, tmp_path, two_ranks_env,
+                                                                              instrumented_cli):
+    """4 steps straight under FSDP2, against a run whose ranks exit right after checkpoint step-2 and a `resume latest`
+    from it: every process reads the full checkpoint and keeps its shard of the weights and AdamW state."""
+    if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
+        pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
+    world = world_backbone("fsdp_resume", seed=0, train_pairs=120, test_pairs=40)
+    env = {**_env(two_ranks_env), **FSDP2}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = _rm(world, straight, env, instrumented_cli, save_steps=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = _rm(world, resumed, {**env, "EXIT_AFTER_CHECKPOINT": "step-2"}, instrumented_cli, save_steps=2)
+    assert result.returncode != 0 and "save_trained: FSDP2-sharded model" in result.stderr
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step-2"] and not (resumed / "model").exists()
+    result = _rm(world, resumed, env, instrumented_cli, save_steps=2, resume="latest")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumed from" in result.stderr and "at step 2" in result.stderr
+
+    # Measured here: the logged losses and evaluation equal to the last bit, the final weights too.
+    history, straight_history = _log_history(resumed / "checkpoints" / "step-4"), _log_history(straight / "checkpoints" / "step-4")
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+    for entry, straight_entry in zip(history, straight_history, strict=True):
+        assert entry.keys() == straight_entry.keys()
+        for key in entry.keys() - {"tokens_per_second"}:
+            assert entry[key] == pytest.approx(straight_entry[key], abs=1e-6), (entry["step"], key)
+    weights, straight_weights = load_file(str(resumed / "model" / "model.safetensors")), load_file(str(straight / "model" / "model.safetensors"))
+    assert weights.keys() == straight_weights.keys()
+    for key, tensor in straight_weights.items():
+        torch.testing.assert_close(weights[key], tensor, atol=1e-6, rtol=0)
+    metrics, straight_metrics = json.loads((resumed / "metrics.json").read_text()), json.loads((straight / "metrics.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "initial_eval_loss"):
+        assert metrics[key] == pytest.approx(straight_metrics[key], abs=1e-6), key

@@ -90,12 +90,12 @@ from safealign.training.checkpoint import (
     atomic_checkpoint,
     checkpoint_dir,
     load_state_tree,
-    load_weights,
+    load_trained,
     resolve_resume,
     restore_rng_state,
     rotate_checkpoints,
     save_state_tree,
-    save_weights,
+    save_trained,
     write_json,
 )
 from safealign.training.engine import (
@@ -517,11 +517,11 @@ def save_rl_checkpoint(path: Path, accelerator: Accelerator, parts: dict[str, tu
     """Write `{name}.safetensors` (its trained weights), `{name}_optimizer.*`, `{name}_scheduler.*` per part, the algorithm's
     state, every rank's RNG and trainer_state.json into a temporary directory, then rename it to `path`."""
     with atomic_checkpoint(path, accelerator) as tmp:
-        if accelerator.is_main_process:
-            for name, (model, optimizer, scheduler) in parts.items():
-                save_weights(accelerator.unwrap_model(model), tmp / f"{name}.safetensors")
-                save_state_tree(optimizer.state_dict(), tmp, f"{name}_optimizer")
+        for name, (model, optimizer, scheduler) in parts.items():
+            save_trained(accelerator, model, optimizer, tmp, name, f"{name}_optimizer")  # every rank: FSDP2 gathers
+            if accelerator.is_main_process:
                 save_state_tree(scheduler.state_dict(), tmp, f"{name}_scheduler")
+        if accelerator.is_main_process:
             save_state_tree(algorithm_state, tmp, "algorithm_state")
             write_json(tmp / "trainer_state.json", trainer_state)
 
@@ -533,8 +533,7 @@ def load_rl_checkpoint(path: Path, accelerator: Accelerator, parts: dict[str, tu
     for name, (model, optimizer, scheduler) in parts.items():
         if not (path / f"{name}.safetensors").is_file():
             raise FileNotFoundError(f"{path} has no {name}: was it written by another algorithm?")
-        load_weights(accelerator.unwrap_model(model), path / f"{name}.safetensors", str(accelerator.device))
-        optimizer.load_state_dict(load_state_tree(path, f"{name}_optimizer"))
+        load_trained(accelerator, model, optimizer, path, name, f"{name}_optimizer")
         scheduler.load_state_dict(load_state_tree(path, f"{name}_scheduler"))
     restore_rng_state(path, accelerator)
     return load_state_tree(path, "algorithm_state"), json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))

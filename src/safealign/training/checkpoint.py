@@ -13,6 +13,11 @@ Layout of one checkpoint (written by `save_checkpoint`):
 The directory is assembled under `checkpoints/.step-{N}.tmp` and renamed into place once complete, so a
 crash or SIGKILL mid-write leaves the newest *complete* checkpoint intact (`latest_checkpoint` only
 sees `step-{N}` names). Loading reads only safetensors and JSON: nothing executes code on load.
+
+A model sharded with FSDP2 (`fully_shard`) is written in the same layout, full and unsharded: its weights and
+optimizer state are gathered onto the main process (`save_trained`), and on loading every process reads the full
+tensors and keeps its shard (`load_trained`). A checkpoint of a sharded run and one of a DDP run are the same kind of
+directory (the same file names, keys and shapes) and each resumes the other's way.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -128,6 +135,70 @@ def load_weights(model: torch.nn.Module, file: Path, device: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# A trained model and its optimizer, sharded (FSDP2) or not
+# --------------------------------------------------------------------------------------------------
+def save_trained(accelerator, model: torch.nn.Module, optimizer, directory: Path, name: str, optimizer_name: str) -> None:
+    """`{name}.safetensors` (`save_weights`) and `{optimizer_name}.*` (`optimizer.state_dict()`, parameters numbered
+    in param-group order). Called on every process; the main process writes.
+
+    Under FSDP2 the full weights and optimizer state are gathered first (a collective: every process takes part) onto
+    the main process's CPU. torch returns the optimizer state keyed by parameter name; it is stored numbered, as
+    `optimizer.state_dict()` numbers it, so the files are those an unsharded run writes."""
+    model = accelerator.unwrap_model(model)
+    if not isinstance(model, FSDPModule):
+        if accelerator.is_main_process:
+            save_weights(model, directory / f"{name}.safetensors")
+            save_state_tree(optimizer.state_dict(), directory, optimizer_name)
+        return
+    weights, optimizer_state = get_state_dict(model, _torch_optimizer(optimizer),
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if accelerator.is_main_process:  # the others got empty dicts (cpu_offload: gathered onto rank 0 only)
+        aliases = _tied_aliases(model)  # stored once, as `save_model` does for an unsharded model
+        save_file({k: v.contiguous() for k, v in weights.items() if k not in aliases}, str(directory / f"{name}.safetensors"))
+        _fsync(directory / f"{name}.safetensors")
+        numbers = {fqn: i for i, fqn in enumerate(fqn for group in optimizer_state["param_groups"] for fqn in group["params"])}
+        save_state_tree({"state": {numbers[fqn]: v for fqn, v in optimizer_state["state"].items()},
+                         "param_groups": [{**g, "params": [numbers[fqn] for fqn in g["params"]]}
+                                          for g in optimizer_state["param_groups"]]}, directory, optimizer_name)
+
+
+def load_trained(accelerator, model: torch.nn.Module, optimizer, directory: Path, name: str, optimizer_name: str) -> None:
+    """Restore what `save_trained` wrote (from a sharded run or not) into `model` and `optimizer`. Called on every process.
+
+    Under FSDP2 every process reads the full files (a checkpoint directory is shared by the processes anyway: each
+    writes its RNG state into it) and `set_state_dict` keeps this process's shard of each tensor; the numbered
+    optimizer state is keyed by parameter name again for it, by the param-group order of `optimizer`."""
+    model = accelerator.unwrap_model(model)
+    optimizer_state = load_state_tree(directory, optimizer_name)
+    if not isinstance(model, FSDPModule):
+        load_weights(model, directory / f"{name}.safetensors", str(accelerator.device))
+        optimizer.load_state_dict(optimizer_state)
+        return
+    weights = load_file(str(directory / f"{name}.safetensors"))
+    for alias, name_kept in _tied_aliases(model).items():
+        weights[alias] = weights[name_kept]
+    optimizer = _torch_optimizer(optimizer)
+    name_of = {p: n for n, p in model.named_parameters()}
+    fqns = [name_of[p] for group in optimizer.param_groups for p in group["params"]]
+    if len(fqns) != sum(len(g["params"]) for g in optimizer_state["param_groups"]):
+        raise ValueError(f"{directory / optimizer_name} holds another number of parameters: written for another model?")
+    optimizer_state = {"state": {fqns[i]: v for i, v in optimizer_state["state"].items()},
+                       "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper around it (engine), or itself (RL loop)
+
+
+def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Names of tied parameters after the first (tied embeddings): alias -> the name that holds the tensor."""
+    first = {p: n for n, p in model.named_parameters()}
+    return {n: first[p] for n, p in model.named_parameters(remove_duplicate=False) if first[p] != n}
+
+
+# --------------------------------------------------------------------------------------------------
 # RNG states
 # --------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
@@ -217,19 +288,18 @@ def restore_rng_state(path: Path, accelerator) -> None:
 
 
 def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, trainer_state: dict) -> None:
-    """Write a complete checkpoint at `path` atomically. Called on every process (each saves its RNG)."""
+    """Write a complete checkpoint at `path` atomically. Called on every process (each saves its RNG; under FSDP2
+    each takes part in gathering the weights)."""
     with atomic_checkpoint(path, accelerator) as tmp:
+        save_trained(accelerator, model, optimizer, tmp, "model", "optimizer")
         if accelerator.is_main_process:
-            save_weights(accelerator.unwrap_model(model), tmp / "model.safetensors")
-            save_state_tree(optimizer.state_dict(), tmp, "optimizer")
             save_state_tree(scheduler.state_dict(), tmp, "scheduler")
             write_json(tmp / "trainer_state.json", trainer_state)
 
 
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the trainer state."""
-    load_weights(accelerator.unwrap_model(model), path / "model.safetensors", str(accelerator.device))
-    optimizer.load_state_dict(load_state_tree(path, "optimizer"))
+    load_trained(accelerator, model, optimizer, path, "model", "optimizer")
     scheduler.load_state_dict(load_state_tree(path, "scheduler"))
     restore_rng_state(path, accelerator)
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))

@@ -230,14 +230,16 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
 
 def checkpoint_save_steps(cfg: TrainingConfig, accelerator: Accelerator) -> int:
     """`cfg.save_steps`, or -1 (no checkpoints, only the final model; a warning says so) where resumable checkpoints
-    are not implemented: DeepSpeed, FSDP, Megatron-LM, XLA. There `resume` is refused. Shared by both loops."""
-    if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM,
-                                            DistributedType.XLA):
+    are not implemented: DeepSpeed, FSDP1, Megatron-LM, XLA. There `resume` is refused. Under FSDP2 checkpoints are
+    written full (gathered from the shards, `checkpoint.save_trained`) and resume. Shared by both loops."""
+    kind = accelerator.distributed_type
+    if not (kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
+            or (kind == DistributedType.FSDP and not accelerator.is_fsdp2)):
         return cfg.save_steps
     if cfg.resume:
-        raise ConfigError(f"resume is implemented for single-process and DDP runs, not {accelerator.distributed_type}")
+        raise ConfigError(f"resume is implemented for single-process, DDP and FSDP2 runs, not {accelerator.distributed_type}")
     if cfg.save_steps >= 0 and accelerator.is_main_process:
-        console.print(f"[yellow]warning:[/] resumable checkpoints are implemented for single-process and DDP runs; "
+        console.print(f"[yellow]warning:[/] resumable checkpoints are implemented for single-process, DDP and FSDP2 runs; "
                       f"under {accelerator.distributed_type} only the final model is saved")
     return -1
 
