@@ -22,7 +22,7 @@ One *step* is one rollout batch and the PPO updates on it:
 Checkpoints (atomic, no pickle; the layout of `training.checkpoint` with one file set per trained model):
 `actor`, `{stream}_critic` weights (the trained ones) + optimizer + scheduler, `algorithm_state` (λ and its
 cost window), every rank's RNG, and `trainer_state.json` (step, log history). `resume: latest` continues
-exactly, in every critic layout.
+exactly, in every critic layout, and under FSDP2 (full tensors on disk, as under DDP).
 
 Critic layouts (`critic_layout`; peak memory of each: bench/bench_ppo_memory.py):
 - `full` (default, the reference's): each critic a full copy of its score model with its own AdamW;
@@ -46,9 +46,11 @@ FSDP2 `prepare` takes one model, so `shard_models` applies torch's `fully_shard`
 included (each decoder block, then the root), and the optimizers are built on the shards; gradients are clipped by
 `clip_gradients` (DTensor). The rollout decodes in lock-step across ranks (`generate_tokens`); every other forward
 of a sharded model (log-probs, values, scores, updates, PTX) is made the same number of times on every rank, as the
-per-rank row counts are equal. Only the final actor is saved, gathered from the shards (no checkpoints; resume is
-refused). Run on two gloo CPU ranks with tiny models in fp32: PPO-Lag gave DDP's samples, J_C and λ, and its actor
-within 1.8e-7 (tests/algorithms/test_ppo_lag.py); bf16 only as a 2-step smoke run; not yet run on GPUs.
+per-rank row counts are equal. Checkpoints and the final actor are gathered from the shards and written full, the
+files a DDP run writes (`checkpoint.save_trained`); on resume every rank reads them and keeps its shard
+(`checkpoint.load_trained`). Run on two gloo CPU ranks with tiny models in fp32: PPO-Lag gave DDP's samples, J_C and
+λ, and its actor within 1.8e-7; stopped after checkpoint step-2 and resumed, the uninterrupted run's λ, J_C and
+actor to the last bit (tests/algorithms/test_ppo_lag.py); bf16 only as a 2-step smoke run; not yet run on GPUs.
 
 Actor layouts (`actor_layout`): `full` (default) trains every weight of the actor next to a frozen copy, the
 reference; `lora` trains a LoRA adapter on the SFT model and uses the same network with the adapter disabled as
@@ -570,7 +572,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     # DDP: the PTX forward of an actor with value heads leaves the heads out of its loss.
     accelerator = make_accelerator(cfg, find_unused_parameters=ptx and cfg.critic_layout == "shared_backbone")
     _check_sharding(cfg, accelerator)
-    save_steps = checkpoint_save_steps(cfg, accelerator)  # -1 under FSDP: only the final model; resume refused
+    save_steps = checkpoint_save_steps(cfg, accelerator)
     set_seed(cfg.seed)
     device = accelerator.device
     out = Path(cfg.output_dir)

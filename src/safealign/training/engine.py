@@ -11,8 +11,8 @@ evaluate); `train` does everything else, identically for all of them:
   *whole* optimizer step, over all micro-batches and processes: accumulation gives exactly the gradient
   of one big batch.
 - Clipping, the LR schedule (cosine/linear/constant with warm-up), a rich progress bar, TensorBoard
-  scalars under `output_dir/logs`, periodic evaluation and atomic checkpoints (`checkpoint.py`), exact
-  resume, `config.yaml` at the start, `model/` and `metrics.json` at the end (main process writes).
+  scalars under `output_dir/logs`, periodic evaluation and atomic checkpoints (`checkpoint.py`; full tensors under
+  FSDP2 too), exact resume, `config.yaml` at the start, `model/` and `metrics.json` at the end (main process writes).
 """
 
 from __future__ import annotations
@@ -205,7 +205,9 @@ def _fsdp_on_cpu(accelerator: Accelerator) -> None:
     MULTI_CPU and silently wraps the model in DDP. FSDP2 (`fully_shard`) itself runs on CPU with gloo, so
     the state is promoted as Accelerate does on a GPU (the same plugin, read from the FSDP_* variables).
     FSDP1 is refused on CPU. Measured on two gloo ranks (tiny model, 4 steps): SFT, rm and cm train as under
-    DDP (losses within 4e-6, weights within 4e-6) and the saved model reproduces the in-process evaluation.
+    DDP (losses within 4e-6, weights within 4e-6) and the saved model reproduces the in-process evaluation;
+    checkpoints are gathered and written full (`checkpoint.save_trained`), and rm stopped after step 2 and resumed
+    ends bit-identical to the uninterrupted run (tests/training/test_fsdp.py).
     """
     state = accelerator.state
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or not state.device.type == "cpu":
