@@ -269,26 +269,36 @@ def _lambda_traces(out: Path) -> list[list[dict]]:
     return [[json.loads(line) for line in (out / f"lagrange_multiplier_rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
 
 
-@pytest.mark.slow  # ~60 s: two two-rank runs of 3 steps (FSDP2, then DDP to compare with)
+@pytest.fixture(scope="module")
+def fsdp2_run(tiny, tmp_path_factory, instrumented_cli) -> tuple[Path, str]:
+    """One uninterrupted 3-step PPO-Lag run with every model sharded (FSDP2) over two gloo ranks, and its stderr:
+    the run that DDP's and a resumed one are compared with."""
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
+    _, fsdp_env = _ddp_and_fsdp2_env({"CUDA_VISIBLE_DEVICES": ""})  # two_ranks_env's choice on this machine
+    out = tmp_path_factory.mktemp("fsdp2") / "straight"
+    result = _two_ranks(tiny, out, fsdp_env, instrumented_cli)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result.stderr
+
+
+@pytest.mark.slow  # ~30 s: a two-rank DDP run of 3 steps (and the shared FSDP2 run)
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_env, instrumented_cli):
+def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_env, instrumented_cli, fsdp2_run):
     """Every model sharded over two gloo ranks (actor, critics, reference, reward and cost models): the same samples,
     J_C and λ as DDP with the same seed, the same final actor up to the order of float sums, saved as a plain model,
     and checkpoints of the kind DDP writes. Measured here: samples, J_C and λ identical at every step, actor weights
     within 1.8e-7."""
     if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
         pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
-    env, fsdp_env = _ddp_and_fsdp2_env(two_ranks_env)
-    runs = {}
-    for name, run_env in (("fsdp", fsdp_env), ("ddp", env)):
-        result = _two_ranks(tiny, tmp_path / name, run_env, instrumented_cli)
-        assert result.returncode == 0, result.stderr[-4000:]
-        runs[name] = result
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    env, _ = _ddp_and_fsdp2_env(two_ranks_env)
+    (fsdp, fsdp_stderr), ddp = fsdp2_run, tmp_path / "ddp"
+    result = _two_ranks(tiny, ddp, env, instrumented_cli)
+    assert result.returncode == 0, result.stderr[-4000:]
     # It ran sharded (Accelerate alone falls back to DDP on CPU ranks): the checkpoints were gathered from the shards.
-    assert "save_trained: FSDP2-sharded model" in runs["fsdp"].stderr and "unsharded" not in runs["fsdp"].stderr
-    assert "save_trained: unsharded model" in runs["ddp"].stderr
+    assert "save_trained: FSDP2-sharded model" in fsdp_stderr and "unsharded" not in fsdp_stderr
+    assert "save_trained: unsharded model" in result.stderr
     # The same files, keys and shapes as DDP's checkpoint, and the same optimizer and scheduler structure.
     checkpoint, ddp_checkpoint = fsdp / "checkpoints" / "step-3", ddp / "checkpoints" / "step-3"
     assert sorted(p.name for p in checkpoint.iterdir()) == sorted(p.name for p in ddp_checkpoint.iterdir())
@@ -324,20 +334,18 @@ def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_
     assert metrics["global_step"] == 3 and metrics["num_parameters"] == sum(t.numel() for t in initial.values())
 
 
-@pytest.mark.slow  # ~75 s: three two-rank runs of up to 3 steps
+@pytest.mark.slow  # ~45 s: two two-rank runs of up to 3 steps (and the shared uninterrupted one)
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_fsdp2_resumed_from_step_2_gives_the_uninterrupted_lambda_trajectory_and_actor(tiny, tmp_path, two_ranks_env,
-                                                                                      instrumented_cli):
+                                                                                      instrumented_cli, fsdp2_run):
     """3 steps straight under FSDP2, against a run whose ranks exit right after checkpoint step-2 and a `resume latest`
     from it: the actor, both critics and their AdamW states come back into the shards, λ and its cost window from
     algorithm_state. Measured here: λ, J_C, the logged scalars and the final actor identical to the last bit."""
     if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
         pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
     _, fsdp_env = _ddp_and_fsdp2_env(two_ranks_env)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = _two_ranks(tiny, straight, fsdp_env, instrumented_cli)
-    assert result.returncode == 0, result.stderr[-4000:]
+    (straight, _), resumed = fsdp2_run, tmp_path / "resumed"
     result = _two_ranks(tiny, resumed, {**fsdp_env, "EXIT_AFTER_CHECKPOINT": "step-2"}, instrumented_cli)
     assert result.returncode != 0 and "save_trained: FSDP2-sharded model" in result.stderr
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-1", "step-2"]

@@ -57,20 +57,28 @@ def _log_history(checkpoint: Path) -> list[dict]:
     return json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
 
 
-@pytest.mark.slow  # ~40 s: two two-rank runs (FSDP2, then DDP to compare with)
-@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
-def test_fsdp2_on_two_cpu_ranks_trains_like_ddp_and_saves_the_trained_model(world_backbone, tmp_path, two_ranks_env,
-                                                                            instrumented_cli):
-    if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
+@pytest.fixture(scope="module")
+def fsdp2_run(world_backbone, tmp_path_factory, instrumented_cli) -> tuple[dict[str, Path], Path, str]:
+    """One uninterrupted 4-step rm run under FSDP2 on two gloo ranks (checkpoints at steps 2 and 4): its world,
+    directory and stderr, which DDP's run and a resumed one are compared with."""
+    if torch.cuda.device_count() >= 2:
         pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
     world = world_backbone("fsdp", seed=0, train_pairs=120, test_pairs=40)
-    env = _env(two_ranks_env)
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    result = _rm(world, fsdp, {**env, **FSDP2}, instrumented_cli)
+    out = tmp_path_factory.mktemp("fsdp2") / "straight"
+    result = _rm(world, out, {**_env({"CUDA_VISIBLE_DEVICES": ""}), **FSDP2}, instrumented_cli, save_steps=2)
     assert result.returncode == 0, result.stderr[-4000:]
+    return world, out, result.stderr
+
+
+@pytest.mark.slow  # ~20 s: a two-rank DDP run (and the shared FSDP2 run)
+@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
+def test_fsdp2_on_two_cpu_ranks_trains_like_ddp_and_saves_the_trained_model(tmp_path, two_ranks_env, instrumented_cli,
+                                                                            fsdp2_run):
+    world, fsdp, fsdp_stderr = fsdp2_run
+    ddp = tmp_path / "ddp"
     # It ran under FSDP (Accelerate alone would have fallen back to DDP on CPU ranks): the checkpoint was gathered.
-    assert "save_trained: FSDP2-sharded model" in result.stderr and "unsharded" not in result.stderr
-    result = _rm(world, ddp, env, instrumented_cli)
+    assert "save_trained: FSDP2-sharded model" in fsdp_stderr and "unsharded" not in fsdp_stderr
+    result = _rm(world, ddp, _env(two_ranks_env), instrumented_cli, save_steps=2)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "save_trained: unsharded model" in result.stderr
 
@@ -117,19 +125,15 @@ def test_fsdp2_on_two_cpu_ranks_trains_like_ddp_and_saves_the_trained_model(worl
         assert reloaded[name] == pytest.approx(metrics[f"eval_{name}"], abs=1e-5), name
 
 
-@pytest.mark.slow  # ~60 s: three two-rank runs
+@pytest.mark.slow  # ~40 s: two two-rank runs (and the shared uninterrupted one)
 @pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
-def test_fsdp2_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_does(world_backbone, tmp_path, two_ranks_env,
-                                                                              instrumented_cli):
+def test_fsdp2_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_does(tmp_path, two_ranks_env, instrumented_cli,
+                                                                              fsdp2_run):
     """4 steps straight under FSDP2, against a run whose ranks exit right after checkpoint step-2 and a `resume latest`
     from it: every process reads the full checkpoint and keeps its shard of the weights and AdamW state."""
-    if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
-        pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
-    world = world_backbone("fsdp_resume", seed=0, train_pairs=120, test_pairs=40)
+    world, straight, _ = fsdp2_run
     env = {**_env(two_ranks_env), **FSDP2}
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = _rm(world, straight, env, instrumented_cli, save_steps=2)
-    assert result.returncode == 0, result.stderr[-4000:]
+    resumed = tmp_path / "resumed"
     result = _rm(world, resumed, {**env, "EXIT_AFTER_CHECKPOINT": "step-2"}, instrumented_cli, save_steps=2)
     assert result.returncode != 0 and "save_trained: FSDP2-sharded model" in result.stderr
     assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step-2"] and not (resumed / "model").exists()
