@@ -127,7 +127,8 @@ def _score_output(scores: torch.Tensor, mask: torch.Tensor, score_type: ScoreTyp
     scores = torch.where(mask, scores, torch.zeros_like(scores))  # size = (B, L)
     positions = torch.arange(mask.size(1), device=mask.device)  # size = (L,)
     end_index = (positions * mask).amax(dim=-1)  # size = (B,)
-    end_scores = scores.gather(1, end_index.unsqueeze(1)).squeeze(1)  # size = (B,)
+    # Indexed, not gathered then squeezed: a new tensor, not a view (FSDP2 warns on every view a module returns).
+    end_scores = scores[torch.arange(scores.size(0), device=scores.device), end_index]  # size = (B,)
     return ScoreOutput(scores=scores, end_scores=end_scores, end_index=end_index)
 
 
