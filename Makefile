@@ -20,8 +20,10 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/safealign pipeline --config configs/pipeline.yaml
 
+# One pytest worker per core (pytest-xdist), a test file per worker so module-scoped runs are built once;
+# every test keeps one torch thread (tests/conftest.py). `pytest -n 0 tests/...` runs in one process.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: install
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[dev,bench]"

@@ -44,6 +44,12 @@ TINY = {
 }
 
 
+def stderr_text(capsys) -> str:
+    """What was printed to stderr since the last read, on one line: messages wrap at the console width, and a
+    long tmp path (e.g. under pytest-xdist's per-worker directories) moves where a phrase is broken."""
+    return " ".join(capsys.readouterr().err.split())
+
+
 def stage_dirs(root: Path) -> list[Path]:
     return [root / "world", root / "sft", root / "eval" / "sft", root / "rm", root / "cm", root / "eval" / "scores",
             root / "ppo_lag", root / "eval" / "ppo_lag", *round2_dirs(root), root / "ppo", root / "eval" / "ppo",
@@ -258,7 +264,7 @@ def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, cap
     crash_after_step_2()
     capsys.readouterr()
     summary = run(load_config(PipelineConfig, None, settings))
-    err = capsys.readouterr().err
+    err = stderr_text(capsys)
     assert "resuming the interrupted stage in" in err and "at step 2" in err  # the engine continued from step-2
     assert summary["sft/global_step"] == 4 and yaml.safe_load((root / "sft" / "config.yaml").read_text())["resume"] == "latest"
     resumed = load_file(root / "sft" / "model" / "model.safetensors")
@@ -270,7 +276,7 @@ def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, cap
     crash_after_step_2()
     changed = {**settings, "sft": {**settings["sft"], "learning_rate": 5e-4}}
     run(load_config(PipelineConfig, None, changed))
-    assert "interrupted attempt with another config: starting it fresh" in capsys.readouterr().err
+    assert "interrupted attempt with another config: starting it fresh" in stderr_text(capsys)
     assert yaml.safe_load((root / "sft" / "config.yaml").read_text())["resume"] == ""
 
 
@@ -293,7 +299,7 @@ def test_parallel_baselines_give_the_results_of_one_lane_and_report_a_failure(tm
     settings = {"profile": "quick", "stages": LANES, "parallel_baselines": True, **TINY}
     torch_threads(1)  # nothing to split: one lane, with a note
     one = run(load_config(PipelineConfig, None, {**settings, "output_dir": str(tmp_path / "one")}))
-    assert "needs at least 2 CPU threads" in capsys.readouterr().err and not (tmp_path / "one" / "logs").exists()
+    assert "needs at least 2 CPU threads" in stderr_text(capsys) and not (tmp_path / "one" / "logs").exists()
     torch_threads(2)  # two lanes of one thread each
     root = tmp_path / "two"
     two = run(load_config(PipelineConfig, None, {**settings, "output_dir": str(root)}))
@@ -344,9 +350,9 @@ def test_a_run_directory_started_with_other_settings_says_which(tmp_path, capsys
     settings = {"output_dir": str(tmp_path), "stages": ["world"], "world": TINY["world"]}
     run(load_config(PipelineConfig, None, settings))
     run(load_config(PipelineConfig, None, {**settings, "stages": ["world", "report"]}))  # other stages only: no warning
-    assert "started with other settings" not in capsys.readouterr().err
+    assert "started with other settings" not in stderr_text(capsys)
     run(load_config(PipelineConfig, None, {**settings, "cm": {"splice_fraction": 1.0}, "seed": 3}))
-    assert "was started with other settings (seed, cm)" in capsys.readouterr().err
+    assert "was started with other settings (seed, cm)" in stderr_text(capsys)
     kept = list(tmp_path.glob("config.before-*.yaml"))
     assert len(kept) == 1 and yaml.safe_load(kept[0].read_text())["seed"] == 0  # the settings the world was made with
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 3
