@@ -18,7 +18,7 @@ import yaml
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks; exclusive_lock then only serialises nothing
+except ImportError:  # Windows has no flock: there exclusive_lock locks nothing
     fcntl = None
 
 
