@@ -23,10 +23,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/safealign pipeline --config configs/pipeline.yaml
 
-# One pytest worker per core (pytest-xdist), a test file per worker so module-scoped runs are built once;
-# every test keeps one torch thread (tests/conftest.py). `pytest -n 0 tests/...` runs in one process.
+# One process by default. PYTEST_ARGS="-n auto --dist loadfile" runs a worker per core (pytest-xdist, a file per
+# worker): 8 min instead of 12 here, but once a two-rank torchrun test aborted in gloo while another worker's ran.
+PYTEST_ARGS ?=
 test: install
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[dev,bench]"
