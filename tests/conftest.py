@@ -18,10 +18,17 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
+
+from safealign.io import exclusive_lock  # noqa: E402
+
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
 
 
 @pytest.fixture
@@ -29,6 +36,25 @@ def two_ranks_env() -> dict[str, str]:
     """Environment for a two-rank torchrun test: the ranks run on the CPU (gloo) unless there are two GPUs.
     On a one-GPU machine both ranks would take cuda:0, which NCCL refuses ("Duplicate GPU detected")."""
     return {} if torch.cuda.device_count() >= 2 else {"CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="session")
+def torchrun(tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
+    """Runs `torchrun --standalone --nproc_per_node 2 *args` (output captured), one such run at a time across pytest
+    workers: under pytest-xdist two two-rank runs at once oversubscribe a 2-core machine four times, and once a gloo
+    rank aborted (SIGABRT in C++, no Python error) while another worker's ranks ran. Skips the test where torchrun
+    is not installed."""
+    if not Path(TORCHRUN).exists():
+        pytest.skip("torchrun not installed")
+    # The parent of a worker's base temp directory is the session's, shared by every xdist worker.
+    lock = tmp_path_factory.getbasetemp().parent / "torchrun.lock"
+
+    def run(*args: str | Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        with exclusive_lock(lock):
+            return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *map(str, args)], env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -187,19 +186,15 @@ def test_sigkill_mid_run_then_resume_latest_gives_the_uninterrupted_result(tiny,
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
 @pytest.mark.parametrize("layout", ["full", "shared_backbone", "all_lora"])
-def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layout, two_ranks_env):
+def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layout, two_ranks_env, torchrun):
     """torchrun, 2 gloo ranks, 2 steps (about 35 s here). shared_backbone also fits its value heads on the
     statistics of both ranks' first rollouts (a float64 all-reduce); all_lora trains only adapters (DDP syncs
     the trained parameters alone) and saves the merged actor once."""
     out = tmp_path / "ddp"
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     layouts = ["--critic_layout", "lora", "--actor_layout", "lora"] if layout == "all_lora" else ["--critic_layout", layout]
     args = _cli_args(tiny, out, tiny.score_model("cost", 0.7), 2) + layouts
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", *args],
-                            env={**_env(), **two_ranks_env}, capture_output=True, text=True, timeout=600)
+    result = torchrun("-m", "safealign.cli", *args, env={**_env(), **two_ranks_env}, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [[json.loads(line) for line in (out / f"lagrange_multiplier_rank{r}.jsonl").read_text().splitlines()]
              for r in (0, 1)]
@@ -249,13 +244,10 @@ def _actor_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
-def _two_ranks(tiny: TinySetup, out: Path, env: dict[str, str], cli: Path, *extra: str) -> subprocess.CompletedProcess:
+def _two_ranks(torchrun, tiny: TinySetup, out: Path, env: dict[str, str], cli: Path, *extra: str) -> subprocess.CompletedProcess:
     """3 steps of PPO-Lag with the real (random) cost model (J_C depends on what was sampled) on two ranks, with the
     instrumented CLI; a checkpoint after every step (FAST)."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(cli),
-                           *_cli_args(tiny, out, tiny.cost_model, 3), *extra],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return torchrun(cli, *_cli_args(tiny, out, tiny.cost_model, 3), *extra, env=env, timeout=600)
 
 
 def _ddp_and_fsdp2_env(two_ranks_env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -270,22 +262,21 @@ def _lambda_traces(out: Path) -> list[list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tiny, tmp_path_factory, instrumented_cli) -> tuple[Path, str]:
+def fsdp2_run(tiny, tmp_path_factory, instrumented_cli, torchrun) -> tuple[Path, str]:
     """One uninterrupted 3-step PPO-Lag run with every model sharded (FSDP2) over two gloo ranks, and its stderr:
     the run that DDP's and a resumed one are compared with."""
     if torch.cuda.device_count() >= 2:
         pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
     _, fsdp_env = _ddp_and_fsdp2_env({"CUDA_VISIBLE_DEVICES": ""})  # two_ranks_env's choice on this machine
     out = tmp_path_factory.mktemp("fsdp2") / "straight"
-    result = _two_ranks(tiny, out, fsdp_env, instrumented_cli)
+    result = _two_ranks(torchrun, tiny, out, fsdp_env, instrumented_cli)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result.stderr
 
 
 @pytest.mark.slow  # ~30 s: a two-rank DDP run of 3 steps (and the shared FSDP2 run)
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
-def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_env, instrumented_cli, fsdp2_run):
+def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_env, instrumented_cli, fsdp2_run,
+                                                      torchrun):
     """Every model sharded over two gloo ranks (actor, critics, reference, reward and cost models): the same samples,
     J_C and λ as DDP with the same seed, the same final actor up to the order of float sums, saved as a plain model,
     and checkpoints of the kind DDP writes. Measured here: samples, J_C and λ identical at every step, actor weights
@@ -294,7 +285,7 @@ def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_
         pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
     env, _ = _ddp_and_fsdp2_env(two_ranks_env)
     (fsdp, fsdp_stderr), ddp = fsdp2_run, tmp_path / "ddp"
-    result = _two_ranks(tiny, ddp, env, instrumented_cli)
+    result = _two_ranks(torchrun, tiny, ddp, env, instrumented_cli)
     assert result.returncode == 0, result.stderr[-4000:]
     # It ran sharded (Accelerate alone falls back to DDP on CPU ranks): the checkpoints were gathered from the shards.
     assert "save_trained: FSDP2-sharded model" in fsdp_stderr and "unsharded" not in fsdp_stderr
@@ -335,10 +326,8 @@ def test_fsdp2_on_two_cpu_ranks_runs_ppo_lag_like_ddp(tiny, tmp_path, two_ranks_
 
 
 @pytest.mark.slow  # ~45 s: two two-rank runs of up to 3 steps (and the shared uninterrupted one)
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
 def test_fsdp2_resumed_from_step_2_gives_the_uninterrupted_lambda_trajectory_and_actor(tiny, tmp_path, two_ranks_env,
-                                                                                      instrumented_cli, fsdp2_run):
+                                                                                      instrumented_cli, fsdp2_run, torchrun):
     """3 steps straight under FSDP2, against a run whose ranks exit right after checkpoint step-2 and a `resume latest`
     from it: the actor, both critics and their AdamW states come back into the shards, λ and its cost window from
     algorithm_state. Measured here: λ, J_C, the logged scalars and the final actor identical to the last bit."""
@@ -346,10 +335,10 @@ def test_fsdp2_resumed_from_step_2_gives_the_uninterrupted_lambda_trajectory_and
         pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
     _, fsdp_env = _ddp_and_fsdp2_env(two_ranks_env)
     (straight, _), resumed = fsdp2_run, tmp_path / "resumed"
-    result = _two_ranks(tiny, resumed, {**fsdp_env, "EXIT_AFTER_CHECKPOINT": "step-2"}, instrumented_cli)
+    result = _two_ranks(torchrun, tiny, resumed, {**fsdp_env, "EXIT_AFTER_CHECKPOINT": "step-2"}, instrumented_cli)
     assert result.returncode != 0 and "save_trained: FSDP2-sharded model" in result.stderr
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-1", "step-2"]
-    result = _two_ranks(tiny, resumed, fsdp_env, instrumented_cli, "--resume", "latest")
+    result = _two_ranks(torchrun, tiny, resumed, fsdp_env, instrumented_cli, "--resume", "latest")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "at step 2" in result.stderr
 
@@ -369,17 +358,12 @@ def test_fsdp2_resumed_from_step_2_gives_the_uninterrupted_lambda_trajectory_and
 
 
 @pytest.mark.slow  # ~10 s: the ranks stop before any model loads
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
-def test_fsdp1_on_two_cpu_ranks_is_refused(tiny, tmp_path, two_ranks_env):
+def test_fsdp1_on_two_cpu_ranks_is_refused(tiny, tmp_path, two_ranks_env, torchrun):
     if two_ranks_env.get("CUDA_VISIBLE_DEVICES") != "":
         pytest.skip("checks the CPU path")
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**_env(), **two_ranks_env, "ACCELERATE_USE_FSDP": "true"}
     env.pop("FSDP_VERSION", None)
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli",
-                             *_cli_args(tiny, tmp_path / "x", tiny.cost_model, 1)], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = torchrun("-m", "safealign.cli", *_cli_args(tiny, tmp_path / "x", tiny.cost_model, 1), env=env, timeout=300)
     assert result.returncode != 0
     assert "needs FSDP2: set FSDP_VERSION=2" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "x" / "model").exists()

@@ -309,28 +309,21 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow  # ~15 s: two torchrun ranks
-def test_sharded_model_decodes_in_lock_step_until_every_rank_has_ended(model, tokenizer, tmp_path, two_ranks_env):
+def test_sharded_model_decodes_in_lock_step_until_every_rank_has_ended(model, tokenizer, tmp_path, torchrun):
     """Under FSDP2 every forward all-gathers the weights: a rank whose rows ended keeps decoding (pad) until every
     rank's have, or the other rank would wait forever in its next forward. Each rank's rollout is still the one
     it samples unsharded (the pad-only columns are dropped, and drew nothing from its generator)."""
     import os
-    import shutil
-    import subprocess
-    import sys
     from pathlib import Path
 
     import safealign
 
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    if not Path(torchrun).exists():
-        pytest.skip("torchrun not installed")
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "lock_step.py").write_text(LOCK_STEP_SCRIPT)
     src = str(Path(safealign.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU whatever the machine has
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(tmp_path / "lock_step.py"),
-                             str(tmp_path / "model")], env=env, capture_output=True, text=True, timeout=180)
+    result = torchrun(tmp_path / "lock_step.py", tmp_path / "model", env=env, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "rank 0: responses (2, 1)" in result.stdout and "rank 1: responses (2, 6)" in result.stdout, result.stdout

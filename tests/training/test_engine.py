@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,21 +179,16 @@ def test_mixed_precision_auto_resolves_to_what_the_hardware_runs():
 
 
 @pytest.mark.slow  # ~25 s of CPU: two interpreters start, then a one-process run to compare with
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
-def test_two_processes_train_save_once_and_equal_one_process_with_their_joint_batch(tmp_path, two_ranks_env):
+def test_two_processes_train_save_once_and_equal_one_process_with_their_joint_batch(tmp_path, two_ranks_env, torchrun):
     data = write_mixed_lengths(tmp_path / "train.jsonl", n=64)
     out = tmp_path / "run"
     src = str(Path(safealign.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
            **two_ranks_env}
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "safealign.cli", "sft", "--train_data", str(data),
-         "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "4",
-         "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--mixed_precision", "'no'", "--adam_epsilon", "1e-6", "--eval_fraction", "0.1"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = torchrun(
+        "-m", "safealign.cli", "sft", "--train_data", data, "--output_dir", out, "--max_steps", "4", "--save_steps", "2",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
+        "--mixed_precision", "'no'", "--adam_epsilon", "1e-6", "--eval_fraction", "0.1", env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 4

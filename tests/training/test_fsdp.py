@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +17,6 @@ from safealign.algorithms.reward import RewardConfig, RewardStep, _load_splits, 
 from safealign.models.score_model import load_score_model
 from safealign.models.tokenizer import load_tokenizer
 
-TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-
-
 def _train_losses(run: Path) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -30,15 +25,14 @@ def _train_losses(run: Path) -> list[float]:
     return [e.value for e in events.Scalars("train/loss")]
 
 
-def _rm(world: dict[str, Path], out: Path, env: dict[str, str], cli: Path, save_steps: int = 0,
+def _rm(torchrun, world: dict[str, Path], out: Path, env: dict[str, str], cli: Path, save_steps: int = 0,
         resume: str = "") -> subprocess.CompletedProcess:
     """4 steps of rm on two ranks with the instrumented CLI (save_steps 0: one checkpoint, at the end)."""
     args = ["--model", str(world["backbone"]), "--train_data", str(world["train"]), "--eval_data", str(world["test"]),
             "--output_dir", str(out), "--max_steps", "4", "--per_device_train_batch_size", "4", "--logging_steps", "1",
             "--learning_rate", "1e-3", "--adam_epsilon", "1e-6", "--mixed_precision", "'no'", "--eval_on_start", "true",
             "--eval_steps", "-1", "--save_steps", str(save_steps), *(["--resume", resume] if resume else [])]
-    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(cli), "rm", *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return torchrun(cli, "rm", *args, env=env, timeout=300)
 
 
 def _env(two_ranks_env: dict[str, str]) -> dict[str, str]:
@@ -58,27 +52,26 @@ def _log_history(checkpoint: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(world_backbone, tmp_path_factory, instrumented_cli) -> tuple[dict[str, Path], Path, str]:
+def fsdp2_run(world_backbone, tmp_path_factory, instrumented_cli, torchrun) -> tuple[dict[str, Path], Path, str]:
     """One uninterrupted 4-step rm run under FSDP2 on two gloo ranks (checkpoints at steps 2 and 4): its world,
     directory and stderr, which DDP's run and a resumed one are compared with."""
     if torch.cuda.device_count() >= 2:
         pytest.skip("checks the CPU path (Accelerate itself picks FSDP on GPUs)")
     world = world_backbone("fsdp", seed=0, train_pairs=120, test_pairs=40)
     out = tmp_path_factory.mktemp("fsdp2") / "straight"
-    result = _rm(world, out, {**_env({"CUDA_VISIBLE_DEVICES": ""}), **FSDP2}, instrumented_cli, save_steps=2)
+    result = _rm(torchrun, world, out, {**_env({"CUDA_VISIBLE_DEVICES": ""}), **FSDP2}, instrumented_cli, save_steps=2)
     assert result.returncode == 0, result.stderr[-4000:]
     return world, out, result.stderr
 
 
 @pytest.mark.slow  # ~20 s: a two-rank DDP run (and the shared FSDP2 run)
-@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
 def test_fsdp2_on_two_cpu_ranks_trains_like_ddp_and_saves_the_trained_model(tmp_path, two_ranks_env, instrumented_cli,
-                                                                            fsdp2_run):
+                                                                            fsdp2_run, torchrun):
     world, fsdp, fsdp_stderr = fsdp2_run
     ddp = tmp_path / "ddp"
     # It ran under FSDP (Accelerate alone would have fallen back to DDP on CPU ranks): the checkpoint was gathered.
     assert "save_trained: FSDP2-sharded model" in fsdp_stderr and "unsharded" not in fsdp_stderr
-    result = _rm(world, ddp, _env(two_ranks_env), instrumented_cli, save_steps=2)
+    result = _rm(torchrun, world, ddp, _env(two_ranks_env), instrumented_cli, save_steps=2)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "save_trained: unsharded model" in result.stderr
 
@@ -126,18 +119,17 @@ def test_fsdp2_on_two_cpu_ranks_trains_like_ddp_and_saves_the_trained_model(tmp_
 
 
 @pytest.mark.slow  # ~40 s: two two-rank runs (and the shared uninterrupted one)
-@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
 def test_fsdp2_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_does(tmp_path, two_ranks_env, instrumented_cli,
-                                                                              fsdp2_run):
+                                                                              fsdp2_run, torchrun):
     """4 steps straight under FSDP2, against a run whose ranks exit right after checkpoint step-2 and a `resume latest`
     from it: every process reads the full checkpoint and keeps its shard of the weights and AdamW state."""
     world, straight, _ = fsdp2_run
     env = {**_env(two_ranks_env), **FSDP2}
     resumed = tmp_path / "resumed"
-    result = _rm(world, resumed, {**env, "EXIT_AFTER_CHECKPOINT": "step-2"}, instrumented_cli, save_steps=2)
+    result = _rm(torchrun, world, resumed, {**env, "EXIT_AFTER_CHECKPOINT": "step-2"}, instrumented_cli, save_steps=2)
     assert result.returncode != 0 and "save_trained: FSDP2-sharded model" in result.stderr
     assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step-2"] and not (resumed / "model").exists()
-    result = _rm(world, resumed, env, instrumented_cli, save_steps=2, resume="latest")
+    result = _rm(torchrun, world, resumed, env, instrumented_cli, save_steps=2, resume="latest")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed from" in result.stderr and "at step 2" in result.stderr
 
