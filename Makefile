@@ -23,9 +23,9 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/safealign pipeline --config configs/pipeline.yaml
 
-# One process by default. PYTEST_ARGS="-n auto --dist loadfile" runs a worker per core (pytest-xdist, a file per
-# worker): 8 min instead of 12 here, but once a two-rank torchrun test aborted in gloo while another worker's ran.
-PYTEST_ARGS ?=
+# A pytest worker per core (pytest-xdist), each test file on one worker so that the runs its tests share are built
+# once; the two-rank torchrun runs take turns (tests/conftest.py). PYTEST_ARGS= runs everything in one process.
+PYTEST_ARGS ?= -n auto --dist loadfile
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

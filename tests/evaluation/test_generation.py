@@ -304,6 +304,7 @@ for name in ("sequences", "attention_mask", "response_mask", "position_ids", "en
 # The pad-only steps draw nothing: the next rollout samples as it would unsharded.
 assert torch.equal(sharded_rng.get_state(), alone_rng.get_state()), "the generator moved on during the pad-only steps"
 print(f"rank {rank}: responses {tuple(sharded.responses.shape)}", flush=True)
+dist.barrier()  # neither rank tears its process group down while the other may still talk to it
 dist.destroy_process_group()
 """
 
