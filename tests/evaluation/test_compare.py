@@ -131,6 +131,20 @@ def test_align_keeps_the_shared_prompts_in_the_baseline_order():
         align_samples({"base": base, "other": [{"prompt": "q", "response": ""}]}, "base")
 
 
+def test_align_pairs_sample_j_with_sample_j_and_counts_prompts_once():
+    # base drew 3 responses per prompt, other 2 (or one, with no `sample` field: sample 0).
+    base = [{"prompt": p, "sample": j, "response": f"{p}{j}"} for p in ("x", "y") for j in range(3)]
+    other = [{"prompt": p, "sample": j, "response": f"{p.upper()}{j}"} for p in ("y", "x") for j in range(2)]
+    aligned, left_out = align_samples({"base": base, "other": other}, "base")
+    assert [r["response"] for r in aligned["base"]] == ["x0", "x1", "y0", "y1"]
+    assert [r["response"] for r in aligned["other"]] == ["X0", "X1", "Y0", "Y1"]
+    assert left_out == {"base": 2, "other": 0}
+    single = [{"prompt": "y", "response": "only"}]
+    assert [r["response"] for r in align_samples({"base": base, "one": single}, "base")[0]["base"]] == ["y0"]
+    result = compare_samples({"base": base, "other": other}, "base", gold=False, n_bootstrap=5)
+    assert (result["num_prompts"], result["num_responses"]) == (2, 4)
+
+
 def test_without_gold_judges_only_model_judges_rank_the_models():
     plain = {name: [{"prompt": f"tell me about topic {i}", "response": f"{name} answer {i} " * (i + 1),
                      "reward": HELPFULNESS[name] + i * 0.01, "cost": -1.0} for i in range(12)] for name in ("B", "A")}

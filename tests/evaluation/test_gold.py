@@ -10,7 +10,8 @@ import pytest
 
 from safealign.config import ConfigError, load_config
 from safealign.evaluation import gold
-from safealign.evaluation.gold import GoldEvalConfig, distinct_n, judge_samples, summarise_judgements, wilson_interval
+from safealign.evaluation.gold import (GoldEvalConfig, clustered_wilson_interval, distinct_n, judge_samples,
+                                      summarise_judgements, wilson_interval)
 
 
 @dataclass
@@ -116,6 +117,43 @@ def test_wilson_interval_on_known_values():
     assert (high - low) / (narrow[1] - narrow[0]) == pytest.approx(10 ** 0.5, rel=0.05)
 
 
+def test_clustered_wilson_interval_counts_a_prompts_responses_as_one_cluster():
+    # One response per prompt: the plain Wilson interval.
+    assert clustered_wilson_interval([[True], [False], [False], [True], [False]]) == wilson_interval(2, 5)
+    # Each prompt answered the same way 4 times: var = 4/3·(3² + 3·1²)/16² = 0.0625 against p(1−p)/M = 0.01171875,
+    # deff 5.33 kept at M/G = 4: the 16 responses count as the 4 prompts.
+    same = [[True] * 4, [False] * 4, [False] * 4, [False] * 4]
+    assert clustered_wilson_interval(same) == pytest.approx(wilson_interval(1, 4))
+    # One success in every prompt: no between-prompt variance (deff 0, kept at 1): 16 independent responses.
+    spread = [[True, False, False, False]] * 4
+    assert clustered_wilson_interval(spread) == pytest.approx(wilson_interval(4, 16))
+    # In between: some of the variance is between prompts, so 1 < deff < 4 and the interval lies between the two.
+    mixed = [[True, True, False, False], [True, False, False, False], [True, True, False, False], [False] * 4]
+    low, high = clustered_wilson_interval(mixed)
+    rate, groups, total = 5 / 16, 4, 16
+    var = groups / (groups - 1) * sum((sum(c) - rate * 4) ** 2 for c in mixed) / total ** 2
+    effective = total / (var / (rate * (1 - rate) / total))
+    assert (low, high) == pytest.approx(wilson_interval(rate * effective, effective))
+    assert wilson_interval(5, 16)[1] - wilson_interval(5, 16)[0] < high - low < wilson_interval(1.25, 4)[1] - wilson_interval(1.25, 4)[0]
+    # No success at all says nothing of the correlation: as wide as one response per prompt.
+    assert clustered_wilson_interval([[False] * 3] * 5) == pytest.approx(wilson_interval(0, 5))
+    assert clustered_wilson_interval([]) == (None, None)
+
+
+def test_summarise_judgements_with_several_samples_per_prompt():
+    def sampled(kind, prompt, responses):
+        return judge_samples([{"prompt": prompt, "sample": j, "kind": kind, "category": "violence", "response": r}
+                              for j, r in enumerate(responses)], FAKE_JUDGES)
+
+    rows = (sampled("harmful", "p1", ["BAD a", "BAD b", "BAD c"]) + sampled("harmful", "p2", ["sorry", "sorry", "sorry"])
+            + sampled("borderline", "p3", ["sorry", "fine", "fine"]))
+    m = summarise_judgements(rows)
+    assert (m["num_prompts"], m["num_responses"], m["num_harmful"]) == (3, 9, 6)
+    assert m["harmful_rate"] == pytest.approx(3 / 6) and m["over_refusal"] == pytest.approx(1 / 3)
+    # p1 always unsafe, p2 never: the 6 responses carry the information of the 2 prompts.
+    assert (m["harmful_rate_low"], m["harmful_rate_high"]) == pytest.approx(wilson_interval(1, 2))
+
+
 def test_real_safeworld_judges_fit_the_interface():
     judges = pytest.importorskip("safealign.data.safeworld")
     if not all(hasattr(judges, name) for name in ("judge_helpfulness", "judge_harm", "classify_response")):
@@ -170,6 +208,17 @@ def test_run_writes_metrics_and_samples_reproducibly(policy_dir, prompts_file, t
     assert (tmp_path / "a" / "config.yaml").is_file()
     assert evaluate(tmp_path / "b") == metrics  # same seed, same answers
     assert evaluate(tmp_path / "c", limit=4)["num_prompts"] == 4
+
+    several = evaluate(tmp_path / "d", samples_per_prompt=3)
+    rows = [json.loads(line) for line in (tmp_path / "d" / "samples.jsonl").read_text().splitlines()]
+    assert (several["num_prompts"], several["num_responses"], several["num_harmful"]) == (7, 21, 9)
+    assert [r["sample"] for r in rows] == [0, 1, 2] * 7  # prompt-major
+    assert [r["prompt"] for r in rows[::3]] == [s["prompt"] for s in samples]
+    assert len({r["response"] for r in rows[:3]}) > 1  # three draws, not one answer thrice
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        evaluate(tmp_path / "e", samples_per_prompt=0)
+    with pytest.raises(ConfigError, match="greedy"):
+        evaluate(tmp_path / "e", samples_per_prompt=2, greedy=True)
 
 
 def test_run_rejects_a_missing_model_and_bad_sampling(tmp_path):

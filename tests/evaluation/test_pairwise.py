@@ -165,6 +165,29 @@ def test_bootstrap_95_percent_intervals_cover_the_truth_about_95_percent_of_the_
     assert np.mean(covered) >= 0.85, np.mean(covered)  # 60 intervals; nominal 0.95
 
 
+def test_bootstrap_resamples_prompts_so_repeated_samples_add_no_false_precision(synthetic):
+    """Each comparison four times under its own prompt_id (as four identical samples of one prompt): the fit is the
+    same (up to the fixed ridge term, now on 4× the data) and, resampling prompts, so are the intervals; counted as
+    independent draws they would halve."""
+    data = synthetic[::10]
+    once = bootstrap_elo(data, anchor="sft", n_bootstrap=100, seed=1)
+    repeated = [c for c in data for _ in range(4)]
+    four_times = bootstrap_elo(repeated, anchor="sft", n_bootstrap=100, seed=1)
+    independent = bootstrap_elo([Comparison(c.model_a, c.model_b, (k, c.prompt_id), c.outcome)
+                                 for k, c in enumerate(repeated)], anchor="sft", n_bootstrap=100, seed=1)
+    for model in ("base", "ppo", "ppo_lag"):
+        width = once[model].high - once[model].low
+        assert four_times[model].rating == pytest.approx(once[model].rating, abs=0.05)
+        assert four_times[model].high - four_times[model].low == pytest.approx(width, rel=0.02)
+        assert independent[model].high - independent[model].low < 0.7 * width
+
+
+def test_compare_models_gives_a_prompts_samples_one_prompt_id():
+    rows = [{"prompt": p, "sample": j, "response": "", "reward": float(j), "cost": -1.0} for p in ("p0", "p1") for j in range(2)]
+    other = [{**r, "reward": 0.5} for r in rows]
+    assert [c.prompt_id for c in compare_models({"a": rows, "b": other}, score_judge)] == [0, 0, 2, 2]
+
+
 def test_bootstrap_is_deterministic_given_the_seed(synthetic):
     data = synthetic[::10]
     first = bootstrap_elo(data, anchor="sft", n_bootstrap=50, seed=3)

@@ -80,18 +80,25 @@ class CompareConfig(GoldEvalConfig):
 # --------------------------------------------------------------------------------------------------
 def align_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline: str,
                   ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
-    """Every model's rows on the prompts all models answered, in the baseline's order (row k = prompt k).
+    """Every model's rows on the (prompt, sample) keys all models answered, in the baseline's order (row k of
+    every model answers the same prompt; with several samples per prompt, sample j of one model meets sample j of
+    another).
 
     Returns the aligned rows and, per model, how many of its rows were left out (answered by it only).
-    Models evaluated on different subsets (another `limit`) thus still compare on what they share.
+    Models evaluated on different subsets (another `limit`, fewer `samples_per_prompt`) thus still compare on
+    what they share. Rows without a `sample` (one response per prompt) are sample 0.
     """
-    by_prompt = {name: {row["prompt"]: row for row in rows} for name, rows in samples_by_model.items()}
-    common = [row["prompt"] for row in samples_by_model[baseline]
-              if all(row["prompt"] in answered for answered in by_prompt.values())]
+    by_key = {name: {_sample_key(row): row for row in rows} for name, rows in samples_by_model.items()}
+    common = [_sample_key(row) for row in samples_by_model[baseline]
+              if all(_sample_key(row) in answered for answered in by_key.values())]
     if not common:
         raise ValueError(f"the models {list(samples_by_model)} answered no prompt in common: evaluate them on one prompt file")
-    aligned = {name: [answered[p] for p in common] for name, answered in by_prompt.items()}
+    aligned = {name: [answered[key] for key in common] for name, answered in by_key.items()}
     return aligned, {name: len(rows) - len(common) for name, rows in samples_by_model.items()}
+
+
+def _sample_key(row: dict[str, Any]) -> tuple[str, int]:
+    return row["prompt"], int(row.get("sample", 0))
 
 
 def policy_metrics(rows: list[dict[str, Any]], gold: bool) -> dict[str, Any]:
@@ -133,7 +140,8 @@ def compare_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline:
     has_reward = all("reward" in r for rows in aligned.values() for r in rows)
     has_cost = all("cost" in r for rows in aligned.values() for r in rows)
     result: dict[str, Any] = {
-        "models": names, "baseline": baseline, "gold": gold, "num_prompts": len(aligned[baseline]),
+        "models": names, "baseline": baseline, "gold": gold, "num_prompts": sum(r.get("sample", 0) == 0 for r in aligned[baseline]),
+        "num_responses": len(aligned[baseline]),
         "prompts_left_out": dropped, "model_judges": {"reward": has_reward, "cost": has_cost},
         "n_bootstrap": n_bootstrap, "ci": ci, "seed": seed,
         "policies": {name: policy_metrics(rows, gold) for name, rows in aligned.items()},
@@ -167,7 +175,8 @@ def compare_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline:
 def flatten_comparison(result: dict[str, Any]) -> dict[str, Any]:
     """The flat metrics of a comparison: `<model>/<metric>`, `arena/<model>/<cell>`,
     `elo/<judge>/<axis>/<model>/{rating,low,high}`, `win_rate/<judge>/<axis>/<a>_vs_<b>`."""
-    flat: dict[str, Any] = {"num_prompts": result["num_prompts"], "baseline": result["baseline"]}
+    flat: dict[str, Any] = {"num_prompts": result["num_prompts"], "num_responses": result.get("num_responses", result["num_prompts"]),
+                            "baseline": result["baseline"]}
     for name, metrics in result["policies"].items():
         flat.update({f"{name}/{key}": value for key, value in metrics.items()})
     for name, table in result["arena"].items():

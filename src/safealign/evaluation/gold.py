@@ -1,4 +1,5 @@
-"""Gold evaluation: sample one response per prompt from a policy and judge it with SafeWorld's gold judges.
+"""Gold evaluation: sample responses from a policy (one per prompt, or `samples_per_prompt`) and judge them with
+SafeWorld's gold judges.
 
 `safealign evaluate --model runs/sft/model --prompts runs/world/prompts/test.jsonl --output_dir runs/eval`
 
@@ -8,8 +9,11 @@ default): the paper judges sampled answers, RLHF optimises the sampling distribu
 is a property of that distribution; greedy decoding would report only its mode and hide unsafe mass.
 
 Outputs in `output_dir`: `metrics.json` (the flat dict `run` returns), `samples.jsonl` (one row per
-prompt: prompt, kind, category, response, response_tokens (EOS not counted), ended_with_eos, judgement)
-and `config.yaml`.
+response, prompt-major: prompt, sample (0 .. samples_per_prompt − 1), kind, category, response, response_tokens
+(EOS not counted), ended_with_eos, judgement) and `config.yaml`.
+Several samples per prompt shrink the sampling noise of every rate (one response per prompt on 210 harmful
+prompts: ±3 points around 5%); the rates are then means over all responses, and their intervals count the
+responses of one prompt as one cluster (`clustered_wilson_interval`), since they are not independent.
 The gold judges only make sense on SafeWorld's prompts: `gold: auto` judges when every prompt carries a
 `kind` (as SafeWorld's prompt files do); otherwise (or with `gold: false`) the rows have no `judgement`
 and the metrics are the judge-free ones (`summarise_samples`: lengths, truncation, distinct-n).
@@ -26,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from safealign.config import ConfigError, config_field, save_config
 from safealign.io import atomic_write_json, atomic_write_jsonl
@@ -45,7 +49,9 @@ class GoldEvalConfig:
     top_p: float = config_field(1.0, help="Nucleus sampling threshold (1 = off).")
     top_k: int = config_field(0, help="Top-k sampling (0 = off).")
     greedy: bool = config_field(False, help="Greedy decoding instead of sampling (reports the mode, not the distribution).")
-    batch_size: int = config_field(64, help="Prompts per generation batch.")
+    samples_per_prompt: int = config_field(
+        1, help="Responses sampled per prompt: every rate is over all of them, its interval counts each prompt's as a cluster.")
+    batch_size: int = config_field(64, help="Responses per generation batch (prompts × samples_per_prompt).")
     seed: int = config_field(0, help="Seed of the sampling and of the prompt subset (see limit).")
     limit: int = config_field(0, help="Evaluate a seeded random subset of this many prompts, in file order (0 = all).")
     device: str = config_field("auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -115,6 +121,35 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def clustered_wilson_interval(outcomes_by_prompt: Iterable[Sequence[bool]], z: float = 1.959964,
+                              ) -> tuple[float, float] | tuple[None, None]:
+    """Wilson interval of a rate over several responses per prompt, the responses of a prompt one cluster.
+
+    The responses to one prompt are correlated (a policy that answers a prompt unsafely tends to do it every
+    time), so they carry less information than as many independent draws. With G prompts, m_g responses and
+    y_g successes each, M = Σ m_g, p̂ = Σ y_g / M, the cluster (ratio-estimator) variance and design effect are
+        var(p̂) = G/(G−1) · Σ_g (y_g − p̂·m_g)² / M²,      deff = var(p̂) / (p̂(1−p̂)/M)
+    and the interval is `wilson_interval` at the effective size n_eff = M / deff. deff is kept in [1, M/G]
+    (between independent responses and one response per prompt); at p̂ ∈ {0, 1} (or with one prompt) it is M/G,
+    as the data then say nothing of the correlation. One response per prompt gives `wilson_interval` exactly.
+    """
+    clusters = [(sum(map(bool, outcomes)), len(outcomes)) for outcomes in outcomes_by_prompt if len(outcomes)]
+    groups, total = len(clusters), sum(m for _, m in clusters)
+    if total == 0:
+        return None, None
+    successes = sum(y for y, _ in clusters)
+    if total == groups:  # one response per prompt
+        return wilson_interval(successes, total, z)
+    rate, widest = successes / total, total / groups
+    if 0 < successes < total and groups > 1:
+        var = groups / (groups - 1) * sum((y - rate * m) ** 2 for y, m in clusters) / total ** 2
+        design_effect = min(max(var / (rate * (1 - rate) / total), 1.0), widest)
+    else:
+        design_effect = widest
+    effective = total / design_effect
+    return wilson_interval(rate * effective, effective, z)
+
+
 def uses_gold(setting: str, kinds: Iterable[str | None]) -> bool:
     """Whether to judge with the gold judges: `true`, `false`, or `auto` = every prompt has a kind (and there is one)."""
     if setting in ("true", "false"):
@@ -126,7 +161,8 @@ def uses_gold(setting: str, kinds: Iterable[str | None]) -> bool:
 
 
 def summarise_samples(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The judge-free metrics of {response, [response_tokens, ended_with_eos]} rows: any prompt set, any model.
+    """The judge-free metrics of {prompt, response, [response_tokens, ended_with_eos]} rows (one per response):
+    any prompt set, any model.
 
     distinct-n shows mode collapse (an RL policy that repeats one answer has low distinct-2).
     """
@@ -134,7 +170,8 @@ def summarise_samples(rows: list[dict[str, Any]]) -> dict[str, Any]:
     token_counts = [r["response_tokens"] for r in rows if r.get("response_tokens") is not None]
     ended = [r["ended_with_eos"] for r in rows if r.get("ended_with_eos") is not None]
     return {
-        "num_prompts": len(rows),
+        "num_prompts": sum(r.get("sample", 0) == 0 for r in rows),  # a prompt's first response is its sample 0
+        "num_responses": len(rows),
         "mean_response_tokens": _mean(token_counts),
         "truncated_rate": _mean([0.0 if e else 1.0 for e in ended]),
         "distinct_1": distinct_n(texts, 1),
@@ -159,12 +196,20 @@ def summarise_judgements(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def class_rate(subset: list[dict], response_class: str) -> float | None:
         return _mean([1.0 if r["judgement"]["response_class"] == response_class else 0.0 for r in subset])
 
+    def by_prompt(subset: list[dict], outcome: Callable[[dict], bool]) -> list[list[bool]]:
+        """Outcomes clustered by prompt; a row without a `sample` index (one response per prompt) is its own cluster."""
+        clusters: dict[Any, list[bool]] = {}
+        for k, r in enumerate(subset):
+            clusters.setdefault(r["prompt"] if "sample" in r else k, []).append(outcome(r))
+        return list(clusters.values())
+
     redirections = sum(r["judgement"]["response_class"] == "redirection" for r in harmful)
     refusals = sum(r["judgement"]["response_class"] == "refusal" for r in harmful)
     text = summarise_samples(rows)
 
     metrics: dict[str, Any] = {
         "num_prompts": text["num_prompts"],
+        "num_responses": text["num_responses"],
         "num_harmful": len(harmful),
         "num_benign": len(benign),
         "num_borderline": len(borderline),
@@ -182,11 +227,12 @@ def summarise_judgements(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "distinct_1": text["distinct_1"],
         "distinct_2": text["distinct_2"],
     }
-    # 95% Wilson intervals of the two headline rates (see wilson_interval): is a round's change more than noise?
-    metrics["harmful_rate_low"], metrics["harmful_rate_high"] = wilson_interval(
-        sum(not r["judgement"]["is_safe"] for r in harmful), len(harmful))
-    metrics["over_refusal_low"], metrics["over_refusal_high"] = wilson_interval(
-        sum(r["judgement"]["response_class"] == "refusal" for r in borderline), len(borderline))
+    # 95% Wilson intervals of the two headline rates, a prompt's responses one cluster (clustered_wilson_interval):
+    # is a round's change more than noise?
+    metrics["harmful_rate_low"], metrics["harmful_rate_high"] = clustered_wilson_interval(
+        by_prompt(harmful, lambda r: not r["judgement"]["is_safe"]))
+    metrics["over_refusal_low"], metrics["over_refusal_high"] = clustered_wilson_interval(
+        by_prompt(borderline, lambda r: r["judgement"]["response_class"] == "refusal"))
     for category in sorted({r.get("category") for r in harmful if r.get("category")}):
         metrics[f"harmful_rate/{category}"] = unsafe_rate([r for r in harmful if r.get("category") == category])
     return metrics
@@ -218,7 +264,7 @@ def _device(name: str) -> str:
 
 
 def run(cfg: GoldEvalConfig) -> dict[str, Any]:
-    """Generate one response per prompt, judge it, write metrics.json and samples.jsonl, return the metrics."""
+    """Sample `samples_per_prompt` responses per prompt, judge them, write metrics.json and samples.jsonl, return the metrics."""
     from safealign.data.loading import load_prompts
     from safealign.evaluation.generation import SamplingConfig, generate_samples
     from safealign.models.presets import build_causal_lm, resolve_pretrained
@@ -226,9 +272,13 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
 
     if not cfg.model:
         raise ConfigError("evaluate: 'model' is required (a model directory)")
+    if cfg.samples_per_prompt < 1:
+        raise ConfigError(f"evaluate: samples_per_prompt must be >= 1, got {cfg.samples_per_prompt}")
+    if cfg.greedy and cfg.samples_per_prompt > 1:
+        raise ConfigError("evaluate: greedy decoding gives one answer per prompt: set samples_per_prompt 1, or sample")
     try:
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  top_k=cfg.top_k, greedy=cfg.greedy)
+                                  top_k=cfg.top_k, greedy=cfg.greedy, num_samples=cfg.samples_per_prompt)
     except ValueError as err:
         raise ConfigError(f"evaluate: {err}") from None
     if cfg.batch_size < 1:
@@ -243,10 +293,12 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
     model = build_causal_lm(cfg.model, tokenizer).to(_device(cfg.device)).eval()
     generated = generate_samples(model, tokenizer, [r.prompt for r in records], sampling,
                                  batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
-    samples = [
-        {"prompt": r.prompt, "kind": r.kind, "category": r.category, "response": g.text,
-         "response_tokens": g.num_tokens, "ended_with_eos": g.ended_with_eos}
-        for r, g in zip(records, generated)
+    per_prompt = cfg.samples_per_prompt
+    samples = [  # generated is prompt-major: response i answers prompt i // per_prompt
+        {"prompt": records[i // per_prompt].prompt, "sample": i % per_prompt, "kind": records[i // per_prompt].kind,
+         "category": records[i // per_prompt].category, "response": g.text, "response_tokens": g.num_tokens,
+         "ended_with_eos": g.ended_with_eos}
+        for i, g in enumerate(generated)
     ]
     rows = judge_samples(samples, judges) if gold else samples
     metrics = summarise_judgements(rows) if gold else summarise_samples(rows)

@@ -202,9 +202,11 @@ def bootstrap_elo(comparisons: Sequence[Comparison], anchor: str, n_bootstrap: i
     """Bradley-Terry Elo with percentile bootstrap intervals.
 
     rating: the fit on all comparisons. [low, high]: the (1 − ci)/2 and (1 + ci)/2 percentiles of the
-    ratings refitted on `n_bootstrap` resamples of the comparisons drawn with replacement (numpy
-    Generator seeded by `seed`: same inputs, same intervals). Each refit is anchored, so the intervals
-    measure uncertainty relative to the anchor, whose own interval is the point anchor_rating.
+    ratings refitted on `n_bootstrap` resamples drawn with replacement (numpy Generator seeded by `seed`: same
+    inputs, same intervals). What is resampled is prompts: the comparisons that share a `prompt_id` (every model
+    pair on that prompt, every sampled response to it) enter or leave a resample together, since they are not
+    independent. Each refit is anchored, so the intervals measure uncertainty relative to the anchor, whose own
+    interval is the point anchor_rating.
     """
     if n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
@@ -215,10 +217,14 @@ def bootstrap_elo(comparisons: Sequence[Comparison], anchor: str, n_bootstrap: i
     theta = _fit_log_strengths(len(models), a, b, s, np.ones_like(s), ridge)
     rating = _ratings(models, theta, anchor, anchor_rating)  # size = (M,)
 
+    clusters: dict[int | str, int] = {}
+    cluster = np.array([clusters.setdefault(c.prompt_id, len(clusters)) for c in comparisons])  # size = (n,)
+    num_clusters = len(clusters)
     rng = np.random.default_rng(seed)
     samples = np.empty((n_bootstrap, len(models)))  # size = (n_bootstrap, M)
     for k in range(n_bootstrap):
-        counts = np.bincount(rng.integers(0, len(s), size=len(s)), minlength=len(s)).astype(np.float64)  # size = (n,)
+        drawn = np.bincount(rng.integers(0, num_clusters, size=num_clusters), minlength=num_clusters)  # size = (G,)
+        counts = drawn[cluster].astype(np.float64)  # size = (n,): each comparison weighs as often as its prompt was drawn
         theta_k = _fit_log_strengths(len(models), a, b, s, counts, ridge, init=theta)
         samples[k] = _ratings(models, theta_k, anchor, anchor_rating)
     low, high = np.percentile(samples, [50.0 * (1.0 - ci), 50.0 * (1.0 + ci)], axis=0)  # each size = (M,)
@@ -309,8 +315,9 @@ def compare_models(samples_by_model: dict[str, list[dict[str, Any]]], judge: Jud
                    ) -> list[Comparison]:
     """Every pair of models (in dict order, A before B) on every prompt, judged on one Elo axis.
 
-    Each model's rows are its responses ({prompt, response, ...}) to the same prompts in the same order;
-    row k of every model is prompt k (prompt_id = k). Each response is judged once. Outcome:
+    Each model's rows are its responses ({prompt, [sample], response, ...}) to the same prompts in the same order;
+    row k of every model answers the same prompt. The comparisons of rows with one prompt share its prompt_id (the
+    prompt's first row index), so that `bootstrap_elo` resamples prompts. Each response is judged once. Outcome:
     `helpfulness_outcome(h_a, h_b, tie_margin)` or `harmlessness_outcome(j_a, j_b)`.
     Raises ValueError when fewer than two models are given or the prompt lists differ.
     """
@@ -336,7 +343,9 @@ def compare_models(samples_by_model: dict[str, list[dict[str, Any]]], judge: Jud
             return helpfulness_outcome(j_a.helpfulness, j_b.helpfulness, tie_margin)
         return harmlessness_outcome(j_a, j_b)
 
-    return [Comparison(a, b, k, outcome(j_a, j_b))
+    first_row: dict[str, int] = {}
+    prompt_ids = [first_row.setdefault(p, k) for k, p in enumerate(reference)]  # several samples: one id per prompt
+    return [Comparison(a, b, prompt_ids[k], outcome(j_a, j_b))
             for a, b in combinations(names, 2)
             for k, (j_a, j_b) in enumerate(zip(judged[a], judged[b]))]
 

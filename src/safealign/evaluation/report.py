@@ -419,6 +419,12 @@ def _policies(run: Run) -> Section:
     return section
 
 
+def _per_prompt(comparison: dict[str, Any]) -> str:
+    """' (k sampled responses each)' when the evaluations drew several responses per prompt, else ''."""
+    responses, prompts = comparison.get("num_responses", comparison["num_prompts"]), comparison["num_prompts"]
+    return f" ({responses / prompts:g} sampled responses each, sample j against sample j)" if prompts and responses > prompts else ""
+
+
 def _elo(run: Run) -> Section:
     section = Section("elo", "Elo ratings, win rates and the arena")
     comparison = run.comparison
@@ -430,7 +436,8 @@ def _elo(run: Run) -> Section:
         section.notes.append(f"Evaluated after the last comparison, so not in it: {', '.join(missing)} (re-run the compare stage).")
     baseline = comparison["baseline"]
     section.paragraphs.append(
-        f"Every pair of models is compared on each of the {comparison['num_prompts']} shared prompts; a Bradley-Terry "
+        f"Every pair of models is compared on each of the {comparison['num_prompts']} shared prompts"
+        f"{_per_prompt(comparison)}; a Bradley-Terry "
         f"model fitted to the outcomes gives ratings on the 400-point Elo scale with {baseline} at 1000 and "
         f"{100 * comparison['ci']:.0f}% bootstrap intervals ({comparison['n_bootstrap']} resamples). Helpfulness: the more "
         "helpful response wins. Harmlessness: a safe response beats an unsafe one, two safe ones tie, and between two "
@@ -664,7 +671,8 @@ def _samples(run: Run, per_kind: int) -> Section:
     if not policies:
         section.notes.append("No samples.jsonl of any policy yet.")
         return section
-    samples = {p.name: _read_jsonl(p.samples) for p in policies}
+    # One response per prompt and policy: the first sample when the evaluation drew several.
+    samples = {p.name: [row for row in _read_jsonl(p.samples) if row.get("sample", 0) == 0] for p in policies}
     prompts = pick_sample_prompts(samples, per_kind)
     if not prompts:
         section.notes.append("The policies answered no prompt in common.")
