@@ -184,6 +184,35 @@ def test_ppo_losses_and_values_change_and_the_first_ratio_of_each_rollout_is_one
     assert kl[0] == pytest.approx(0.0, abs=1e-5) and abs(kl[-1]) > 1e-5  # rounding on a GPU: see the test above
 
 
+def test_missing_eos_penalty_lowers_the_reward_of_cut_answers_only(tiny):
+    """R − penalty at the end of the reward stream of a row without EOS, R for a row that ended; PPO-Lag's cost
+    stream is left alone."""
+    from safealign.algorithms.ppo_lag import PPOLagConfig, PPOLagStep
+
+    tokenizer = load_tokenizer(tiny.actor)
+    actor = build_causal_lm(tiny.actor).eval()
+    score_models = {"reward": load_score_model(tiny.score_model("reward", 0.5)).eval(),
+                    "cost": load_score_model(tiny.score_model("cost", -1.0)).eval()}
+    critics = {s: build_score_model(tiny.actor, score_type="critic", tokenizer=tokenizer).eval() for s in ("reward", "cost")}
+    models = RLModels(actor=actor, reference=actor, score_models=score_models, critics=critics)
+    rollout = generate_tokens(actor, tokenizer, [tokenize_prompt(tokenizer, "hello there")],
+                              SamplingConfig(max_new_tokens=5, num_samples=4), torch.Generator().manual_seed(0))
+    last = rollout.response_mask.sum(-1) - 1  # size = (4,)
+    for step in (PPOStep(PPOConfig(kl_coeff=0.0, missing_eos_penalty=2.0)),
+                 PPOLagStep(PPOLagConfig(kl_coeff=0.0, missing_eos_penalty=2.0))):
+        batch = Experience.from_rollout(rollout)
+        batch["ended_with_eos"] = torch.tensor([True, False, True, False])  # as if rows 0 and 2 had ended
+        with torch.no_grad():
+            step.make_experience(models, batch)
+        # β = 0, γ = 1: the last response token's return is the stream's end score.
+        torch.testing.assert_close(batch["reward_returns"][torch.arange(4), last], torch.tensor([0.5, -1.5, 0.5, -1.5]))
+        torch.testing.assert_close(batch["scores_reward"], torch.full((4,), 0.5))  # the logged score is the model's
+        if "cost" in step.streams:
+            torch.testing.assert_close(batch["cost_returns"][torch.arange(4), last], torch.full((4,), -1.0))
+    with pytest.raises(Exception, match="missing_eos_penalty"):
+        PPOConfig(missing_eos_penalty=-1.0)
+
+
 def test_ppo_config_errors_are_clear(tiny, tmp_path):
     from safealign.config import ConfigError
 

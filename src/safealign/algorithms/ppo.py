@@ -3,7 +3,8 @@
 Read top to bottom, for one rollout batch (the loop, rollout and checkpoints are `rl_loop.train_rl`):
 
 1. log-probs of the sampled response tokens under the actor (π_old) and the frozen reference (π_ref);
-2. end scores of the frozen score models on prompt + response (+ EOS), at the last response token;
+2. end scores of the frozen score models on prompt + response (+ EOS), at the last response token (an answer cut at
+   max_new_tokens may lose `missing_eos_penalty` from its reward);
 3. per stream s (PPO: "reward"; PPO-Lag adds "cost"): values V^s_t of its critic at the state before each
    response token, the per-token signal (r_t = −β·KL_t + R at the end; c_t = +β·KL_t + C), GAE
    (γ, λ_GAE) → advantages A^s_t and returns G^s_t;
@@ -67,12 +68,17 @@ class PPOConfig(RLConfig):
     gamma: float = config_field(1.0, help="γ: discount of GAE.")
     gae_lambda: float = config_field(0.95, help="λ_GAE: bias/variance trade-off of GAE.")
     whiten_advantages: bool = config_field(False, help="Normalise the actor's advantages over each rollout batch (off in the reference).")
+    missing_eos_penalty: float = config_field(
+        0.0, help="Subtracted from the reward stream's end score of a response cut at max_new_tokens (no EOS), as TRL's "
+                  "missing_eos_penalty: the score models were trained at an EOS and misread a cut answer (0 = off, the reference).")
 
     def __post_init__(self) -> None:
         if self.kl_coeff < 0 or self.clip_range_ratio <= 0 or self.clip_range_value <= 0 or self.clip_range_score <= 0:
             raise ConfigError("kl_coeff must be >= 0 and the clip ranges > 0")
         if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
             raise ConfigError("gamma and gae_lambda must be in [0, 1]")
+        if self.missing_eos_penalty < 0:
+            raise ConfigError(f"missing_eos_penalty must be >= 0 (it is subtracted), got {self.missing_eos_penalty}")
 
 
 class PPOStep(RLAlgorithm):
@@ -107,7 +113,10 @@ class PPOStep(RLAlgorithm):
         for name, value in scores.items():
             batch[f"scores_{name}"] = value
         scalars = {name: value.mean().item() for name, value in scores.items()}
-        for stream, end in self.stream_end_scores(scores).items():
+        ends = self.stream_end_scores(scores)  # stream -> (B,)
+        if cfg.missing_eos_penalty:  # a cut answer: R − penalty (the reward stream only; the cost keeps its meaning)
+            ends["reward"] = ends["reward"] - cfg.missing_eos_penalty * (~batch["ended_with_eos"]).to(ends["reward"].dtype)
+        for stream, end in ends.items():
             values = stream_values[stream] * mask  # size = (B, T)
             signal = token_signal(end, kl, mask, KL_SIGN[stream] * cfg.kl_coeff, cfg.clip_range_score)  # size = (B, T)
             advantages, returns = gae_advantages(signal, values, mask, cfg.gamma, cfg.gae_lambda)  # each (B, T)
