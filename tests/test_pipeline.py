@@ -32,7 +32,8 @@ TINY = {
     "sft": {"max_steps": 3, "vocab_size": 512, "mixed_precision": "no"},
     "rm": {"max_steps": 2, "mixed_precision": "no"},
     "cm": {"max_steps": 2, "mixed_precision": "no"},
-    "evaluate": {"limit": 0, "max_new_tokens": 8},  # all 30 test prompts: every kind present (the report needs benign ones)
+    # All 30 test prompts (every kind present: the report needs benign ones), two sampled answers each.
+    "evaluate": {"limit": 0, "max_new_tokens": 8, "samples_per_prompt": 2},
     "eval_scores": {"limit": 8},
     "ppo_lag": RL,
     "ppo": RL,
@@ -133,6 +134,8 @@ def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
     # compare and report: every policy of the manifest in the comparison; the report shows every figure and number.
     comparison = json.loads((root / "eval" / "compare" / "comparison.json").read_text())
     assert all(p["name"] in json.dumps(comparison) for p in manifest["policies"])
+    assert (comparison["num_prompts"], comparison["num_responses"]) == (30, 60)  # sample j against sample j
+    assert summary["evaluate_sft/num_prompts"] == 30 and summary["evaluate_sft/num_responses"] == 60
     report = json.loads((root / "report.json").read_text())
     page, markdown = (root / "report.html").read_text(), (root / "report.md").read_text()
     figures = [b for section in report["sections"] for b in section["blocks"] if b["type"] == "figure"]

@@ -83,6 +83,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     # measured in docs/results.md (60 rollouts of 32 prompts); the shaping sweep 40 rollouts per ν.
     "default": {
         "cm": {"num_epochs": 1},
+        # Four sampled answers per test prompt: with one, a round's harmful rate moves by ±3 points from sampling
+        # alone (seed 0: 4.8 / 5.2 / 4.8% over rounds 1-3 with one answer, 4.6 / 3.7 / 1.9% with four; docs/results.md).
+        "evaluate": {"samples_per_prompt": 4},
         "ppo_lag": {"max_steps": 60},
         "ppo": {"max_steps": 60},
         "shaping": {"max_steps": 40},
