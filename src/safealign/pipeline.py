@@ -96,7 +96,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "redteam": {"probe_limit": 256, "pairs": 1000},
         "round_rm": {"num_epochs": 0.25},
         "round_cm": {"num_epochs": 0.25},
-        "round_ppo_lag": {"max_steps": 20},
+        # The later rounds end every answer or pay for it (TRL's missing_eos_penalty): without it their policies drift to
+        # answers cut at max_new_tokens (39-63% after round 3, against 24% after round 1), text the score models never
+        # saw; over three seeds over-refusal after round 3 fell 21.4 -> 15.4% at the same harmful rate and helpfulness.
+        # Not in round 1: there it made the policy more harmful (seed 0: 7.0% vs 4.6%). docs/results.md.
+        "round_ppo_lag": {"max_steps": 20, "missing_eos_penalty": 1.0},
     },
 }
 STAGES = ("world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "ppo", "evaluate_ppo",

@@ -140,8 +140,8 @@ def compare_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline:
     has_reward = all("reward" in r for rows in aligned.values() for r in rows)
     has_cost = all("cost" in r for rows in aligned.values() for r in rows)
     result: dict[str, Any] = {
-        "models": names, "baseline": baseline, "gold": gold, "num_prompts": sum(r.get("sample", 0) == 0 for r in aligned[baseline]),
-        "num_responses": len(aligned[baseline]),
+        "models": names, "baseline": baseline, "gold": gold,
+        "num_prompts": sum(r.get("sample", 0) == 0 for r in aligned[baseline]), "num_responses": len(aligned[baseline]),
         "prompts_left_out": dropped, "model_judges": {"reward": has_reward, "cost": has_cost},
         "n_bootstrap": n_bootstrap, "ci": ci, "seed": seed,
         "policies": {name: policy_metrics(rows, gold) for name, rows in aligned.items()},
@@ -175,7 +175,7 @@ def compare_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline:
 def flatten_comparison(result: dict[str, Any]) -> dict[str, Any]:
     """The flat metrics of a comparison: `<model>/<metric>`, `arena/<model>/<cell>`,
     `elo/<judge>/<axis>/<model>/{rating,low,high}`, `win_rate/<judge>/<axis>/<a>_vs_<b>`."""
-    flat: dict[str, Any] = {"num_prompts": result["num_prompts"], "num_responses": result.get("num_responses", result["num_prompts"]),
+    flat: dict[str, Any] = {"num_prompts": result["num_prompts"], "num_responses": result["num_responses"],
                             "baseline": result["baseline"]}
     for name, metrics in result["policies"].items():
         flat.update({f"{name}/{key}": value for key, value in metrics.items()})

@@ -110,8 +110,8 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
         centre = (p̂ + z²/2n) / (1 + z²/n),   half = z·sqrt(p̂(1−p̂)/n + z²/4n²) / (1 + z²/n)
 
     Unlike p̂ ± z·se it stays inside [0, 1] and is not empty at k = 0 (0 of 210 harmful answers: [0, 1.8%]).
-    A gold rate measures one sampled response per prompt: the interval is the sampling noise of that measurement
-    (the prompts held fixed), what two policies' rates must clear before they differ.
+    With one sampled response per prompt the interval is the sampling noise of that measurement (the prompts held
+    fixed), what two policies' rates must clear before they differ; several per prompt: `clustered_wilson_interval`.
     """
     if trials == 0:
         return None, None
