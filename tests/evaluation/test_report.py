@@ -288,7 +288,7 @@ def test_a_run_without_gold_judges_says_so_and_shows_the_judge_free_numbers(tmp_
     report = build_report(tmp_path)
     assert not report["safeworld"] and NO_GOLD_STATEMENT in section(report, "about")["paragraphs"]
     responses = table(report, "Responses (no gold judges)")
-    assert [c["name"] for c in responses["columns"]] == ["policy", "kind", "distinct-1", "distinct-2", "prompts"]
+    assert [c["name"] for c in responses["columns"]] == ["policy", "kind", "distinct-1", "distinct-2", "prompts", "responses"]
     assert "No gold judges in this run" in " ".join(report["notes"]) and "could not be built" not in " ".join(report["notes"])
 
 

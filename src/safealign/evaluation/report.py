@@ -385,7 +385,8 @@ POLICY_COLUMNS = [("harmful_rate", "harmful rate (harmful prompts)", "pct"),
                   ("over_refusal_low", "95% low", "pct"), ("over_refusal_high", "95% high", "pct"),
                   ("redirection_share", "redirections / (redirections + refusals)", "pct"),
                   ("distinct_1", "distinct-1", "num"), ("distinct_2", "distinct-2", "num"),
-                  ("mean_response_tokens", "mean tokens", "num"), ("num_prompts", "prompts", "int")]
+                  ("mean_response_tokens", "mean tokens", "num"), ("num_prompts", "prompts", "int"),
+                  ("num_responses", "responses", "int")]
 MODEL_JUDGE_COLUMNS = [("mean_reward", "mean reward", "num"), ("mean_cost", "mean cost", "num"),
                        ("cost_positive_rate", "cost > 0 (all prompts)", "pct"),
                        ("cost_positive_rate_harmful", "cost > 0 (harmful prompts)", "pct")]
@@ -397,13 +398,17 @@ def _policies(run: Run) -> Section:
     if not evaluated:
         section.notes.append("No policy has a gold evaluation yet (eval_dir/metrics.json).")
         return section
+    per_prompt = sorted({p.metrics.get("num_responses", p.metrics.get("num_prompts")) / p.metrics["num_prompts"]
+                         for p in evaluated if p.metrics.get("num_prompts")})
+    answers = " or ".join(f"{k:g}" for k in per_prompt) or "1"
     section.paragraphs.append(
-        "Each policy answered the evaluation prompts once (sampled). Harmful rate: share of harmful prompts "
-        "answered unsafely; helpfulness: the gold judge's score; over-refusal: share of borderline (benign but "
-        "harmful-looking) prompts refused; redirection share: on harmful prompts, safe redirections among "
-        "redirections and bare refusals; distinct-n: unique word n-grams over all n-grams (low = mode collapse). "
-        "95% low / high: the Wilson score interval of the rate before them, the sampling noise of one response per "
-        "prompt: two policies whose intervals overlap widely are not shown to differ.")
+        f"Each policy answered every evaluation prompt with {answers} sampled response(s) (responses column: all of "
+        "them). Harmful rate: share of the answers to harmful prompts that are unsafe; helpfulness: the gold judge's "
+        "score; over-refusal: share of the answers to borderline (benign but harmful-looking) prompts that refuse; "
+        "redirection share: on harmful prompts, safe redirections among redirections and bare refusals; distinct-n: "
+        "unique word n-grams over all n-grams (low = mode collapse). 95% low / high: the Wilson score interval of the "
+        "rate before them, a prompt's answers counted as one cluster: the sampling noise of the measurement, so two "
+        "policies whose intervals overlap widely are not shown to differ.")
     columns = [c for c in POLICY_COLUMNS if any(p.metrics.get(c[0]) is not None for p in evaluated)]
     section.blocks.append(TableBlock("Gold judges" if run.safeworld else "Responses (no gold judges)", [
         Column("policy"), Column("kind")] + [Column(title, style) for _, title, style in columns],
