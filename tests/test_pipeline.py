@@ -142,6 +142,7 @@ def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
     assert {"elo_plane_gold.png", "per_round.png", "training_curves.png", "frontier.png"} <= {f["name"] for f in figures}
     assert page.count('<img src="data:image/png;base64,') == len(figures) == summary["report/figures"]
     assert unshown_cells(report, page, markdown)[1] == []
+    assert "with 2 sampled response(s)" in page and "(2 sampled responses each, sample j against sample j)" in page
     assert "simulation" in page.lower()
 
     # The summary over runs reads a real run directory: one run's means are that run's numbers.

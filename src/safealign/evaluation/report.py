@@ -398,9 +398,7 @@ def _policies(run: Run) -> Section:
     if not evaluated:
         section.notes.append("No policy has a gold evaluation yet (eval_dir/metrics.json).")
         return section
-    per_prompt = sorted({p.metrics.get("num_responses", p.metrics.get("num_prompts")) / p.metrics["num_prompts"]
-                         for p in evaluated if p.metrics.get("num_prompts")})
-    answers = " or ".join(f"{k:g}" for k in per_prompt) or "1"
+    answers = " or ".join(f"{k:g}" for k in sorted({_answers_per_prompt(p.metrics) for p in evaluated}))
     section.paragraphs.append(
         f"Each policy answered every evaluation prompt with {answers} sampled response(s) (responses column: all of "
         "them). Harmful rate: share of the answers to harmful prompts that are unsafe; helpfulness: the gold judge's "
@@ -424,10 +422,11 @@ def _policies(run: Run) -> Section:
     return section
 
 
-def _per_prompt(comparison: dict[str, Any]) -> str:
-    """' (k sampled responses each)' when the evaluations drew several responses per prompt, else ''."""
-    responses, prompts = comparison.get("num_responses", comparison["num_prompts"]), comparison["num_prompts"]
-    return f" ({responses / prompts:g} sampled responses each, sample j against sample j)" if prompts and responses > prompts else ""
+def _answers_per_prompt(numbers: dict[str, Any]) -> float:
+    """Sampled answers per prompt of an evaluation's or a comparison's numbers (1 for those written before
+    `num_responses` existed)."""
+    prompts = numbers.get("num_prompts") or 0
+    return numbers.get("num_responses", prompts) / prompts if prompts else 1.0
 
 
 def _elo(run: Run) -> Section:
@@ -440,9 +439,10 @@ def _elo(run: Run) -> Section:
     if missing:
         section.notes.append(f"Evaluated after the last comparison, so not in it: {', '.join(missing)} (re-run the compare stage).")
     baseline = comparison["baseline"]
+    per_prompt = _answers_per_prompt(comparison)
+    samples = f" ({per_prompt:g} sampled responses each, sample j against sample j)" if per_prompt > 1 else ""
     section.paragraphs.append(
-        f"Every pair of models is compared on each of the {comparison['num_prompts']} shared prompts"
-        f"{_per_prompt(comparison)}; a Bradley-Terry "
+        f"Every pair of models is compared on each of the {comparison['num_prompts']} shared prompts{samples}; a Bradley-Terry "
         f"model fitted to the outcomes gives ratings on the 400-point Elo scale with {baseline} at 1000 and "
         f"{100 * comparison['ci']:.0f}% bootstrap intervals ({comparison['n_bootstrap']} resamples). Helpfulness: the more "
         "helpful response wins. Harmlessness: a safe response beats an unsafe one, two safe ones tie, and between two "
