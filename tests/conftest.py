@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -49,12 +50,30 @@ def torchrun(tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
     # The parent of a worker's base temp directory is the session's, shared by every xdist worker.
     lock = tmp_path_factory.getbasetemp().parent / "torchrun.lock"
 
-    def run(*args: str | Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    def launch(args: tuple[str | Path, ...], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
         with exclusive_lock(lock):
             return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *map(str, args)], env=env,
                                   capture_output=True, text=True, timeout=timeout)
 
+    def run(*args: str | Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        result = launch(args, env, timeout)
+        if result.returncode != 0 and is_gloo_teardown_abort(result.stderr):
+            warnings.warn(f"a gloo rank aborted in C++ with no Python error; run again once:\n{result.stderr[-1500:]}")
+            result = launch(args, env, timeout)
+        return result
+
     return run
+
+
+def is_gloo_teardown_abort(stderr: str) -> bool:
+    """The one failure a two-rank run is given a second try for: a rank killed by SIGABRT from C++ ("terminate
+    called without an active exception") without a Python traceback from any rank. Seen twice in clean-clone
+    suite runs (different tests, once with the runs serialised), never in 40 runs of the failing script alone
+    under load. A rank that raises (an assertion, an error) prints a traceback and fails at once; so does a second
+    abort."""
+    ranks_output = stderr.split("failed (exitcode:", 1)[0]  # what follows is torchrun's own report and traceback
+    return ("terminate called without an active exception" in ranks_output and "exitcode: -6" in stderr
+            and "Traceback (most recent call last)" not in ranks_output)
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,24 @@ def data_validate(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        _release_process_group()
+
+
+def _release_process_group() -> None:
+    """Tear torch.distributed down before the interpreter does (a no-op in one process, or where torch was never
+    imported). The torch docs ask every rank to call destroy_process_group at the end; a gloo process group still
+    alive at interpreter shutdown (FSDP2's device meshes hold theirs) is destroyed while Python is being torn
+    down, where its worker threads can abort the process (SIGABRT) after the run's outputs are written."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return
+    import gc
+
+    gc.collect()  # the stage's models, optimizers and meshes (and the process groups they hold) go first
+    distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
