@@ -68,8 +68,8 @@ def torchrun(tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
 def is_gloo_teardown_abort(stderr: str) -> bool:
     """The one failure a two-rank run is given a second try for: a rank killed by SIGABRT from C++ ("terminate
     called without an active exception") without a Python traceback from any rank. Seen twice in clean-clone
-    suite runs (different tests, once with the runs serialised), never in 40 runs of the failing script alone
-    under load. A rank that raises (an assertion, an error) prints a traceback and fails at once; so does a second
+    suite runs (the second with the two-rank runs already serialised), never in 40 runs of the failing script
+    alone under load. A rank that raises (an assertion, an error) prints a traceback and fails at once; so does a second
     abort."""
     ranks_output = stderr.split("failed (exitcode:", 1)[0]  # what follows is torchrun's own report and traceback
     return ("terminate called without an active exception" in ranks_output and "exitcode: -6" in stderr
