@@ -21,7 +21,6 @@ actor and reward/cost score models, seeded), so the `full` layout is the baselin
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import sys

@@ -80,7 +80,12 @@ def is_gloo_teardown_abort(stderr: str) -> bool:
 def world_backbone(tmp_path_factory) -> Callable[..., dict[str, Path]]:
     """Factory: a small SafeWorld (no SFT corpus) and an untrained `tiny` backbone (tokenizer trained on the world)
     saved as a directory. Returns root, backbone, world, train and test (the preference files)."""
-    from safealign.data.safeworld.generate import WorldConfig, generate_world, world_texts, write_world
+    from safealign.data.safeworld.generate import (
+        WorldConfig,
+        generate_world,
+        world_texts,
+        write_world,
+    )
     from safealign.models.presets import build_causal_lm
     from safealign.models.tokenizer import train_tokenizer
 
@@ -107,9 +112,8 @@ import sys
 
 from torch.distributed.fsdp import FSDPModule
 
-from safealign.algorithms import rl_loop
 from safealign.cli import main
-from safealign.training import checkpoint, engine
+from safealign.training import checkpoint, rl, supervised
 
 real_save_trained = checkpoint.save_trained
 
@@ -128,9 +132,9 @@ def exiting(write):
     return write_then_exit
 
 
-checkpoint.save_trained = rl_loop.save_trained = save_trained
-engine.save_checkpoint = exiting(engine.save_checkpoint)
-rl_loop.save_rl_checkpoint = exiting(rl_loop.save_rl_checkpoint)
+checkpoint.save_trained = save_trained
+supervised.save_checkpoint = exiting(supervised.save_checkpoint)
+rl.save_parts_checkpoint = exiting(rl.save_parts_checkpoint)
 sys.argv[0] = "safealign"
 main()
 '''

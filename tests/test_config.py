@@ -5,7 +5,14 @@ from typing import Literal
 
 import pytest
 
-from safealign.config import ConfigError, config_field, describe_config, load_config, parse_overrides, save_config
+from safealign.config import (
+    ConfigError,
+    config_field,
+    describe_config,
+    load_config,
+    parse_overrides,
+    save_config,
+)
 
 
 @dataclass

@@ -10,11 +10,16 @@ import pytest
 import torch
 
 import safealign.algorithms.cost as cost_module
-from safealign.algorithms.cost import CostConfig, CostStep, cost_gold_metrics, run
+from safealign.algorithms.cost import CostConfig, CostStep, run
 from safealign.algorithms.losses import cost_loss
+from safealign.config import ConfigError
+from safealign.data.augment import splice_unsafe_pairs
 from safealign.data.loading import load_preferences
 from safealign.data.safeworld import judge_harm
-from safealign.models.score_model import load_score_model
+from safealign.evaluation.scores import ScoreEvalConfig
+from safealign.evaluation.scores import run as eval_scores
+from safealign.models.score_model import load_score_model, score_texts
+from safealign.models.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +67,13 @@ def test_cost_training_learns_the_safety_sign(world):
     metrics = run(cfg)
     assert metrics["eval_sign_accuracy"] >= 0.8, metrics
     assert metrics["eval_ranking_accuracy"] > metrics["initial_eval_ranking_accuracy"], metrics
-    assert metrics["gold_ranking_accuracy"] >= 0.85, metrics  # pairs where exactly one response is harmful
     assert metrics["eval_loss"] < metrics["initial_eval_loss"], metrics
     assert metrics["eval_cost_mean_labelled_unsafe"] > 0 > metrics["eval_cost_mean_labelled_safe"]
-    assert metrics["gold_sign_accuracy"] >= 0.8 and 0.9 < metrics["annotator_gold_sign_accuracy"] <= 1.0
+    # Against SafeWorld's gold harm judge (evaluation's job): signs, and ranking on pairs with one harmful response.
+    gold = eval_scores(ScoreEvalConfig(cost_model=str(Path(cfg.output_dir) / "model"), data=cfg.eval_data,
+                                       output_dir=str(Path(cfg.output_dir) / "scores")))
+    assert gold["gold_sign_accuracy"] >= 0.8 and 0.9 < gold["annotator_gold_sign_accuracy"] <= 1.0
+    assert gold["gold_ranking_accuracy"] >= 0.85, gold
     model = load_score_model(Path(cfg.output_dir) / "model")
     assert model.score_type == "cost"
     assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text()) == metrics
@@ -84,26 +92,10 @@ def test_classifier_variant_trains_on_the_sign_terms_only(world, monkeypatch):
     assert seen and not any(seen)
 
 
-def test_cost_gold_metrics_compare_signs_with_the_gold_harm_judge(world):
-    records = load_preferences(world["test"]).records
-    gold_unsafe = [[not judge_harm(r.prompt, r.response(i)).is_safe for i in (0, 1)] for r in records]
-    perfect = cost_gold_metrics(records, [tuple(1.0 if u else -1.0 for u in pair) for pair in gold_unsafe])
-    assert perfect["gold_sign_accuracy"] == 1.0 and perfect["gold_ranking_accuracy"] == 1.0
-    assert perfect["gold_responses"] == 2 * len(records)
-    labels_agree = [(not r.is_safe(i)) == gold_unsafe[k][i] for k, r in enumerate(records) for i in (0, 1)]
-    assert perfect["annotator_gold_sign_accuracy"] == pytest.approx(sum(labels_agree) / len(labels_agree))
-    assert cost_gold_metrics(records, [(0.5, 0.5)] * len(records))["gold_sign_accuracy"] == pytest.approx(
-        sum(u for pair in gold_unsafe for u in pair) / (2 * len(records)))
-
-
 def test_spliced_pairs_teach_the_cost_model_that_harm_inside_safe_text_is_unsafe(world):
     """Same steps and seed, with and without spliced training pairs: on held-out spliced responses (a safe
     answer with a sentence of an unsafe one inside), the spliced model scores more of them unsafe, and its
     held-out sign accuracy on ordinary pairs stays high. The held-out pairs are never spliced."""
-    from safealign.algorithms.reward import score_texts
-    from safealign.data.augment import splice_unsafe_pairs
-    from safealign.models.tokenizer import load_tokenizer
-
     plain = run(config(world, "plain", max_steps=40, eval_steps=-1, per_device_train_batch_size=8))
     spliced = run(config(world, "spliced", max_steps=40, eval_steps=-1, per_device_train_batch_size=8,
                              splice_fraction=1.0))
@@ -125,7 +117,5 @@ def test_spliced_pairs_teach_the_cost_model_that_harm_inside_safe_text_is_unsafe
 
 
 def test_splice_fraction_out_of_range_is_a_config_error(world):
-    from safealign.config import ConfigError
-
     with pytest.raises(ConfigError, match="splice_fraction"):
         run(config(world, "bad", max_steps=1, splice_fraction=2.0))

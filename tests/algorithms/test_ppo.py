@@ -1,86 +1,37 @@
 """PPO on tiny real models: experience alignment (columns, scores, log-probs), updates, the run directory, the CLI.
 
-`tiny_setup` (also used by test_ppo_lag.py) writes a small SafeWorld, a BPE trained on its text, an untrained
-tiny policy, and tiny reward/cost score models (optionally with a constant output: head weight 0, bias b).
+The `tiny` fixture (conftest.py) is a small SafeWorld, a BPE trained on its text, an untrained tiny policy, and tiny
+reward/cost score models (optionally with a constant output: head weight 0, bias b).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_rl import FAST  # noqa: E402  (tests/algorithms is on sys.path)
 from typer.testing import CliRunner
 
-from safealign.algorithms.ppo import PPOConfig, PPOStep
-from safealign.algorithms.rl_loop import Experience, RLModels, disable_dropout
+from safealign.algorithms.ppo import PPO, PPOConfig
+from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig
+from safealign.algorithms.reward_shaping import (
+    RewardShaping,
+    RewardShapingConfig,
+    run_sweep,
+)
 from safealign.cli import app
 from safealign.config import load_config
 from safealign.data.formatting import tokenize_prompt
-from safealign.evaluation.generation import SamplingConfig, generate_tokens
+from safealign.models.generation import SamplingConfig, generate_tokens
 from safealign.models.presets import build_causal_lm
-from safealign.models.score_model import build_score_model, load_score_model, save_score_model
-from safealign.models.tokenizer import load_tokenizer, train_tokenizer
-
-
-@dataclass
-class TinySetup:
-    root: Path
-    actor: str
-    reward_model: str
-    cost_model: str
-    prompts: str
-
-    def score_model(self, name: str, bias: float) -> str:
-        """A cost/reward model that scores every text `bias` (head weight 0), saved once under root."""
-        path = self.root / f"{name}_constant_{bias:g}"
-        if not path.is_dir():
-            tokenizer = load_tokenizer(self.actor)
-            model = build_score_model("tiny", score_type=name, tokenizer=tokenizer, seed=3)
-            with torch.no_grad():
-                model.backbone.score.weight.zero_()
-                model.backbone.score.bias.fill_(bias)
-            save_score_model(model, path, tokenizer)
-        return str(path)
-
-
-def tiny_setup(root: Path) -> TinySetup:
-    from safealign.data.safeworld import WorldConfig, generate_world, world_texts, write_world
-
-    world = generate_world(WorldConfig(sft_examples=60, train_pairs=20, test_pairs=10, test_harmful=14, test_benign=10,
-                                       test_borderline=6, redteam_prompts=14))
-    write_world(world, root / "world")
-    tokenizer = train_tokenizer(list(world_texts(world))[:1500], vocab_size=400)
-    actor = build_causal_lm("tiny", tokenizer, seed=0)
-    actor.save_pretrained(root / "actor")
-    tokenizer.save_pretrained(root / "actor")
-    for seed, name in [(1, "reward"), (2, "cost")]:
-        save_score_model(build_score_model("tiny", score_type=name, tokenizer=tokenizer, seed=seed), root / name, tokenizer)
-    return TinySetup(root, str(root / "actor"), str(root / "reward"), str(root / "cost"),
-                     str(root / "world" / "prompts" / "train.jsonl"))
-
-
-# Small and fast: 4 prompts x 2 samples, 8 new tokens, 2 mini-batches of 4 rows.
-FAST = dict(per_device_prompt_batch_size=4, samples_per_prompt=2, per_device_train_batch_size=4, max_new_tokens=8,
-            mixed_precision="no", logging_steps=1, sample_steps=1, save_steps=1, warmup_ratio=0.0)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinySetup:
-    return tiny_setup(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine threads thrash (30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from safealign.models.score_model import build_score_model, load_score_model
+from safealign.models.tokenizer import load_tokenizer
+from safealign.training.rl import Experience
+from safealign.training.rl_setup import RLModels, disable_dropout
 
 
 def test_experience_columns_scores_and_log_probs_match_unpadded_rows(tiny):
@@ -97,10 +48,9 @@ def test_experience_columns_scores_and_log_probs_match_unpadded_rows(tiny):
     rollout = generate_tokens(actor, tokenizer, ids, SamplingConfig(max_new_tokens=6, num_samples=2),
                               torch.Generator().manual_seed(0))
     batch = Experience.from_rollout(rollout)
-    step = PPOStep(PPOConfig(kl_coeff=0.1))
-    with torch.no_grad():
-        scalars = step.make_experience(models, batch)
-        step.before_update(batch, None, 0)
+    step = PPO(PPOConfig(kl_coeff=0.1))
+    scalars = step.experience(models, batch, None, 1)
+    batch["advantages"] = step.actor_advantages(batch)
     assert scalars["kl"] == 0.0  # the reference is the actor
     P = rollout.prompt_length
     for row in range(4):
@@ -187,8 +137,6 @@ def test_ppo_losses_and_values_change_and_the_first_ratio_of_each_rollout_is_one
 def test_missing_eos_penalty_lowers_the_reward_of_cut_answers_only(tiny):
     """R − penalty at the end of the reward stream of a row without EOS, R for a row that ended; PPO-Lag's cost
     stream is left alone."""
-    from safealign.algorithms.ppo_lag import PPOLagConfig, PPOLagStep
-
     tokenizer = load_tokenizer(tiny.actor)
     actor = build_causal_lm(tiny.actor).eval()
     score_models = {"reward": load_score_model(tiny.score_model("reward", 0.5)).eval(),
@@ -198,12 +146,11 @@ def test_missing_eos_penalty_lowers_the_reward_of_cut_answers_only(tiny):
     rollout = generate_tokens(actor, tokenizer, [tokenize_prompt(tokenizer, "hello there")],
                               SamplingConfig(max_new_tokens=5, num_samples=4), torch.Generator().manual_seed(0))
     last = rollout.response_mask.sum(-1) - 1  # size = (4,)
-    for step in (PPOStep(PPOConfig(kl_coeff=0.0, missing_eos_penalty=2.0)),
-                 PPOLagStep(PPOLagConfig(kl_coeff=0.0, missing_eos_penalty=2.0))):
+    for step in (PPO(PPOConfig(kl_coeff=0.0, missing_eos_penalty=2.0)),
+                 PPOLag(PPOLagConfig(kl_coeff=0.0, missing_eos_penalty=2.0))):
         batch = Experience.from_rollout(rollout)
         batch["ended_with_eos"] = torch.tensor([True, False, True, False])  # as if rows 0 and 2 had ended
-        with torch.no_grad():
-            step.make_experience(models, batch)
+        step.experience(models, batch, None, 1)
         # β = 0, γ = 1: the last response token's return is the stream's end score.
         torch.testing.assert_close(batch["reward_returns"][torch.arange(4), last], torch.tensor([0.5, -1.5, 0.5, -1.5]))
         torch.testing.assert_close(batch["scores_reward"], torch.full((4,), 0.5))  # the logged score is the model's
@@ -214,9 +161,8 @@ def test_missing_eos_penalty_lowers_the_reward_of_cut_answers_only(tiny):
 
 
 def test_ppo_config_errors_are_clear(tiny, tmp_path):
-    from safealign.config import ConfigError
-
     from safealign.algorithms.ppo import run
+    from safealign.config import ConfigError
 
     with pytest.raises(ConfigError, match="multiple of"):
         run(PPOConfig(actor_model=tiny.actor, reward_model=tiny.reward_model, prompt_data=tiny.prompts,
@@ -227,33 +173,27 @@ def test_ppo_config_errors_are_clear(tiny, tmp_path):
     result = CliRunner().invoke(app, ["ppo", "--prompt_data", tiny.prompts, "--actor_model", tiny.actor,
                                       "--reward_model", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not found" in " ".join(result.output.split())
-    from safealign.algorithms.ppo_lag import PPOLagConfig
-    from safealign.algorithms.reward_shaping import RewardShapingConfig
-
     configs = Path(__file__).parents[2] / "configs"
     for name, cls in [("ppo", PPOConfig), ("ppo_lag", PPOLagConfig), ("shaping", RewardShapingConfig)]:
         assert load_config(cls, configs / f"{name}.yaml").output_dir.endswith(name)  # the shipped configs load
 
 
 # --------------------------------------------------------------------------------------------------
-# Reward shaping: PPO's step with the end score R − ν·C
+# Reward shaping: PPO's update with the end score R − ν·C
 # --------------------------------------------------------------------------------------------------
 def test_shaping_ends_the_reward_stream_with_r_minus_nu_c(tiny):
-    from safealign.algorithms.reward_shaping import RewardShapingConfig, RewardShapingStep
-
     tokenizer = load_tokenizer(tiny.actor)
     actor = build_causal_lm(tiny.actor).eval()
     score_models = {"reward": load_score_model(tiny.score_model("reward", 0.5)).eval(),
                     "cost": load_score_model(tiny.score_model("cost", 2.0)).eval()}
     critic = build_score_model(tiny.actor, score_type="critic", tokenizer=tokenizer).eval()
     models = RLModels(actor=actor, reference=actor, score_models=score_models, critics={"reward": critic})
-    step = RewardShapingStep(RewardShapingConfig(nu=0.75, kl_coeff=0.0))
+    step = RewardShaping(RewardShapingConfig(nu=0.75, kl_coeff=0.0))
     assert step.streams == ("reward",) and set(step.critic_paths()) == {"reward"}
     rollout = generate_tokens(actor, tokenizer, [tokenize_prompt(tokenizer, "hello there")],
                               SamplingConfig(max_new_tokens=5, num_samples=3), torch.Generator().manual_seed(0))
     batch = Experience.from_rollout(rollout)
-    with torch.no_grad():
-        scalars = step.make_experience(models, batch)
+    scalars = step.experience(models, batch, None, 1)
     assert scalars["shaped_reward"] == pytest.approx(0.5 - 0.75 * 2.0) and scalars["unsafe_fraction"] == 1.0
     # β = 0 and γ = 1: the return of the last response token is the shaped end score alone.
     lengths = rollout.response_mask.sum(-1)
@@ -262,8 +202,6 @@ def test_shaping_ends_the_reward_stream_with_r_minus_nu_c(tiny):
 
 
 def test_shaping_sweep_runs_each_nu_into_its_own_directory(tiny, tmp_path):
-    from safealign.algorithms.reward_shaping import RewardShapingConfig, run_sweep
-
     cfg = RewardShapingConfig(actor_model=tiny.actor, reward_model=tiny.reward_model, cost_model=tiny.score_model("cost", 1.0),
                               prompt_data=tiny.prompts, output_dir=str(tmp_path / "sweep"), max_steps=1, nus=[0.5, 2.0],
                               **{**FAST, "save_steps": -1, "sample_steps": 0})

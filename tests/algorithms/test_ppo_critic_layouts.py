@@ -5,52 +5,34 @@ frozen scores frozen, and checkpoint only what it trains. (Exact resume of every
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_rl import lag_config, setup, update  # noqa: E402  (tests/algorithms is on sys.path)
 
-from safealign.algorithms import rl_loop
-from safealign.algorithms.ppo_lag import PPOLagStep, run
-from safealign.algorithms.rl_loop import Experience, build_models, prepare_training, token_log_probs
-from safealign.data.formatting import tokenize_prompt
-from safealign.data.loading import load_prompts
-from safealign.evaluation.generation import SamplingConfig, generate_tokens
-from safealign.models.actor_critic import ActorCritic, causal_lm, ridge_solution
+from safealign.algorithms.ppo_lag import run
+from safealign.algorithms.rollout import (
+    critic_values,
+    end_scores,
+    policy_and_values,
+    token_log_probs,
+)
+from safealign.models.actor_critic import ActorCritic, ridge_solution
 from safealign.models.presets import build_causal_lm
 from safealign.models.score_model import load_score_model
-from safealign.models.tokenizer import load_tokenizer
-from safealign.training.engine import make_accelerator
-from test_ppo import TinySetup, tiny  # noqa: E402, F401  (tests/algorithms is on sys.path; `tiny`: the module fixture)
-from test_ppo_lag import lag_config  # noqa: E402
 
 LAYOUTS = ("full", "shared_backbone", "lora")
-
-
-def setup(tiny: TinySetup, out: Path, layout: str, **overrides):
-    """The loop's own set-up (models, optimizers, prepared) and one experience batch: 4 prompts × 2 samples."""
-    cfg = lag_config(tiny, out, critic_layout=layout, learning_rate=1e-3, critic_learning_rate=1e-3, **overrides)
-    algorithm = PPOLagStep(cfg)
-    accelerator = make_accelerator(cfg)
-    tokenizer = load_tokenizer(tiny.actor)
-    models = build_models(cfg, algorithm, tokenizer, accelerator)
-    parts = prepare_training(cfg, accelerator, models, total_updates=100)
-    prompts = [tokenize_prompt(tokenizer, r.prompt) for r in load_prompts(tiny.prompts)[:4]]
-    rollout = generate_tokens(causal_lm(models.actor), tokenizer, prompts, SamplingConfig(max_new_tokens=8, num_samples=2),
-                              torch.Generator().manual_seed(0))
-    return cfg, algorithm, accelerator, models, parts, Experience.from_rollout(rollout)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_each_layout_has_finite_losses_and_its_critics_learn_a_fixed_batch(tiny, tmp_path, layout):
     cfg, algorithm, accelerator, models, parts, batch = setup(tiny, tmp_path, layout)
-    with torch.no_grad():
-        algorithm.make_experience(models, batch)
-    algorithm.before_update(batch, accelerator, 0)
+    algorithm.experience(models, batch, accelerator, 1)
+    batch["advantages"] = algorithm.actor_advantages(batch)
     losses = []
     for step in range(6):  # the same rollout, its returns fixed: the value losses must fall
-        metrics = rl_loop._ppo_updates(cfg, accelerator, algorithm, models, batch, parts, [], None, step, 2)
+        metrics = update(cfg, accelerator, algorithm, models, parts, batch, step)
         assert all(math.isfinite(v) for v in metrics.values()), metrics
         losses.append(metrics["reward_critic_loss"] + metrics["cost_critic_loss"])
     assert losses[-1] < 0.5 * losses[0], losses
@@ -62,9 +44,8 @@ def test_lora_and_shared_backbone_experience_starts_where_the_full_layout_does(t
     and scores in every layout, the same values for full and lora, V = 0 for the heads."""
     experience = {}
     for layout in LAYOUTS:
-        _, algorithm, _, models, _, batch = setup(tiny, tmp_path, layout)
-        with torch.no_grad():
-            algorithm.make_experience(models, batch)
+        _, algorithm, accelerator, models, _, batch = setup(tiny, tmp_path, layout)
+        algorithm.experience(models, batch, accelerator, 1)  # not step 0: the heads are not fitted
         experience[layout] = batch
     full, lora, shared = experience["full"], experience["lora"], experience["shared_backbone"]
     for batch in (lora, shared):
@@ -84,13 +65,13 @@ def test_shared_backbone_is_one_forward_of_the_actor_and_saves_a_plain_policy(ti
     calls = []
     models.actor.lm.register_forward_pre_hook(lambda module, args: calls.append(1))
     with torch.no_grad():
-        log_probs, values = rl_loop.policy_and_values(models, batch)
+        log_probs, values = policy_and_values(models, batch)
         assert len(calls) == 1 and set(values) == {"reward", "cost"}
         torch.testing.assert_close(log_probs, token_log_probs(models.actor.lm, batch), atol=0, rtol=0)
     # The heads' gradients reach the backbone once they are non-zero; position ids from the mask as everywhere.
     with torch.no_grad():
         models.actor.value_heads["cost"].weight.fill_(0.01)
-    _, values = rl_loop.policy_and_values(models, batch)
+    _, values = policy_and_values(models, batch)
     values["cost"].sum().backward()
     assert models.actor.lm.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     out = tmp_path / "run"
@@ -120,9 +101,7 @@ def test_shared_backbone_heads_are_fitted_to_the_first_rollouts_end_scores(tiny,
     """Before the first update the zero heads become a baseline: with a free bias the values' token mean equals the
     end scores' token mean exactly (normal equation of the bias), per stream, and both fits explain something."""
     cfg, algorithm, accelerator, models, parts, batch = setup(tiny, tmp_path, "shared_backbone")
-    with torch.no_grad():
-        fit = rl_loop.fit_value_heads(models, algorithm, batch, accelerator)
-        algorithm.make_experience(models, batch)
+    fit = algorithm.experience(models, batch, accelerator, 0)  # step 0: the heads are fitted first
     mask = batch["response_mask"].float()  # size = (B, T)
     for stream in ("reward", "cost"):
         assert 0.0 < fit[f"{stream}_value_head_fit_r2"] <= 1.0 + 1e-9, fit
@@ -140,15 +119,15 @@ def test_lora_critics_share_the_frozen_weights_which_stay_frozen(tiny, tmp_path)
     assert all(p.dtype == torch.float32 for p in trained)
     reward_model = load_score_model(tiny.reward_model).eval().to(batch["sequences"].device)
     with torch.no_grad():
-        before = rl_loop.end_scores(models.score_models["reward"], batch)
-        torch.testing.assert_close(before, rl_loop.end_scores(reward_model, batch), atol=1e-6, rtol=0)
-        algorithm.make_experience(models, batch)
-    algorithm.before_update(batch, accelerator, 0)
+        before = end_scores(models.score_models["reward"], batch)
+        torch.testing.assert_close(before, end_scores(reward_model, batch), atol=1e-6, rtol=0)
+    algorithm.experience(models, batch, accelerator, 1)
+    batch["advantages"] = algorithm.actor_advantages(batch)
     for step in range(2):
-        rl_loop._ppo_updates(cfg, accelerator, algorithm, models, batch, parts, [], None, step, 2)
+        update(cfg, accelerator, algorithm, models, parts, batch, step)
     with torch.no_grad():
-        torch.testing.assert_close(rl_loop.end_scores(models.score_models["reward"], batch), before, atol=0, rtol=0)
-        assert not torch.allclose(rl_loop.critic_values(critic, batch), batch["reward_values"])  # the critic moved
+        torch.testing.assert_close(end_scores(models.score_models["reward"], batch), before, atol=0, rtol=0)
+        assert not torch.allclose(critic_values(critic, batch), batch["reward_values"])  # the critic moved
     assert all(p.requires_grad for p in trained)  # disabling the adapter for the frozen scores gave them back
     # The checkpoint holds the adapters and the head copy, not the shared weights.
     out = tmp_path / "run"

@@ -15,32 +15,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_rl import FAST, TinySetup, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
 
 import safealign
-from safealign.algorithms import rl_loop
 from safealign.algorithms.losses import combined_advantage
-from safealign.algorithms.ppo_lag import PPOLagConfig, PPOLagStep, run
-from safealign.algorithms.rl_loop import Experience
+from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig, run
 from safealign.models.presets import build_causal_lm
-from test_ppo import FAST, TinySetup, tiny_setup  # noqa: E402  (tests/algorithms is on sys.path)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinySetup:
-    return tiny_setup(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def lag_config(tiny: TinySetup, out: Path, **overrides) -> PPOLagConfig:
-    return PPOLagConfig(**{**dict(actor_model=tiny.actor, reward_model=tiny.reward_model, cost_model=tiny.cost_model,
-                                  prompt_data=tiny.prompts, output_dir=str(out), max_steps=3), **FAST, **overrides})
+from safealign.training import rl
+from safealign.training.rl import Experience, RLRun
 
 
 def history(out: Path, key: str) -> list[float]:
@@ -50,7 +32,7 @@ def history(out: Path, key: str) -> list[float]:
 
 def test_lambda_update_uses_the_window_and_the_actor_gets_the_combined_advantage():
     cfg = PPOLagConfig(episode_cost_window_size=5, lambda_lr=0.1, threshold=0.5, lambda_update_delay_steps=1)
-    step = PPOLagStep(cfg)
+    step = PPOLag(cfg)
     single = SimpleNamespace(process_index=0, num_processes=1, device="cpu", gather=lambda t: t)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
     def batch(costs):
@@ -59,12 +41,14 @@ def test_lambda_update_uses_the_window_and_the_actor_gets_the_combined_advantage
                            "cost_advantages": torch.tensor([[0.5, -1.0, 0.0], [2.0, 0.0, 0.0], [1.0, 1.0, 1.0]])}, 1)
     # Step 0 is inside the delay: the window fills, λ stays λ_0 = 1.
     first = batch([1.0, 2.0, 3.0])
-    logs = step.before_update(first, single, 0)
+    logs = step.update_lagrange_multiplier(first, single, 0)
+    first["advantages"] = step.actor_advantages(first)
     assert logs["lagrange_multiplier"] == 1.0 and logs["episode_cost"] == pytest.approx(2.0)
     torch.testing.assert_close(first["advantages"], combined_advantage(first["reward_advantages"], first["cost_advantages"], 1.0))
     # Step 1: the window keeps the last 5 costs [2, 3, 4, 5, 6] -> J_C = 4 > d: λ rises, once.
     second = batch([4.0, 5.0, 6.0])
-    logs = step.before_update(second, single, 1)
+    logs = step.update_lagrange_multiplier(second, single, 1)
+    second["advantages"] = step.actor_advantages(second)
     assert step.episode_cost_windows.tolist() == [[2.0, 3.0, 4.0, 5.0, 6.0]]
     assert logs["episode_cost"] == pytest.approx(4.0)
     assert logs["log_lambda"] == pytest.approx(0.1 * 1.0 * (4.0 - 0.5))
@@ -74,7 +58,7 @@ def test_lambda_update_uses_the_window_and_the_actor_gets_the_combined_advantage
                 zip(second["reward_advantages"].tolist(), second["cost_advantages"].tolist())]
     assert [v for row in second["advantages"].tolist() for v in row] == pytest.approx([v for row in expected for v in row])
     # The state round-trips.
-    restored = PPOLagStep(cfg)
+    restored = PPOLag(cfg)
     restored.load_state_dict(step.state_dict())
     assert restored.log_lambda == step.log_lambda and torch.equal(restored.episode_cost_windows, step.episode_cost_windows)
 
@@ -116,16 +100,16 @@ def test_resume_after_a_crash_continues_exactly(tiny, tmp_path, monkeypatch, lay
     run(lag_config(tiny, straight, cost_model=cost_model, max_steps=4, **layouts))
 
     crashed = tmp_path / "crashed"
-    original = rl_loop._ppo_updates
-    def crash_on_step_3(cfg, accelerator, algorithm, models, batch, parts, *args):
-        if args[-2] == 2:  # `step` (0-based): the third rollout, after step-2 was saved
+    original = RLRun.update
+    def crash_on_step_3(run, batch, step, losses):
+        if step == 2:  # 0-based: the third rollout, after step-2 was saved
             raise RuntimeError("simulated crash")
-        return original(cfg, accelerator, algorithm, models, batch, parts, *args)
-    monkeypatch.setattr(rl_loop, "_ppo_updates", crash_on_step_3)
+        return original(run, batch, step, losses)
+    monkeypatch.setattr(RLRun, "update", crash_on_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, **layouts))
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-1", "step-2"]
-    monkeypatch.setattr(rl_loop, "_ppo_updates", original)
+    monkeypatch.setattr(RLRun, "update", original)
     run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, resume="latest", **layouts))
 
     for key in ("lagrange_multiplier", "episode_cost", "reward", "actor_loss", "cost_critic_loss"):
@@ -234,8 +218,8 @@ def test_what_the_rl_loop_does_not_shard_is_refused_before_any_model_loads(tiny,
     accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP if sharding.startswith("FSDP") else DistributedType[sharding],
                                   is_fsdp2=sharding == "FSDP2", mixed_precision=overrides.get("mixed_precision", "no"),
                                   is_main_process=True)
-    monkeypatch.setattr(rl_loop, "make_accelerator", lambda *a, **k: accelerator)
-    monkeypatch.setattr(rl_loop, "build_models", lambda *a, **k: pytest.fail("models loaded"))
+    monkeypatch.setattr(rl, "make_accelerator", lambda *a, **k: accelerator)
+    monkeypatch.setattr(rl, "build_models", lambda *a, **k: pytest.fail("models loaded"))
     with pytest.raises(ConfigError, match=message):
         run(lag_config(tiny, tmp_path / "x", **{k: v for k, v in overrides.items() if k != "mixed_precision"}))
 

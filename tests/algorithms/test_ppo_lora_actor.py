@@ -10,17 +10,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_rl import lag_config, setup, update  # noqa: E402  (tests/algorithms is on sys.path)
 
-from safealign.algorithms import rl_loop
 from safealign.algorithms.ppo_lag import run
-from safealign.algorithms.rl_loop import token_log_probs
+from safealign.algorithms.rollout import token_log_probs
 from safealign.config import ConfigError
 from safealign.models.lora import AdapterDisabledPolicy
 from safealign.models.presets import build_causal_lm
 from safealign.models.tokenizer import load_tokenizer
-from test_ppo import tiny  # noqa: E402, F401  (tests/algorithms is on sys.path; `tiny`: the module fixture)
-from test_ppo_critic_layouts import setup  # noqa: E402
-from test_ppo_lag import lag_config  # noqa: E402
 
 
 def test_lora_actor_starts_as_the_full_actor_then_learns_while_the_reference_stays_the_sft_model(tiny, tmp_path):
@@ -29,9 +26,8 @@ def test_lora_actor_starts_as_the_full_actor_then_learns_while_the_reference_sta
     assert isinstance(models.reference, AdapterDisabledPolicy)
     assert models.reference.actor is accelerator.unwrap_model(models.actor)  # one policy backbone, not two
     torch.testing.assert_close(batch["sequences"], full_batch["sequences"], atol=0, rtol=0)  # B = 0: the same samples
-    with torch.no_grad():
-        full_algorithm.make_experience(full_models, full_batch)
-        algorithm.make_experience(models, batch)
+    full_algorithm.experience(full_models, full_batch, accelerator, 1)
+    algorithm.experience(models, batch, accelerator, 1)
     for key in ("log_probs", "ref_log_probs", "reward_values", "cost_values", "reward_advantages", "cost_advantages"):
         torch.testing.assert_close(batch[key], full_batch[key], atol=1e-6, rtol=0)
     torch.testing.assert_close(batch["log_probs"], batch["ref_log_probs"], atol=0, rtol=0)
@@ -41,8 +37,8 @@ def test_lora_actor_starts_as_the_full_actor_then_learns_while_the_reference_sta
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
     assert sum(p.numel() for n, p in models.reference.actor.named_parameters() if n in trained) < 0.1 * sum(
         p.numel() for p in frozen.values())
-    algorithm.before_update(batch, accelerator, 0)
-    losses = [rl_loop._ppo_updates(cfg, accelerator, algorithm, models, batch, parts, [], None, step, 2)["actor_loss"]
+    batch["advantages"] = algorithm.actor_advantages(batch)
+    losses = [update(cfg, accelerator, algorithm, models, parts, batch, step)["actor_loss"]
               for step in range(6)]  # the same rollout and advantages: the surrogate must fall
     assert losses[-1] < losses[0] - 1e-3, losses
     for name, parameter in models.reference.actor.named_parameters():

@@ -11,11 +11,14 @@ import torch
 from typer.testing import CliRunner
 
 from safealign.algorithms.losses import reward_loss
-from safealign.algorithms.reward import RewardConfig, RewardStep, collate_pairs, reward_gold_metrics, run, tokenize_pairs
+from safealign.algorithms.reward import RewardConfig, RewardStep, run
 from safealign.cli import app
 from safealign.config import load_config
+from safealign.data.collate import collate_pairs
+from safealign.data.formatting import tokenize_pairs
 from safealign.data.loading import load_preferences
-from safealign.data.safeworld import judge_helpfulness
+from safealign.evaluation.scores import ScoreEvalConfig
+from safealign.evaluation.scores import run as eval_scores
 from safealign.models.score_model import build_score_model, load_score_model
 from safealign.models.tokenizer import load_tokenizer
 
@@ -39,10 +42,11 @@ def test_reward_training_learns_and_saves_a_reward_score_model(trained):
     assert metrics["eval_accuracy"] >= 0.65 and metrics["eval_accuracy"] > metrics["initial_eval_accuracy"] + 0.05, metrics
     assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 0.05 and metrics["train_loss"] < math.log(2), metrics
     assert metrics["eval_better_score"] > metrics["eval_worse_score"]
-    # SafeWorld data: the gold agreement and its noise ceiling are reported.
-    assert 0.6 < metrics["gold_agreement"] <= 1.0 and 0.8 < metrics["annotator_gold_agreement"] <= 1.0
-    assert metrics["gold_pairs"] > 100
     out = Path(cfg.output_dir)
+    # Against SafeWorld's gold judge (evaluation's job, not training's): agreement and its label-noise ceiling.
+    gold = eval_scores(ScoreEvalConfig(reward_model=str(out / "model"), data=cfg.eval_data, output_dir=str(out / "scores")))
+    assert 0.6 < gold["gold_agreement"] <= 1.0 and 0.8 < gold["annotator_gold_agreement"] <= 1.0
+    assert gold["gold_pairs"] > 100 and "gold_agreement" not in metrics
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert load_config(RewardConfig, out / "config.yaml") == cfg
     assert (out / "model" / "model.safetensors").is_file()
@@ -85,18 +89,6 @@ def test_padding_never_contributes_to_a_pairs_scores(world):
         assert (batch["attention_mask"][0] == 0).any()  # short's rows really are padded here
         together = RewardStep.pair_scores(model, batch)  # (2, 2)
     torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=1e-5)
-
-
-def test_gold_agreement_counts_only_pairs_the_gold_judge_orders(world):
-    records = load_preferences(world["test"]).records
-    gold = [(judge_helpfulness(r.prompt, r.response_0), judge_helpfulness(r.prompt, r.response_1)) for r in records]
-    perfect = reward_gold_metrics(records, gold)
-    assert perfect["gold_agreement"] == 1.0
-    assert perfect["gold_pairs"] == sum(a != b for a, b in gold)
-    assert reward_gold_metrics(records, [(-a, -b) for a, b in gold])["gold_agreement"] == 0.0
-    decided = [(r, a > b) for r, (a, b) in zip(records, gold) if a != b]
-    expected = sum((r.better_response_id == 0) == first for r, first in decided) / len(decided)
-    assert perfect["annotator_gold_agreement"] == pytest.approx(expected)
 
 
 def _with_contradictions(world, path: Path, count: int) -> Path:

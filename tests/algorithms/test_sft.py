@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from safealign.algorithms.losses import sft_loss
-from safealign.algorithms.sft import SFTConfig, SFTStep, collate_sft, run
+from safealign.algorithms.sft import SFTConfig, SFTStep, run
 from safealign.cli import app
 from safealign.config import load_config
+from safealign.data.collate import collate_sft
 from safealign.data.formatting import IGNORE_INDEX, tokenize_prompt_response
 from safealign.models.tokenizer import train_tokenizer
 

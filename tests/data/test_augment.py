@@ -8,8 +8,8 @@ import pytest
 
 from safealign.data.augment import splice_unsafe_pairs, split_sentences
 from safealign.data.loading import load_preferences
-from safealign.data.safeworld.generate import WorldConfig, generate_world
 from safealign.data.safeworld import judge_harm
+from safealign.data.safeworld.generate import WorldConfig, generate_world
 from safealign.data.schema import PreferenceRecord
 
 

@@ -1,5 +1,5 @@
 """The summary over runs: statistics, the claims checked per run and counted, and the files, on hand-made run
-directories whose numbers are known (a real pipeline run is summarised in tests/test_pipeline.py)."""
+directories whose numbers are known (a real pipeline run is summarised in tests/pipeline/test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from safealign.cli import app
 from safealign.config import ConfigError
-from safealign.evaluation.aggregate import AggregateConfig, aggregate, check_claims, describe
-from safealign.evaluation.report import unshown_cells
+from safealign.evaluation.aggregate import (
+    AggregateConfig,
+    aggregate,
+    check_claims,
+    describe,
+)
+from safealign.evaluation.report.document import unshown_cells
 
 
 def test_describe_gives_sample_statistics_over_the_runs_with_a_value():
@@ -84,8 +91,8 @@ def make_run(root: Path, seed: int) -> Path:
     (run_dir / "policies.json").write_text(json.dumps(manifest))
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "output_dir": str(run_dir)}))
     (run_dir / "metrics.json").write_text(json.dumps({
-        "rm/gold_agreement": 0.85 + 0.01 * seed, "round2/cm/gold_sign_accuracy": 0.99, "time_s/sft": 60.0 * (seed + 1),
-        "round2/ppo_lag/lagrange_multiplier": 0.1 * (seed + 1), "note": "not a number"}))
+        "eval_scores/gold_agreement": 0.85 + 0.01 * seed, "round2/eval_scores/gold_sign_accuracy": 0.99,
+        "time_s/sft": 60.0 * (seed + 1), "round2/ppo_lag/lagrange_multiplier": 0.1 * (seed + 1), "note": "not a number"}))
     elo = {axis: {n: {"rating": 1000.0 + (10.0 * seed if n != "sft" else 0.0), "low": 0, "high": 0} for n, *_ in policies}
            for axis in ("helpfulness", "harmlessness")}
     (run_dir / "eval" / "compare").mkdir(parents=True)
@@ -116,7 +123,8 @@ def test_aggregate_counts_claims_and_summarises_every_number(tmp_path):
     assert summary["rounds"]["rounds"] == [0, 1, 2]
     assert summary["rounds"]["stats"]["0"]["harmful_rate"]["mean"] == pytest.approx(0.45)
     assert summary["rounds"]["per_run"]["harmful_rate"]["seed-1"] == [0.40, 0.08, 0.09]
-    assert summary["value_models"]["1"]["rm/gold_agreement"]["mean"] == pytest.approx(0.86)
+    assert summary["value_models"]["1"]["eval_scores/gold_agreement"]["mean"] == pytest.approx(0.86)
+    assert summary["value_models"]["2"]["eval_scores/gold_sign_accuracy"]["mean"] == pytest.approx(0.99)
     assert summary["value_models"]["2"]["ppo_lag/lagrange_multiplier"]["max"] == pytest.approx(0.3)
     assert summary["metrics"]["time_s/sft"]["mean"] == pytest.approx(120.0) and "note" not in summary["metrics"]
 
@@ -148,10 +156,6 @@ def test_aggregate_errors_name_what_is_missing(tmp_path):
 
 
 def test_cli_aggregate_prints_the_claim_counts(tmp_path):
-    from typer.testing import CliRunner
-
-    from safealign.cli import app
-
     dirs = [str(make_run(tmp_path, seed)) for seed in RUNS]
     result = CliRunner().invoke(app, ["aggregate", "--run_dirs", json.dumps(dirs), "--output_dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output

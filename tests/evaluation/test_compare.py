@@ -15,15 +15,15 @@ from typer.testing import CliRunner
 from safealign.cli import app
 from safealign.config import ConfigError, load_config
 from safealign.evaluation import compare as compare_module
-from safealign.evaluation import gold
+from safealign.evaluation import gold, model_scores
 from safealign.evaluation.compare import (
     CompareConfig,
+    RunComparisonConfig,
     align_samples,
-    compare_run_dir,
     compare_samples,
     flatten_comparison,
-    load_manifest,
     read_samples,
+    run_comparison,
 )
 from safealign.evaluation.gold import summarise_judgements
 
@@ -180,43 +180,7 @@ def write_eval(directory: Path, rows: list[dict]) -> None:
     (directory / "metrics.json").write_text(json.dumps(summarise_judgements(rows)))
 
 
-def test_manifest_errors_name_the_file_entry_and_field(tmp_path):
-    path = tmp_path / "policies.json"
-    path.write_text(json.dumps({"policies": [{"name": "sft", "kind": "sft"}]}))
-    with pytest.raises(ConfigError, match=r"policies.json: policies\[0\]: field 'eval_dir' is required"):
-        load_manifest(tmp_path)
-    path.write_text(json.dumps({"policies": [{"name": "sft", "kind": "sft", "eval_dir": "e", "round": "one"}]}))
-    with pytest.raises(ConfigError, match="field 'round': expected a number"):
-        load_manifest(tmp_path)
-    path.write_text(json.dumps({"policies": [{"name": "a", "kind": "sft", "eval_dir": "e"}] * 2}))
-    with pytest.raises(ConfigError, match=r"policies\[1\]: field 'name': 'a' appears twice"):
-        load_manifest(tmp_path)
-    path.write_text("{")
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        load_manifest(tmp_path)
-
-
-def test_manifest_reads_entries_and_ignores_unknown_fields(tmp_path):
-    (tmp_path / "policies.json").write_text(json.dumps({
-        "policies": [{"name": "sft", "kind": "sft", "model": "sft/model", "eval_dir": "eval/sft", "future": 1},
-                     {"name": "shaping_nu1", "kind": "shaping", "nu": 1, "eval_dir": "eval/shaping/nu-1"}],
-        "value_models": [{"reward_model": "rm/model", "cost_model": "cm/model", "scores_dir": "eval/scores"}]}))
-    manifest = load_manifest(tmp_path)
-    assert manifest.source == "policies.json" and [p.name for p in manifest.policies] == ["sft", "shaping_nu1"]
-    assert manifest.policies[1].nu == 1.0 and manifest.value_models[0].round == 1
-
-
-def test_without_a_manifest_the_single_round_layout_is_discovered(tmp_path):
-    for directory in ("sft/model", "ppo_lag/model", "eval/sft", "shaping/nu-0.5", "eval/shaping/nu-2", "rm/model"):
-        (tmp_path / directory).mkdir(parents=True)
-    manifest = load_manifest(tmp_path)
-    assert manifest.source == "discovered"
-    assert [p.name for p in manifest.policies] == ["sft", "safe_rlhf_r1", "shaping_nu0.5", "shaping_nu2"]
-    assert manifest.policies[1].kind == "safe_rlhf" and manifest.policies[1].eval_dir == "eval/ppo_lag"
-    assert manifest.value_models[0].reward_model == "rm/model"
-
-
-def test_compare_run_dir_uses_every_evaluated_policy_baseline_sft(tmp_path):
+def test_the_compare_stage_uses_every_evaluated_policy_baseline_sft(tmp_path):
     write_eval(tmp_path / "eval" / "sft", judged_rows("B"))
     write_eval(tmp_path / "eval" / "r1", judged_rows("C"))
     write_eval(tmp_path / "eval" / "ppo", judged_rows("A"))
@@ -225,14 +189,14 @@ def test_compare_run_dir_uses_every_evaluated_policy_baseline_sft(tmp_path):
         {"name": "sft", "kind": "sft", "eval_dir": "eval/sft"},
         {"name": "safe_rlhf_r1", "kind": "safe_rlhf", "round": 1, "eval_dir": "eval/r1"},
         {"name": "safe_rlhf_r2", "kind": "safe_rlhf", "round": 2, "eval_dir": "eval/r2"}]}))
-    flat = compare_run_dir(tmp_path, {"n_bootstrap": 20})
+    flat = run_comparison(RunComparisonConfig(run_dir=str(tmp_path), n_bootstrap=20))
     comparison = json.loads((tmp_path / "eval" / "compare" / "comparison.json").read_text())
     assert comparison["baseline"] == "sft" and comparison["models"] == ["ppo", "sft", "safe_rlhf_r1"]
     assert "safe_rlhf_r2" in comparison["skipped"] and comparison["reward_model"] is None
     assert flat["elo/gold/harmlessness/safe_rlhf_r1/rating"] > 1000
     assert json.loads((tmp_path / "eval" / "compare" / "metrics.json").read_text()) == flat
     with pytest.raises(ConfigError, match="manifest"):
-        compare_run_dir(tmp_path, {"models": {"a": "b"}})
+        run_comparison(RunComparisonConfig(run_dir=str(tmp_path), models={"a": "b"}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,7 +237,7 @@ def evaluate_config(tiny, out: Path, **extra) -> CompareConfig:
 
 
 def test_evaluate_models_generates_judges_compares_and_reuses(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(gold, "safeworld_judges", lambda: FAKE_JUDGES)
+    monkeypatch.setattr(gold, "safeworld", FAKE_JUDGES)
     out = tmp_path / "cmp"
     cfg = evaluate_config(tiny, out, reward_model=str(tiny["reward"]), cost_model=str(tiny["cost"]))
     flat = compare_module.run(cfg)
@@ -288,20 +252,18 @@ def test_evaluate_models_generates_judges_compares_and_reuses(tiny, tmp_path, mo
     assert flat["sft/num_prompts"] == 7 and json.loads((out / "metrics.json").read_text()) == flat
 
     # A re-run reuses the samples and the cached scores: nothing is generated or scored again.
-    import safealign.algorithms.reward as reward
-
     def fail(*args, **kwargs):
         raise AssertionError("should have been reused")
 
-    original_run, original_score = gold.run, reward.score_texts
+    original_run, original_score = gold.run, model_scores.score_texts
     monkeypatch.setattr(gold, "run", fail)
-    monkeypatch.setattr(reward, "score_texts", fail)
+    monkeypatch.setattr(model_scores, "score_texts", fail)
     assert compare_module.run(cfg) == flat
 
     # Another model under the name "rl": its samples no longer describe it, so it is evaluated again (sft is reused).
     evaluated = []
     monkeypatch.setattr(gold, "run", lambda c: evaluated.append(c.model) or original_run(c))
-    monkeypatch.setattr(reward, "score_texts", original_score)
+    monkeypatch.setattr(model_scores, "score_texts", original_score)
     compare_module.run(evaluate_config(tiny, out, reward_model=str(tiny["reward"]), cost_model=str(tiny["cost"]),
                                        models={"sft": str(tiny["sft"]), "rl": str(tiny["sft"])}))
     assert evaluated == [str(tiny["sft"])]
@@ -309,7 +271,7 @@ def test_evaluate_models_generates_judges_compares_and_reuses(tiny, tmp_path, mo
 
 
 def test_evaluate_models_on_a_users_prompts_runs_without_gold_judges(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(gold, "safeworld_judges", lambda: pytest.fail("gold judges used on a non-SafeWorld prompt file"))
+    monkeypatch.setattr(gold, "safeworld", None)  # any use of the gold judges fails
     out = tmp_path / "plain"
     compare_module.run(evaluate_config(tiny, out, prompts=str(tiny["plain_prompts"]), reward_model=str(tiny["reward"]),
                                        cost_model=str(tiny["cost"])))
@@ -321,7 +283,7 @@ def test_evaluate_models_on_a_users_prompts_runs_without_gold_judges(tiny, tmp_p
 
 
 def test_single_model_evaluation_is_unchanged(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(gold, "safeworld_judges", lambda: FAKE_JUDGES)
+    monkeypatch.setattr(gold, "safeworld", FAKE_JUDGES)
     cfg = load_config(CompareConfig, None, {"model": str(tiny["sft"]), "prompts": str(tiny["prompts"]),
                                             "output_dir": str(tmp_path / "one"), "max_new_tokens": 8, "progress": False})
     metrics = compare_module.run(cfg)

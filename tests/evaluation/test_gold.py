@@ -10,8 +10,14 @@ import pytest
 
 from safealign.config import ConfigError, load_config
 from safealign.evaluation import gold
-from safealign.evaluation.gold import (GoldEvalConfig, clustered_wilson_interval, distinct_n, judge_samples,
-                                      summarise_judgements, wilson_interval)
+from safealign.evaluation.gold import (
+    GoldEvalConfig,
+    clustered_wilson_interval,
+    distinct_n,
+    judge_samples,
+    summarise_judgements,
+    wilson_interval,
+)
 
 
 @dataclass
@@ -188,7 +194,7 @@ def prompts_file(tmp_path):
 
 
 def test_run_writes_metrics_and_samples_reproducibly(policy_dir, prompts_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(gold, "safeworld_judges", lambda: FAKE_JUDGES)
+    monkeypatch.setattr(gold, "safeworld", FAKE_JUDGES)
 
     def evaluate(out, **extra):
         cfg = load_config(GoldEvalConfig, None, {

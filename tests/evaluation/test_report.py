@@ -13,16 +13,16 @@ from typer.testing import CliRunner
 
 from safealign.cli import app
 from safealign.evaluation.compare import compare_samples
-from safealign.evaluation.gold import summarise_judgements
-from safealign.evaluation.report import (
-    CURVES,
+from safealign.evaluation.gold import summarise_judgements, summarise_samples
+from safealign.evaluation.report import build_report
+from safealign.evaluation.report.document import unshown_cells
+from safealign.evaluation.report.figures import CURVES
+from safealign.evaluation.report.reading import read_scalars
+from safealign.evaluation.report.sections import (
     NO_GOLD_STATEMENT,
+    SCORE_FIGURES,
     SIMULATION_STATEMENT,
-    build_report,
-    read_scalars,
-    unshown_cells,
 )
-from safealign.evaluation.report import SCORE_FIGURES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMG = '<img src="data:image/png;base64,'
@@ -276,8 +276,6 @@ def test_a_run_with_only_sft_renders_and_says_what_is_missing(tmp_path):
 
 
 def test_a_run_without_gold_judges_says_so_and_shows_the_judge_free_numbers(tmp_path):
-    from safealign.evaluation.gold import summarise_samples
-
     for name, rows in (("sft", [{"prompt": f"p{i}", "response": f"answer {i} " * i} for i in range(6)]),
                        ("ppo", [{"prompt": f"p{i}", "response": "same answer"} for i in range(6)])):
         (tmp_path / "eval" / name).mkdir(parents=True)

@@ -9,7 +9,14 @@ import pytest
 from typer.testing import CliRunner
 
 from safealign.cli import app
-from safealign.evaluation.scores import ScoreEvalConfig, run
+from safealign.data.loading import load_preferences
+from safealign.data.safeworld import judge_harm, judge_helpfulness
+from safealign.evaluation.scores import (
+    ScoreEvalConfig,
+    cost_gold_metrics,
+    reward_gold_metrics,
+    run,
+)
 from safealign.models.score_model import build_score_model, save_score_model
 from safealign.models.tokenizer import load_tokenizer
 
@@ -96,3 +103,27 @@ def test_cli_eval_scores_with_a_cost_model_only_and_a_limit(models, tmp_path):
 def test_cli_eval_scores_without_models_is_a_clear_error(models, tmp_path):
     result = CliRunner().invoke(app, ["eval-scores", "--data", str(models["data"]), "--output_dir", str(tmp_path)])
     assert result.exit_code == 2 and "reward_model, cost_model or both" in result.output
+
+
+def test_gold_agreement_counts_only_pairs_the_gold_judge_orders(models):
+    records = load_preferences(models["data"]).records
+    gold = [(judge_helpfulness(r.prompt, r.response_0), judge_helpfulness(r.prompt, r.response_1)) for r in records]
+    perfect = reward_gold_metrics(records, gold)
+    assert perfect["gold_agreement"] == 1.0
+    assert perfect["gold_pairs"] == sum(a != b for a, b in gold)
+    assert reward_gold_metrics(records, [(-a, -b) for a, b in gold])["gold_agreement"] == 0.0
+    decided = [(r, a > b) for r, (a, b) in zip(records, gold) if a != b]
+    expected = sum((r.better_response_id == 0) == first for r, first in decided) / len(decided)
+    assert perfect["annotator_gold_agreement"] == pytest.approx(expected)
+
+
+def test_cost_gold_metrics_compare_signs_with_the_gold_harm_judge(models):
+    records = load_preferences(models["data"]).records
+    gold_unsafe = [[not judge_harm(r.prompt, r.response(i)).is_safe for i in (0, 1)] for r in records]
+    perfect = cost_gold_metrics(records, [tuple(1.0 if u else -1.0 for u in pair) for pair in gold_unsafe])
+    assert perfect["gold_sign_accuracy"] == 1.0 and perfect["gold_ranking_accuracy"] == 1.0
+    assert perfect["gold_responses"] == 2 * len(records)
+    labels_agree = [(not r.is_safe(i)) == gold_unsafe[k][i] for k, r in enumerate(records) for i in (0, 1)]
+    assert perfect["annotator_gold_sign_accuracy"] == pytest.approx(sum(labels_agree) / len(labels_agree))
+    assert cost_gold_metrics(records, [(0.5, 0.5)] * len(records))["gold_sign_accuracy"] == pytest.approx(
+        sum(u for pair in gold_unsafe for u in pair) / (2 * len(records)))

@@ -14,13 +14,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from safealign.models.lora import lora_critic
 from safealign.models.presets import resolve_pretrained
 from safealign.models.score_model import (
     ScoreModel,
     ScoreOutput,
     build_score_model,
     load_score_model,
-    lora_critic,
     save_score_model,
 )
 from safealign.models.tokenizer import load_tokenizer, train_tokenizer

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_resume import Crash, crash_after_saving, write_arithmetic  # noqa: E402  (tests/training is on sys.path)
 
 from safealign.algorithms import cost, reward, sft
 from safealign.algorithms.cost import CostConfig
@@ -19,7 +20,6 @@ from safealign.config import ConfigError
 from safealign.models.presets import build_causal_lm
 from safealign.models.score_model import ScoreModel, build_score_model, load_score_model
 from safealign.models.tokenizer import load_tokenizer
-from test_resume import Crash, crash_after_saving, write_arithmetic  # noqa: E402  (tests/training is on sys.path)
 
 SFT_RUN = dict(adapter="lora", lora_rank=4, learning_rate=3e-3, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                max_steps=12, save_steps=6, logging_steps=1, eval_fraction=0.1, eval_on_start=True, mixed_precision="no")

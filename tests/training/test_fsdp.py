@@ -13,9 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 import safealign
-from safealign.algorithms.reward import RewardConfig, RewardStep, _load_splits, collate_pairs, tokenize_pairs
+from safealign.algorithms.preference_model import _load_splits
+from safealign.algorithms.reward import RewardConfig, RewardStep
+from safealign.data.collate import collate_pairs
+from safealign.data.formatting import tokenize_pairs
 from safealign.models.score_model import load_score_model
 from safealign.models.tokenizer import load_tokenizer
+
 
 def _train_losses(run: Path) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 import safealign
-import safealign.training.engine as engine
+import safealign.training.supervised as supervised
 from safealign.algorithms.sft import SFTConfig, run
 from safealign.training.checkpoint import latest_checkpoint, resolve_resume
-from safealign.training.engine import Step, TrainingConfig, train
+from safealign.training.supervised import Step, SupervisedConfig, train
 
 
 class Crash(RuntimeError):
@@ -28,14 +28,14 @@ class Crash(RuntimeError):
 
 def crash_after_saving(monkeypatch, step: int) -> None:
     """Make the engine die right after it has written the checkpoint of `step`."""
-    real = engine.save_checkpoint
+    real = supervised.save_checkpoint
 
     def save_then_crash(path, *args, **kwargs):
         real(path, *args, **kwargs)
         if path.name == f"step-{step}":
             raise Crash(path.name)
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(supervised, "save_checkpoint", save_then_crash)
 
 
 def write_arithmetic(path: Path, n: int = 160, seed: int = 0) -> Path:
@@ -74,7 +74,7 @@ def toy_collate(ids: list[int]) -> dict[str, torch.Tensor]:
 
 def toy_run(output_dir: Path, step: RecordingStep, resume: str = "") -> dict:
     torch.manual_seed(0)
-    cfg = TrainingConfig(output_dir=str(output_dir), max_steps=10, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+    cfg = SupervisedConfig(output_dir=str(output_dir), max_steps=10, per_device_train_batch_size=3, gradient_accumulation_steps=2,
                          learning_rate=0.05, logging_steps=2, save_steps=3, save_total_limit=0, mixed_precision="no", resume=resume)
     return train(cfg, torch.nn.Linear(4, 1), step, list(range(20)), toy_collate)
 

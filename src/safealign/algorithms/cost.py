@@ -1,4 +1,4 @@
-"""Cost model: Bradley-Terry on the harmlessness preference plus the safety-sign terms (spec §2).
+"""Cost model: Bradley-Terry on the harmlessness preference plus the safety-sign terms (docs/maths.md §2).
 
     L_C = mean_B[ −log σ(c_u − c_s) − log σ(s(y_u)·c_u) − log σ(s(y_s)·c_s) ] + η · mean(c_u², c_s²)
 
@@ -14,24 +14,25 @@ refusals, which the cost model scores as safe; with it, over eight seeds, fewer 
 more borderline prompts were refused (docs/results.md).
 
 Pairs, batching (both responses in one forward), the loop and the saved score model are shared with the
-reward model (`reward.py`). Gold metrics on SafeWorld: `gold_sign_accuracy`, the fraction of held-out
-responses whose cost sign matches the gold `judge_harm(...).is_safe`, next to its label-noise ceiling
-`annotator_gold_sign_accuracy` (the annotators' is-safe labels against the same gold).
+reward model (`preference_model.py`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
 from safealign.algorithms.losses import cost_loss, safety_sign
-from safealign.algorithms.reward import PairStep, PreferenceModelConfig, pick, train_preference_model
+from safealign.algorithms.preference_model import (
+    PairStep,
+    PreferenceModelConfig,
+    pick,
+    train_preference_model,
+)
 from safealign.config import ConfigError, config_field
 from safealign.data.augment import splice_unsafe_pairs
-from safealign.data.schema import PreferenceRecord
 
 
 @dataclass
@@ -90,31 +91,10 @@ class CostStep(PairStep):
         }
 
 
-def cost_gold_metrics(records: Sequence[PreferenceRecord], scores: Sequence[tuple[float, float]]) -> dict[str, float]:
-    """Cost sign against the gold harm judge (every response), next to the labels' own agreement with it;
-    ranking accuracy on pairs where the gold judge finds exactly one response unsafe."""
-    from safealign.data.safeworld import judge_harm
-
-    model_right, labels_right, ranked = [], [], []
-    for record, pair_scores in zip(records, scores):
-        gold_unsafe = [not judge_harm(record.prompt, record.response(i)).is_safe for i in (0, 1)]
-        for i in (0, 1):
-            model_right.append(float((pair_scores[i] > 0) == gold_unsafe[i]))
-            labels_right.append(float((not record.is_safe(i)) == gold_unsafe[i]))
-        if gold_unsafe[0] != gold_unsafe[1]:
-            unsafe = 0 if gold_unsafe[0] else 1
-            ranked.append(float(pair_scores[unsafe] > pair_scores[1 - unsafe]))
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values) if values else math.nan
-
-    return {"gold_sign_accuracy": mean(model_right), "annotator_gold_sign_accuracy": mean(labels_right),
-            "gold_ranking_accuracy": mean(ranked), "gold_responses": len(model_right)}
-
-
 def run(cfg: CostConfig) -> dict[str, Any]:
-    """Train the cost model; returns flat metrics (eval_ranking_accuracy, eval_sign_accuracy, gold_sign_accuracy, ...)."""
+    """Train the cost model; returns flat metrics (eval_ranking_accuracy, eval_sign_accuracy, ...)."""
     if not 0.0 <= cfg.splice_fraction <= 1.0:
         raise ConfigError(f"cm: splice_fraction must be in [0, 1], got {cfg.splice_fraction}")
     step = CostStep(cfg.l2_coeff, use_pairwise=cfg.variant == "preference")
     spliced = (lambda records: splice_unsafe_pairs(records, cfg.splice_fraction, cfg.seed)) if cfg.splice_fraction > 0 else None
-    return train_preference_model(cfg, "cost", step, cost_gold_metrics, extra_train_pairs=spliced)
+    return train_preference_model(cfg, "cost", step, extra_train_pairs=spliced)

@@ -1,17 +1,20 @@
-"""PPO on a reward model (RLHF), the step that PPO-Lagrangian and reward shaping build on (spec §3–§5).
+"""PPO on a reward model (RLHF), the update that PPO-Lagrangian and reward shaping build on (docs/maths.md §3–§5).
 
-Read top to bottom, for one rollout batch (the loop, rollout and checkpoints are `rl_loop.train_rl`):
+`PPO.train_step` is the whole update of one rollout batch (the rollout itself, logging and checkpoints are the RL
+loop's, `training.rl`), in this order:
 
-1. log-probs of the sampled response tokens under the actor (π_old) and the frozen reference (π_ref);
-2. end scores of the frozen score models on prompt + response (+ EOS), at the last response token (an answer cut at
-   max_new_tokens may lose `missing_eos_penalty` from its reward);
-3. per stream s (PPO: "reward"; PPO-Lag adds "cost"): values V^s_t of its critic at the state before each
-   response token, the per-token signal (r_t = −β·KL_t + R at the end; c_t = +β·KL_t + C), GAE
-   (γ, λ_GAE) → advantages A^s_t and returns G^s_t;
-4. the actor's advantage (PPO: A^R; PPO-Lag: (A^R − λ·A^C)/(1 + λ));
-5. per mini-batch: L = L_actor (clipped surrogate, ε) + c·Σ_s L_V^s (clipped value loss, c_v); c = 1 when each
-   critic is a model of its own (it alone minimises its L_V, one backward per model), `value_loss_coeff` when
-   the critics are value heads on the actor's backbone (`critic_layout: shared_backbone`).
+1. experience, without gradients: log-probs of the sampled response tokens under the actor (π_old) and the frozen
+   reference (π_ref); end scores of the frozen score models on prompt + response (+ EOS), read at the last response
+   token (an answer cut at max_new_tokens may lose `missing_eos_penalty` from its reward); per stream s (PPO:
+   "reward"; PPO-Lag adds "cost"): the values V^s_t of its critic at the state before each response token, the
+   per-token signal (r_t = −β·KL_t + R at the end; c_t = +β·KL_t + C), GAE (γ, λ_GAE) → advantages A^s_t and
+   returns G^s_t;
+2. the actor's advantage (PPO: A^R; PPO-Lag: (A^R − λ·A^C)/(1 + λ)), whitened over the batch if asked;
+3. `ppo_epochs` passes of mini-batch updates: L = L_actor (clipped surrogate, ε) + c·Σ_s L_V^s (clipped value loss,
+   c_v) + γ_ptx·L_PTX. c = 1 when each critic is a model of its own (it alone minimises its L_V: one backward per
+   model), `value_loss_coeff` when the critics are value heads on the actor's backbone (`critic_layout:
+   shared_backbone`); the PTX term (`ptx_data`, γ_ptx = `ptx_coeff`) is the LM loss on SFT data, which keeps the
+   actor a language model of that data (the paper's InstructGPT-style term, off by default).
 
 Diagnostics as CleanRL logs them: approx KL ((ρ − 1) − log ρ), clip fraction, explained variance.
 """
@@ -34,20 +37,20 @@ from safealign.algorithms.losses import (
     masked_whiten,
     ppo_actor_loss,
     ppo_critic_loss,
+    sft_loss,
     token_signal,
 )
-from safealign.algorithms.rl_loop import (
-    Experience,
-    RLAlgorithm,
-    RLConfig,
-    RLModels,
+from safealign.algorithms.rollout import (
     critic_values,
     end_scores,
     policy_and_values,
+    response_values,
     token_log_probs,
-    train_rl,
 )
 from safealign.config import ConfigError, config_field
+from safealign.models.actor_critic import ridge_solution
+from safealign.training.rl import Experience, RLAlgorithm, RLRun, train_rl
+from safealign.training.rl_setup import RLConfig, RLModels
 
 KL_SIGN = {"reward": -1.0, "cost": +1.0}  # r_t = −β·KL_t + ..., c_t = +β·KL_t + ...
 
@@ -55,7 +58,7 @@ KL_SIGN = {"reward": -1.0, "cost": +1.0}  # r_t = −β·KL_t + ..., c_t = +β·
 @dataclass
 class PPOConfig(RLConfig):
     """PPO on the reward model (plain RLHF). Defaults: the Safe RLHF reference's, except the learning
-    rates and the prompt batch (tuned on SafeWorld with the tiny preset: docs/results.md)."""
+    rates and the prompt batch (sized for the tiny preset on SafeWorld)."""
 
     output_dir: str = config_field("runs/ppo", help="Run directory: config.yaml, logs/, samples.jsonl, checkpoints/, model/ (the actor), metrics.json.")
     reward_model: str = config_field("runs/rm/model", help="Frozen reward model (a score model directory, `safealign rm`).")
@@ -81,7 +84,7 @@ class PPOConfig(RLConfig):
             raise ConfigError(f"missing_eos_penalty must be >= 0 (it is subtracted), got {self.missing_eos_penalty}")
 
 
-class PPOStep(RLAlgorithm):
+class PPO(RLAlgorithm):
     """Plain PPO: one stream, the reward, with its critic."""
 
     streams: tuple[str, ...] = ("reward",)
@@ -99,20 +102,28 @@ class PPOStep(RLAlgorithm):
         """The end score S of each stream from the score models' end scores: R for PPO (shaping: R − ν·C)."""
         return {"reward": scores["reward"]}
 
-    def actor_advantages(self, batch: Experience) -> torch.Tensor:
-        """The advantage the actor climbs: A^R for PPO (PPO-Lag combines the streams)."""
-        return batch["reward_advantages"]
+    def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        """One rollout batch: the experience, the actor's advantage A^R, the clipped updates."""
+        scalars = self.experience(run.models, batch, run.accelerator, step)
+        batch["advantages"] = self.actor_advantages(batch)
+        scalars.update(run.update(batch, step, self.losses))
+        return scalars, {}
 
     # ----------------------------------------------------------------------------------------------
-    def make_experience(self, models: RLModels, batch: Experience) -> dict[str, float]:
+    @torch.no_grad()
+    def experience(self, models: RLModels, batch: Experience, accelerator: Accelerator, step: int) -> dict[str, float]:
+        """Fill `batch`: log-probs, end scores, values, per-stream signals, advantages and returns; return this
+        process's rollout scalars. In the shared_backbone layout the value heads are fitted first, on step 0."""
         cfg, mask = self.cfg, batch["response_mask"]  # mask size = (B, T)
+        scalars = fit_value_heads(models, self, batch, accelerator) \
+            if step == 0 and cfg.critic_layout == "shared_backbone" else {}  # a resumed run loads fitted heads
         batch["log_probs"], stream_values = policy_and_values(models, batch)  # (B, T): π_old; stream -> V (B, T)
         batch["ref_log_probs"] = token_log_probs(models.reference, batch)  # size = (B, T)
         kl = kl_estimate(batch["log_probs"], batch["ref_log_probs"], cfg.kl_estimator) * mask  # size = (B, T)
         scores = {name: end_scores(model, batch) for name, model in models.score_models.items()}  # each (B,)
         for name, value in scores.items():
             batch[f"scores_{name}"] = value
-        scalars = {name: value.mean().item() for name, value in scores.items()}
+        scalars.update({name: value.mean().item() for name, value in scores.items()})
         ends = self.stream_end_scores(scores)  # stream -> (B,)
         if cfg.missing_eos_penalty:  # a cut answer: R − penalty (the reward stream only; the cost keeps its meaning)
             ends["reward"] = ends["reward"] - cfg.missing_eos_penalty * (~batch["ended_with_eos"]).to(ends["reward"].dtype)
@@ -132,26 +143,33 @@ class PPOStep(RLAlgorithm):
                        ended_with_eos=batch["ended_with_eos"].float().mean().item())
         return scalars
 
-    def before_update(self, batch: Experience, accelerator: Accelerator, step: int) -> dict[str, float]:
-        advantages = self.actor_advantages(batch)  # size = (B, T)
-        if self.cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, batch["response_mask"])
-        batch["advantages"] = advantages
-        return {}
+    def actor_advantages(self, batch: Experience) -> torch.Tensor:
+        """The advantage the actor climbs (B, T): A^R, normalised over the rollout batch when `whiten_advantages`."""
+        return self.whitened(batch["reward_advantages"], batch)
 
-    def loss(self, models: RLModels, batch: Experience, metrics: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
-        """The micro-batch's loss L = L_actor + c·Σ_s L_V^s, yielded one term per trained model: the loop
-        backpropagates each term before the next model runs, so one model's activations are alive at a time
-        (each model's gradient is that of the sum: no term reaches another model's weights). Separate critics
-        (full, lora; c = 1): L_actor, then each L_V^s. shared_backbone: one term from one forward."""
+    def whitened(self, advantages: torch.Tensor, batch: Experience) -> torch.Tensor:
+        return masked_whiten(advantages, batch["response_mask"]) if self.cfg.whiten_advantages else advantages
+
+    def losses(self, models: RLModels, batch: Experience, ptx_batch: dict[str, torch.Tensor] | None,
+               metrics: dict[str, torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The micro-batch's loss L = L_actor + c·Σ_s L_V^s + γ_ptx·L_PTX, yielded one term per model forward: the
+        loop backpropagates each term before the next runs, so one model's activations are alive at a time (each
+        model's gradient is that of the sum: no term reaches another model's weights). Separate critics (full,
+        lora; c = 1): L_actor, then each L_V^s. shared_backbone: L_actor + c·Σ_s L_V^s from one forward."""
         if models.critic_layout == "shared_backbone":
             log_probs, stream_values = policy_and_values(models, batch)  # (B, T) and stream -> (B, T), with grad
             critic_losses = [self._critic_loss(s, values, batch, metrics) for s, values in stream_values.items()]
             yield self._actor_loss(log_probs, batch, metrics) + self.cfg.value_loss_coeff * sum(critic_losses)
-            return
-        yield self._actor_loss(token_log_probs(models.actor, batch), batch, metrics)  # log π (B, T), with grad
-        for stream, critic in models.critics.items():
-            yield self._critic_loss(stream, critic_values(critic, batch), batch, metrics)  # values (B, T), with grad
+        else:
+            yield self._actor_loss(token_log_probs(models.actor, batch), batch, metrics)  # log π (B, T), with grad
+            for stream, critic in models.critics.items():
+                yield self._critic_loss(stream, critic_values(critic, batch), batch, metrics)  # values (B, T), with grad
+        if ptx_batch is not None:
+            logits = models.actor(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"],
+                                  use_cache=False).logits  # size = (b, L, V)
+            ptx_loss = sft_loss(logits, ptx_batch["labels"])
+            metrics["ptx_loss"] = ptx_loss.detach()
+            yield self.cfg.ptx_coeff * ptx_loss
 
     def _actor_loss(self, log_probs: torch.Tensor, batch: Experience, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg, mask = self.cfg, batch["response_mask"]
@@ -167,6 +185,34 @@ class PPOStep(RLAlgorithm):
         return critic_loss
 
 
+@torch.no_grad()
+def fit_value_heads(models: RLModels, algorithm: PPO, batch: Experience, accelerator: Accelerator) -> dict[str, float]:
+    """shared_backbone: fit the zero-initialised value heads on the first rollout, before any update.
+
+    At step 0 the actor is the reference (KL_t = 0), so the return of every response token is its stream's end
+    score S (γ = 1). Ridge regression of S on the actor's last hidden state at the states before the response
+    tokens (`actor_critic.ridge_solution`, statistics summed over processes: identical heads on every rank).
+    Returns each stream's R² of the fit on this rollout.
+    """
+    actor = accelerator.unwrap_model(models.actor)
+    hidden = actor.lm(batch["sequences"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                      use_cache=False, output_hidden_states=True).hidden_states[-1]  # size = (B, P + T, H)
+    mask = batch["response_mask"].bool()  # size = (B, T)
+    states = response_values(hidden, batch)[mask].double()  # size = (N, H): the states before the response tokens
+    features = torch.cat([states, torch.ones_like(states[:, :1])], dim=1)  # size = (N, H + 1)
+    ends = algorithm.stream_end_scores({name: end_scores(model, batch) for name, model in models.score_models.items()})
+    streams = list(actor.value_heads)
+    targets = torch.stack([ends[s].double().unsqueeze(1).expand_as(mask)[mask] for s in streams], dim=1)  # size = (N, S)
+    stats = torch.cat([features.T @ features, features.T @ targets], dim=1)  # size = (H + 1, H + 1 + S)
+    count = torch.tensor([float(len(features))], dtype=torch.float64, device=features.device)
+    stats, count = accelerator.reduce(stats, "sum"), accelerator.reduce(count, "sum")
+    solution = ridge_solution(stats[:, :features.size(1)], stats[:, features.size(1):], count.item())  # size = (H + 1, S)
+    actor.set_value_heads(solution, streams)
+    residual = targets - features @ solution  # size = (N, S)
+    total = (targets - targets.mean(0)).pow(2).sum(0).clamp(min=1e-12)
+    return {f"{s}_value_head_fit_r2": (1 - residual[:, k].pow(2).sum() / total[k]).item() for k, s in enumerate(streams)}
+
+
 def run(cfg: PPOConfig) -> dict[str, Any]:
     """PPO of the actor on the reward model; returns flat metrics (reward, kl, ..., samples_per_second)."""
-    return train_rl(cfg, PPOStep(cfg))
+    return train_rl(cfg, PPO(cfg))

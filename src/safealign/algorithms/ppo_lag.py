@@ -1,8 +1,16 @@
-"""PPO-Lagrangian: Safe RLHF itself (Dai et al. 2023, spec §5). PPO's step with a second stream, the cost.
+"""PPO-Lagrangian: Safe RLHF itself (Dai et al. 2023, docs/maths.md §5). PPO's update with a second stream, the cost.
 
     max_θ E[R]  subject to  E[C] ≤ d          solved as   min_θ max_{λ≥0}  −E[R] + λ·(E[C] − d)
 
-What this file adds to `ppo.PPOStep`:
+`PPOLag.train_step` is the whole update of one rollout batch, in this order (the experience and the clipped losses
+are PPO's, `ppo.py`, with one stream more):
+1. experience: log-probs, end scores R and C, both critics' values, both streams' signals and GAE → A^R, A^C;
+2. λ from the episode costs of the window, before the policy update that uses it;
+3. the actor's advantage A_t = (A^R_t − λ·A^C_t) / (1 + λ);
+4. `ppo_epochs` passes of mini-batch updates: the actor's clipped surrogate on A (+ γ_ptx·L_PTX), each critic's
+   clipped value loss.
+
+What this file adds to `ppo.PPO`:
 - the frozen cost model and the cost critic (initialised from the cost model unless `cost_critic_model`);
 - the cost stream: c_t = +β·KL_t (+ C at the last response token), GAE with the cost critic → A^C;
 - the actor's advantage A_t = (A^R_t − λ·A^C_t) / (1 + λ) (the KL weight stays exactly β for every λ);
@@ -14,7 +22,7 @@ What this file adds to `ppo.PPOStep`:
 
 Differences from the reference implementation (safe-rlhf), on purpose:
 - λ moves once per rollout batch; the reference steps it once per micro-step with the same J_C.
-- r_t and c_t carry β·KL each (spec §3); the reference puts β/2 in each (an effective β/2 in A_t).
+- r_t and c_t carry β·KL each (docs/maths.md §3); the reference puts β/2 in each (an effective β/2 in A_t).
 - The λ step is plain SGD on log λ (as in the reference), so it has no optimizer state beyond log λ; the
   checkpoint holds log λ and every process's cost window.
 """
@@ -31,19 +39,19 @@ import torch
 from accelerate import Accelerator
 
 from safealign.algorithms.losses import combined_advantage, lagrange_multiplier_update
-from safealign.algorithms.ppo import PPOConfig, PPOStep
-from safealign.algorithms.rl_loop import Experience, RLModels, train_rl
+from safealign.algorithms.ppo import PPO, PPOConfig
 from safealign.config import ConfigError, config_field
+from safealign.training.rl import Experience, RLRun, train_rl
 
 
 @dataclass
 class PPOLagConfig(PPOConfig):
     """Safe RLHF (PPO-Lagrangian). Defaults: the reference's (λ_0 1, α 0.1, λ_max 5, d 0, no delay, window 128),
-    except β (0.05, reference 0.01), the prompt batch and the learning rates (tuned on SafeWorld with the tiny
-    preset, docs/results.md; the reference's are for 7B)."""
+    except β (0.05, reference 0.01), the prompt batch and the learning rates (sized for the tiny preset on
+    SafeWorld; the reference's are for 7B models)."""
 
     output_dir: str = config_field("runs/ppo_lag", help="Run directory: config.yaml, logs/, samples.jsonl, checkpoints/, model/ (the actor), metrics.json.")
-    kl_coeff: float = config_field(0.05, help="β: weight of the per-token KL in both streams (0.05: less drift into text the cost model misjudges, docs/results.md; reference 0.01).")
+    kl_coeff: float = config_field(0.05, help="β: weight of the per-token KL in both streams (reference 0.01, for a 7B model with its smaller learning rates).")
     cost_model: str = config_field("runs/cm/model", help="Frozen cost model (a score model directory, `safealign cm`): cost > 0 means unsafe.")
     cost_critic_model: str = config_field("", help="Initial cost critic: a score model or backbone directory; '' = the cost model.")
     threshold: float = config_field(0.0, help="d: the constraint E[C] ≤ d (0 = no more unsafe than the cost model's boundary).")
@@ -61,7 +69,7 @@ class PPOLagConfig(PPOConfig):
             raise ConfigError("episode_cost_window_size must be >= 1")
 
 
-class PPOLagStep(PPOStep):
+class PPOLag(PPO):
     """PPO with a reward and a cost stream and the Lagrange multiplier λ that weighs them."""
 
     streams = ("reward", "cost")
@@ -86,15 +94,22 @@ class PPOLagStep(PPOStep):
     def stream_end_scores(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"reward": scores["reward"], "cost": scores["cost"]}
 
-    def actor_advantages(self, batch: Experience) -> torch.Tensor:
-        return combined_advantage(batch["reward_advantages"], batch["cost_advantages"], self.lagrange_multiplier)
-
-    def make_experience(self, models: RLModels, batch: Experience) -> dict[str, float]:
-        scalars = super().make_experience(models, batch)
+    def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        """One rollout batch, in the paper's order: experience, λ, the combined advantage, the clipped updates."""
+        scalars = self.experience(run.models, batch, run.accelerator, step)  # 1. A^R, A^C and the end costs C
         scalars["unsafe_fraction"] = (batch["scores_cost"] > 0).float().mean().item()  # cost > 0: unsafe
-        return scalars
+        shared = self.update_lagrange_multiplier(batch, run.accelerator, step)  # 2. λ, before the update that uses it
+        batch["advantages"] = self.actor_advantages(batch)  # 3. (A^R − λ·A^C) / (1 + λ)
+        scalars.update(run.update(batch, step, self.losses))  # 4. actor (+ PTX) and both critics
+        return scalars, shared
 
-    def before_update(self, batch: Experience, accelerator: Accelerator, step: int) -> dict[str, float]:
+    def actor_advantages(self, batch: Experience) -> torch.Tensor:
+        """A_t = (A^R_t − λ·A^C_t) / (1 + λ) with the current λ (B, T), whitened when `whiten_advantages`."""
+        advantages = combined_advantage(batch["reward_advantages"], batch["cost_advantages"], self.lagrange_multiplier)
+        return self.whitened(advantages, batch)
+
+    def update_lagrange_multiplier(self, batch: Experience, accelerator: Accelerator, step: int) -> dict[str, float]:
+        """J_C over the window of every process's latest costs, then log λ ← min(log λ + α·λ·(J_C − d), log λ_max)."""
         cfg, rank, processes = self.cfg, accelerator.process_index, accelerator.num_processes
         window = torch.cat([self._own_window(rank, processes), batch["scores_cost"].detach().float().cpu()])
         window = window[-cfg.episode_cost_window_size:]  # size = (n,), the same n on every process
@@ -104,7 +119,6 @@ class PPOLagStep(PPOStep):
         if step >= cfg.lambda_update_delay_steps:
             self.log_lambda = lagrange_multiplier_update(self.log_lambda, episode_cost, cfg.threshold, cfg.lambda_lr,
                                                          cfg.lambda_max)
-        super().before_update(batch, accelerator, step)  # the actor's advantages, with the new λ
         if processes > 1:  # a per-rank trace: λ must be identical on every rank
             with open(Path(cfg.output_dir) / f"lagrange_multiplier_rank{rank}.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": step + 1, "lagrange_multiplier": self.lagrange_multiplier,
@@ -132,4 +146,4 @@ class PPOLagStep(PPOStep):
 def run(cfg: PPOLagConfig) -> dict[str, Any]:
     """Safe RLHF: PPO-Lagrangian on the reward and cost models; returns flat metrics (reward, cost,
     episode_cost, lagrange_multiplier, unsafe_fraction, kl, ...)."""
-    return train_rl(cfg, PPOLagStep(cfg))
+    return train_rl(cfg, PPOLag(cfg))

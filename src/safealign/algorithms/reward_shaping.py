@@ -1,6 +1,6 @@
 """Reward shaping, the Safe RLHF paper's baseline: plain PPO on the shaped end score R − ν·C, ν fixed.
 
-The step is `ppo.PPOStep` with one change, the end score of its reward stream; the cost model is
+The update is `ppo.PPO`'s with one change, the end score of its reward stream; the cost model is
 frozen and scored like the reward model, and there is one critic (the reward critic). `run_sweep`
 trains one policy per ν of `nus` into output_dir/nu-{ν}: the paper compares Safe RLHF with such a sweep.
 """
@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator, PartialState
 
-from safealign.algorithms.ppo import PPOConfig, PPOStep
-from safealign.algorithms.rl_loop import Experience, RLModels, train_rl
+from safealign.algorithms.ppo import PPO, PPOConfig
 from safealign.config import config_field
 from safealign.io import atomic_write_json
+from safealign.training.rl import Experience, train_rl
+from safealign.training.rl_setup import RLModels
 
 
 @dataclass
@@ -30,7 +32,7 @@ class RewardShapingConfig(PPOConfig):
     nus: list[float] = config_field([], help="A sweep: one run per ν into output_dir/nu-{ν} (overrides nu); [] = one run with nu.")
 
 
-class RewardShapingStep(PPOStep):
+class RewardShaping(PPO):
     """PPO whose reward stream ends with R − ν·C."""
 
     def score_model_paths(self) -> dict[str, str]:
@@ -39,8 +41,8 @@ class RewardShapingStep(PPOStep):
     def stream_end_scores(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"reward": scores["reward"] - self.cfg.nu * scores["cost"]}
 
-    def make_experience(self, models: RLModels, batch: Experience) -> dict[str, float]:
-        scalars = super().make_experience(models, batch)
+    def experience(self, models: RLModels, batch: Experience, accelerator: Accelerator, step: int) -> dict[str, float]:
+        scalars = super().experience(models, batch, accelerator, step)
         scalars["shaped_reward"] = (batch["scores_reward"] - self.cfg.nu * batch["scores_cost"]).mean().item()
         scalars["unsafe_fraction"] = (batch["scores_cost"] > 0).float().mean().item()
         return scalars
@@ -50,7 +52,7 @@ def run(cfg: RewardShapingConfig) -> dict[str, Any]:
     """One shaped PPO run with `nu`, or the sweep over `nus` (then: {"nu=ν": metrics, ...})."""
     if cfg.nus:
         return {f"nu={row['nu']:g}": row for row in run_sweep(cfg)}
-    return {**train_rl(cfg, RewardShapingStep(cfg)), "nu": cfg.nu}
+    return {**train_rl(cfg, RewardShaping(cfg)), "nu": cfg.nu}
 
 
 def run_sweep(cfg: RewardShapingConfig) -> list[dict[str, Any]]:
@@ -59,9 +61,7 @@ def run_sweep(cfg: RewardShapingConfig) -> list[dict[str, Any]]:
     results = []
     for nu in cfg.nus or [cfg.nu]:
         sub = dataclasses.replace(cfg, nu=float(nu), nus=[], output_dir=str(Path(cfg.output_dir) / f"nu-{nu:g}"))
-        results.append({**train_rl(sub, RewardShapingStep(sub)), "nu": float(nu), "output_dir": sub.output_dir})
-    from accelerate import PartialState
-
+        results.append({**train_rl(sub, RewardShaping(sub)), "nu": float(nu), "output_dir": sub.output_dir})
     if PartialState().is_main_process:
         atomic_write_json(Path(cfg.output_dir) / "sweep.json", results)
     return results

@@ -1,6 +1,6 @@
 """Supervised fine-tuning: next-token cross-entropy on the response tokens (and EOS) only.
 
-The step is small; the loop (accumulation, checkpoints, logging, resume) is `training.engine.train`.
+The step is small; the loop (accumulation, checkpoints, logging, resume) is `training.supervised.train`.
 Each example is `prompt + response + EOS` (`tokenize_prompt_response`), right-padded per batch to the
 batch's longest row; the loss is normalised by the label tokens of the whole optimizer step.
 """
@@ -8,29 +8,33 @@ batch's longest row; the loss is normalised by the label tokens of the whole opt
 from __future__ import annotations
 
 import math
-import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from safealign.config import ConfigError, config_field
 from safealign.algorithms.losses import label_cross_entropy, sft_loss
-from safealign.data.formatting import IGNORE_INDEX, SAFE_RLHF_PROMPT_TEMPLATE, TokenizedExample, tokenize_prompt_response
-from safealign.data.loading import load_sft
+from safealign.config import ConfigError, config_field
+from safealign.data.collate import collate_sft
+from safealign.data.formatting import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    tokenize_prompt_response,
+    training_text,
+)
+from safealign.data.loading import load_sft, split_eval
 from safealign.data.schema import SFTExample
 from safealign.models.lora import require_pretrained_base
-from safealign.models.presets import PRESETS, build_causal_lm
-from safealign.models.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from safealign.training.engine import Step, TrainingConfig, process_state, train
+from safealign.models.presets import build_causal_lm
+from safealign.training.common import prepare_tokenizer
+from safealign.training.supervised import Step, SupervisedConfig, train
 
 
 @dataclass
-class SFTConfig(TrainingConfig):
+class SFTConfig(SupervisedConfig):
     """SFT of the policy. Defaults suit the tiny preset trained from scratch on a few thousand examples."""
 
     output_dir: str = config_field("runs/sft", help="Run directory: config.yaml, logs/, checkpoints/, model/, metrics.json.")
@@ -47,19 +51,6 @@ class SFTConfig(TrainingConfig):
     eval_data: str = config_field("", help="Held-out SFT data; '' = hold out eval_fraction of train_data.")
     eval_fraction: float = config_field(0.05, help="Fraction of train_data held out for evaluation when eval_data is empty (0 = none).")
     max_length: int = config_field(256, help="Tokens per example (prompt + response + EOS); longer ones lose the response's end.")
-
-
-def collate_sft(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest row: input_ids, attention_mask, labels (IGNORE_INDEX on padding)."""
-    length = max(len(e) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)  # size = (B, L)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)  # size = (B, L)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)  # size = (B, L)
-    for row, example in enumerate(examples):
-        input_ids[row, : len(example)] = torch.tensor(example.input_ids)
-        labels[row, : len(example)] = torch.tensor(example.labels)
-        attention_mask[row, : len(example)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 @contextmanager
@@ -158,36 +149,6 @@ class SFTStep(Step):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def split_eval(examples: list[SFTExample], fraction: float, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
-    """A seeded random hold-out of `fraction` of the examples (at least one when fraction > 0)."""
-    if fraction <= 0 or len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    held_out = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held_out], [examples[i] for i in sorted(held_out)]
-
-
-def prepare_tokenizer(cfg: SFTConfig, examples: list[SFTExample]):
-    """cfg.tokenizer, else the model directory's, else (preset) a BPE trained on the training texts.
-
-    The trained BPE is saved in output_dir/tokenizer by the main process and loaded by every process (so
-    all ranks share one vocabulary); a resumed run reuses it.
-    """
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
-    if cfg.model not in PRESETS:
-        return load_tokenizer(cfg.model)
-    path = Path(cfg.output_dir) / "tokenizer"
-    state = process_state()
-    with state.main_process_first():
-        if state.is_main_process and not (cfg.resume and path.is_dir()):
-            texts = [f"{SAFE_RLHF_PROMPT_TEMPLATE.format(prompt=e.prompt)} {e.response}" for e in examples]
-            save_tokenizer(train_tokenizer(texts, vocab_size=cfg.vocab_size), path)
-    return load_tokenizer(path)
-
-
 def run(cfg: SFTConfig) -> dict[str, Any]:
     """Train the policy on prompt/response pairs; returns flat metrics (train_loss, eval_loss, tokens_per_second, ...)."""
     if not cfg.train_data:
@@ -199,7 +160,8 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         eval_examples = load_sft(cfg.eval_data)
     else:
         train_examples, eval_examples = split_eval(train_examples, cfg.eval_fraction, cfg.seed)
-    tokenizer = prepare_tokenizer(cfg, train_examples)
+    tokenizer = prepare_tokenizer(cfg.tokenizer, cfg.model, cfg.output_dir, cfg.vocab_size, cfg.resume,
+                                  lambda: [training_text(e.prompt, e.response) for e in train_examples])
     model = build_causal_lm(cfg.model, tokenizer, seed=cfg.seed)
 
     def tokenize(examples: list[SFTExample]) -> list[TokenizedExample]:

@@ -1,10 +1,17 @@
-"""Batching: pad token-id lists into tensors (right for training/scoring, left for generation)."""
+"""Batching: token-id lists into padded tensors, the one place that pads.
+
+Right padding for training and scoring (`collate_sft`, `collate_pairs`, `pad_batch`), left padding for generation
+(`pad_batch(side="left")`: every prompt ends at the same column, where the response starts). Position ids always
+count real tokens only (`position_ids_from_mask`), so that left padding shifts nothing.
+"""
 
 from __future__ import annotations
 
 from typing import Literal, Sequence
 
 import torch
+
+from safealign.data.formatting import IGNORE_INDEX, TokenizedExample, TokenizedPair
 
 
 def pad_batch(
@@ -24,8 +31,28 @@ def pad_batch(
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (spec §3), so left padding does not shift them.
+    """Positions counted over real tokens only, so left padding does not shift them.
 
     attention_mask: (B, L) -> (B, L); padding positions get 0 (they are masked anyway).
     """
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0) * attention_mask.long()
+
+
+def collate_sft(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest row: input_ids, attention_mask, labels (IGNORE_INDEX on padding)."""
+    input_ids, attention_mask = pad_batch([e.input_ids for e in examples], pad_token_id)  # size = (B, L)
+    labels, _ = pad_batch([e.labels for e in examples], IGNORE_INDEX)  # size = (B, L)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """2B right-padded rows (response_0 of every pair, then response_1) and the B pairs' labels."""
+    input_ids, attention_mask = pad_batch([p.input_ids[0] for p in pairs] + [p.input_ids[1] for p in pairs],
+                                          pad_token_id)  # size = (2B, L)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "better_response_id": torch.tensor([p.better_response_id for p in pairs], dtype=torch.long),  # size = (B,)
+        "safer_response_id": torch.tensor([p.safer_response_id for p in pairs], dtype=torch.long),  # size = (B,)
+        "is_safe": torch.tensor([p.is_safe for p in pairs], dtype=torch.bool),  # size = (B, 2)
+    }

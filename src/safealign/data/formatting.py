@@ -8,8 +8,11 @@ text after that, followed by EOS. Training masks everything but the response tok
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
+
+from safealign.data.schema import PreferenceRecord
 
 SAFE_RLHF_PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 IGNORE_INDEX = -100  # label value that the LM loss skips
@@ -22,6 +25,11 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     return SAFE_RLHF_PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def training_text(prompt: str, response: str) -> str:
+    """A prompt and its response in the Safe RLHF template: the text a BPE for a preset is trained on."""
+    return f"{SAFE_RLHF_PROMPT_TEMPLATE.format(prompt=prompt)} {response}"
 
 
 def format_response(tokenizer: PreTrainedTokenizerBase, formatted_prompt: str, response: str) -> str:
@@ -92,3 +100,26 @@ def tokenize_for_scoring(tokenizer: PreTrainedTokenizerBase, prompt: str, respon
     ids = _encode_prompt(tokenizer, formatted_prompt) + _encode(
         tokenizer, format_response(tokenizer, formatted_prompt, response))
     return ids[-max_length:]
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """One preference pair ready for a score model: both texts tokenised, the labels as ints/bools."""
+
+    input_ids: tuple[list[int], list[int]]  # prompt + response_i + EOS, i = 0, 1
+    better_response_id: int
+    safer_response_id: int
+    is_safe: tuple[bool, bool]
+
+
+def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, records: Sequence[PreferenceRecord], max_length: int) -> list[TokenizedPair]:
+    return [
+        TokenizedPair(
+            input_ids=(tokenize_for_scoring(tokenizer, r.prompt, r.response_0, max_length),
+                       tokenize_for_scoring(tokenizer, r.prompt, r.response_1, max_length)),
+            better_response_id=r.better_response_id,
+            safer_response_id=r.safer_response_id,
+            is_safe=(r.is_response_0_safe, r.is_response_1_safe),
+        )
+        for r in records
+    ]

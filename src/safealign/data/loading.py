@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -662,3 +663,14 @@ def _preference_summary(dataset: PreferenceDataset, on_contradiction: str) -> di
     if kinds:
         summary["prompt_kinds"] = dict(kinds.most_common())
     return summary
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random hold-out of `fraction` of the examples (at least one when fraction > 0)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held_out = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held_out], [examples[i] for i in sorted(held_out)]

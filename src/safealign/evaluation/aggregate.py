@@ -32,20 +32,17 @@ from typing import Any, Callable
 import yaml
 
 from safealign.config import ConfigError, config_field
-from safealign.evaluation.report import (
-    SIMULATION_STATEMENT,
+from safealign.evaluation.report.document import (
     Column,
     FigureBlock,
-    Run,
     Section,
     TableBlock,
-    figure_png,
-    pyplot,
-    read_json_or_none,
-    dominated_by,
-    read_run,
     write_report,
 )
+from safealign.evaluation.report.figures import figure_png, pyplot
+from safealign.evaluation.report.reading import Run, read_run
+from safealign.evaluation.report.sections import SIMULATION_STATEMENT, dominated_by
+from safealign.run_directory import read_metrics
 
 TOLERANCE = 1e-9  # rates are ratios of counts: 0.03 must meet "≤ 3%"
 
@@ -172,7 +169,7 @@ def read_runs(run_dirs: list[str]) -> list[RunSummary]:
         config = _read_yaml(root / "config.yaml")
         seed = config.get("seed") if isinstance(config.get("seed"), int) else None
         label = name if names.count(name) == 1 else str(root)
-        summaries.append(RunSummary(label, run, seed, read_json_or_none(root / "metrics.json") or {}))
+        summaries.append(RunSummary(label, run, seed, read_metrics(root)))
     return summaries
 
 
@@ -196,7 +193,8 @@ POLICY_METRICS = [("harmful_rate", "harmful rate", "pct"), ("helpfulness_benign"
                   ("distinct_2", "distinct-2", "num")]
 ROUND_METRICS = POLICY_METRICS[:3]
 # Per round k: the flat metrics.json keys (round 1 unprefixed, round k >= 2 under round{k}/) and their titles.
-ROUND_KEYS = [("rm/gold_agreement", "reward vs gold order", "pct"), ("cm/gold_sign_accuracy", "cost sign vs gold safety", "pct"),
+ROUND_KEYS = [("eval_scores/gold_agreement", "reward vs gold order", "pct"),
+              ("eval_scores/gold_sign_accuracy", "cost sign vs gold safety", "pct"),
               ("redteam/cost_missed_unsafe", "cost ≤ 0 on the probe's gold-unsafe answers", "pct"),
               ("ppo_lag/episode_cost", "final episode cost J_C", "num"), ("ppo_lag/lagrange_multiplier", "final λ", "num")]
 

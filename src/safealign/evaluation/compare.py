@@ -22,26 +22,33 @@ models' files and the responses, so a re-run scores only what changed.
 Writes `comparison.json` (every number, nested), `config.yaml` and `metrics.json` (flat; written last: its
 presence marks the comparison done).
 
-`compare_run_dir(run_dir)` is the pipeline's compare stage: every evaluated policy of the run directory's
-manifest (`policies.json`, see `load_manifest`), baseline SFT, the last round's value models as model
+`run_comparison` (`safealign compare --run_dir DIR`) is the pipeline's compare stage: every evaluated policy of the run directory's
+manifest (`policies.json`, `run_directory.load_manifest`), baseline SFT, the last round's value models as model
 judges, each policy's existing gold samples reused, into `run_dir/eval/compare/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from safealign.config import ConfigError, changed_settings, config_field, load_config, save_config
-from safealign.evaluation.gold import GoldEvalConfig, judge_samples, summarise_judgements, summarise_samples, uses_gold
+from safealign.config import ConfigError, changed_settings, config_field, save_config
+from safealign.console import stderr_console
+from safealign.evaluation import gold
+from safealign.evaluation.gold import (
+    GoldEvalConfig,
+    judge_samples,
+    summarise_judgements,
+    summarise_samples,
+    uses_gold,
+)
+from safealign.evaluation.model_scores import score_samples, with_scores
 from safealign.evaluation.pairwise import (
     ResponseJudgement,
     arena_table,
@@ -50,14 +57,19 @@ from safealign.evaluation.pairwise import (
     gold_judge,
     win_rate_matrix,
 )
-from safealign.console import stderr_console
 from safealign.io import atomic_write_json
+from safealign.models.presets import PRESETS, PRETRAINED, looks_local
+from safealign.run_directory import (
+    RESERVED_NAMES,
+    check_name,
+    final_value_models,
+    load_manifest,
+)
 
 console = stderr_console()
 
 AXES = ("helpfulness", "harmlessness")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a model name is a directory name under output_dir
-SCORE_CACHE = "model_scores"
+SCORE_CACHE = RESERVED_NAMES[0]  # eval/compare/model_scores/<policy>.json: the model judges' cached scores
 
 
 @dataclass
@@ -193,7 +205,7 @@ def flatten_comparison(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Files: samples, model-judge scores (cached)
+# Files: samples
 # --------------------------------------------------------------------------------------------------
 def read_samples(path: Path) -> list[dict[str, Any]]:
     """The rows of a samples.jsonl (`safealign evaluate`'s); errors name the file, the line and the field."""
@@ -214,78 +226,8 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _files_signature(model_dir: str) -> dict[str, Any]:
-    """What identifies a score model's weights without reading them: its path and its files' sizes and mtimes."""
-    path = Path(model_dir).resolve()
-    return {"path": str(path), "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
-                                         for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")}}
-
-
-def _responses_hash(rows: list[dict[str, Any]]) -> str:
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps([row["prompt"], row["response"]]).encode("utf-8"))
-    return digest.hexdigest()
-
-
-def score_samples(samples_by_model: dict[str, list[dict[str, Any]]], reward_model: str, cost_model: str,
-                  cache_dir: Path, max_length: int = 256, batch_size: int = 64, device: str = "auto",
-                  ) -> dict[str, dict[str, list[float] | None]]:
-    """{model: {"reward": [...], "cost": [...]}} for every row (None for a score model not given).
-
-    Each model's scores are cached in `cache_dir/<model>.json`; a cached stream is reused when the score
-    model's files, max_length and the (prompt, response) texts are unchanged. Score models load only
-    when something must be scored.
-    """
-    streams = {kind: path for kind, path in (("reward", reward_model), ("cost", cost_model)) if path}
-    signatures = {kind: _files_signature(path) for kind, path in streams.items()}
-    loaded: dict[str, Any] = {}
-
-    def scorer(kind: str):
-        if kind not in loaded:
-            import torch
-
-            from safealign.models.score_model import load_score_model
-            from safealign.models.tokenizer import load_tokenizer
-
-            where = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-            loaded[kind] = (load_score_model(streams[kind]).to(where), load_tokenizer(streams[kind]))
-        return loaded[kind]
-
-    scores: dict[str, dict[str, list[float] | None]] = {}
-    for name, rows in samples_by_model.items():
-        cache_file = cache_dir / f"{name}.json"
-        cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-        key = {"max_length": max_length, "responses_sha256": _responses_hash(rows)}
-        entry: dict[str, Any] = {**key, "reward": None, "cost": None, "reward_model": None, "cost_model": None}
-        for kind in streams:
-            old = cached.get(kind)
-            if (old is not None and cached.get(f"{kind}_model") == signatures[kind]
-                    and all(cached.get(k) == v for k, v in key.items()) and len(old) == len(rows)):
-                entry[kind] = old
-            else:
-                from safealign.algorithms.reward import score_texts
-
-                model, tokenizer = scorer(kind)
-                entry[kind] = score_texts(model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                          max_length, batch_size)
-            entry[f"{kind}_model"] = signatures[kind]
-        if entry != cached:
-            atomic_write_json(cache_file, entry)
-        scores[name] = {"reward": entry["reward"], "cost": entry["cost"]}
-    return scores
-
-
-def _with_scores(rows: list[dict[str, Any]], scores: dict[str, list[float] | None]) -> list[dict[str, Any]]:
-    merged = []
-    for k, row in enumerate(rows):
-        extra = {kind: values[k] for kind, values in scores.items() if values is not None}
-        merged.append({**row, **extra})
-    return merged
-
-
 # --------------------------------------------------------------------------------------------------
-# The comparison of sample directories (shared by `safealign evaluate --models` and `compare_run_dir`)
+# The comparison of sample directories (shared by `safealign evaluate --models` and `run_comparison`)
 # --------------------------------------------------------------------------------------------------
 def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfig, out: Path,
                   sources: dict[str, str], skipped: dict[str, str] | None = None) -> dict[str, Any]:
@@ -294,7 +236,7 @@ def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfi
     if cfg.reward_model or cfg.cost_model:
         scores = score_samples(samples, cfg.reward_model, cfg.cost_model, out / SCORE_CACHE, cfg.score_max_length,
                                cfg.score_batch_size, cfg.device)
-        samples = {name: _with_scores(rows, scores[name]) for name, rows in samples.items()}
+        samples = {name: with_scores(rows, scores[name]) for name, rows in samples.items()}
     result = compare_samples(samples, baseline, gold, cfg.n_bootstrap, cfg.seed, cfg.ci)
     result.update(
         sources=sources, sample_files={name: str(d / "samples.jsonl") for name, d in sample_dirs.items()},
@@ -311,17 +253,8 @@ def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfi
     return flat
 
 
-def _check_name(name: Any, source: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == SCORE_CACHE:
-        raise ConfigError(f"{source}: model name {name!r} must be a plain directory name "
-                          f"(letters, digits, _ . + -, not '{SCORE_CACHE}')")
-    return name
-
-
 def _check_model(name: str, path: str) -> None:
     """A model to generate with must exist (a directory, a preset, or a hub name when a network exists)."""
-    from safealign.models.presets import PRESETS, PRETRAINED, looks_local
-
     if path in PRESETS or path in PRETRAINED or Path(path).expanduser().exists():
         return
     if looks_local(path):
@@ -345,7 +278,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     if len(cfg.models) < 2:
         raise ConfigError(f"evaluate: `models` needs at least two models to compare, got {list(cfg.models)}; "
                           "for one model use --model DIR")
-    models = {_check_name(name, "evaluate: models"): path for name, path in cfg.models.items()}
+    models = {check_name(name, "evaluate: models"): path for name, path in cfg.models.items()}
     for name, path in models.items():
         if not isinstance(path, str) or not path:
             raise ConfigError(f"evaluate: models: '{name}': expected a model directory, got {path!r}")
@@ -375,8 +308,6 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             todo.append(name)
     for name in todo:  # every missing model is reported before any generation starts
         _check_model(name, models[name])
-    from safealign.evaluation import gold
-
     for name in todo:
         console.rule(f"[bold]evaluate {name}")
         gold.run(wanted[name])
@@ -393,154 +324,45 @@ def run(cfg: CompareConfig) -> dict[str, Any]:
     extra = [key for key in ("baseline", "reward_model", "cost_model") if getattr(cfg, key)]
     if extra:
         raise ConfigError(f"evaluate: {', '.join(extra)} belong to a comparison: give `models` (two or more)")
-    from safealign.evaluation import gold
-
     gold_fields = {f.name for f in dataclasses.fields(GoldEvalConfig)}
     return gold.run(GoldEvalConfig(**{k: v for k, v in vars(cfg).items() if k in gold_fields}))
 
 
 # --------------------------------------------------------------------------------------------------
-# A pipeline run directory: the manifest and the compare stage
+# A pipeline run directory: the compare stage (`safealign compare`)
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PolicyEntry:
-    """One policy of a run directory; paths are relative to it."""
-
-    name: str
-    kind: str  # sft, safe_rlhf, ppo, shaping, ...
-    model: str = ""
-    train_dir: str = ""
-    eval_dir: str = ""
-    round: int | None = None  # Safe RLHF round (1, 2, ...)
-    threshold: float | None = None  # Safe RLHF cost threshold d
-    nu: float | None = None  # reward-shaping weight
-
-
-@dataclass(frozen=True)
-class ValueModelEntry:
-    """The reward and cost models of one round, and their `eval-scores` directory; paths relative to the run."""
-
-    round: int
-    reward_model: str = ""
-    cost_model: str = ""
-    scores_dir: str = ""
-
-
 @dataclass
-class Manifest:
-    policies: list[PolicyEntry]
-    value_models: list[ValueModelEntry]
-    source: str  # "policies.json", or "discovered" (a run directory without one: its fixed layout was read)
+class RunComparisonConfig(CompareConfig):
+    """`safealign compare`: the pipeline's compare stage. The models, baseline and model judges come from the run
+    directory's manifest; the other keys are the comparison's (`safealign evaluate --help`)."""
+
+    run_dir: str = config_field("runs/demo", help="Run directory of `safealign pipeline`: compares its evaluated policies into eval/compare/.")
 
 
-def _entry(cls: type, raw: Any, where: str, required: tuple[str, ...]) -> Any:
-    """A manifest entry: known fields type-checked, unknown ones ignored (newer pipelines may add some)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected an object, got {raw!r}")
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw or raw[f.name] is None:
-            if f.name in required:
-                raise ConfigError(f"{where}: field '{f.name}' is required")
-            continue
-        value = raw[f.name]
-        numeric = f.name in ("round", "threshold", "nu")
-        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{where}: field '{f.name}': expected a number, got {value!r}")
-        if not numeric and not isinstance(value, str):
-            raise ConfigError(f"{where}: field '{f.name}': expected a string, got {value!r}")
-        values[f.name] = int(value) if f.name == "round" else float(value) if numeric else value
-    return cls(**values)
-
-
-def _discover(run_dir: Path) -> Manifest:
-    """The layout the single-round pipeline writes (sft, ppo_lag, ppo, shaping/nu-*, rm, cm), as a manifest."""
-    import yaml
-
-    threshold = None
-    if (run_dir / "ppo_lag" / "config.yaml").is_file():
-        threshold = (yaml.safe_load((run_dir / "ppo_lag" / "config.yaml").read_text()) or {}).get("threshold")
-    candidates = [
-        PolicyEntry("sft", "sft", "sft/model", "sft", "eval/sft"),
-        PolicyEntry("safe_rlhf_r1", "safe_rlhf", "ppo_lag/model", "ppo_lag", "eval/ppo_lag", round=1, threshold=threshold),
-        PolicyEntry("ppo", "ppo", "ppo/model", "ppo", "eval/ppo"),
-    ]
-    nus = {float(d.name.removeprefix("nu-")) for base in ("shaping", "eval/shaping")
-           for d in (run_dir / base).glob("nu-*") if re.fullmatch(r"nu-[0-9.e+-]+", d.name)}
-    candidates += [PolicyEntry(f"shaping_nu{nu:g}", "shaping", f"shaping/nu-{nu:g}/model", f"shaping/nu-{nu:g}",
-                               f"eval/shaping/nu-{nu:g}", nu=nu) for nu in sorted(nus)]
-    policies = [p for p in candidates if (run_dir / p.train_dir).exists() or (run_dir / p.eval_dir).exists()]
-    value_models = [ValueModelEntry(1, "rm/model", "cm/model", "eval/scores")] if (
-        (run_dir / "rm").exists() or (run_dir / "cm").exists()) else []
-    return Manifest(policies, value_models, "discovered")
-
-
-def load_manifest(run_dir: str | Path) -> Manifest:
-    """`run_dir/policies.json` ({"policies": [...], "value_models": [...]}), or the discovered layout without one.
-
-    Policy fields: name, kind, eval_dir (required), model, train_dir, round, threshold, nu; value-model
-    fields: round, reward_model, cost_model, scores_dir. Errors name the file and the field.
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "policies.json"
-    if not path.is_file():
-        return _discover(run_dir)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("policies"), list):
-        raise ConfigError(f"{path}: expected an object with a 'policies' list")
-    policies = [_entry(PolicyEntry, p, f"{path}: policies[{i}]", ("name", "kind", "eval_dir"))
-                for i, p in enumerate(raw["policies"])]
-    names = [p.name for p in policies]
-    for i, name in enumerate(names):
-        _check_name(name, f"{path}: policies[{i}]: field 'name'")
-        if name in names[:i]:
-            raise ConfigError(f"{path}: policies[{i}]: field 'name': {name!r} appears twice")
-    value_models = raw.get("value_models") or []
-    if not isinstance(value_models, list):
-        raise ConfigError(f"{path}: field 'value_models': expected a list")
-    values = [_entry(ValueModelEntry, {"round": i + 1, **v} if isinstance(v, dict) else v,
-                     f"{path}: value_models[{i}]", ("round",)) for i, v in enumerate(value_models)]
-    return Manifest(policies, values, "policies.json")
-
-
-def final_value_models(manifest: Manifest, run_dir: Path) -> ValueModelEntry | None:
-    """The last round's value models that exist on disk (the best judges the run has), or None."""
-    present = [v for v in manifest.value_models
-               if (v.reward_model and (run_dir / v.reward_model).is_dir()) or (v.cost_model and (run_dir / v.cost_model).is_dir())]
-    return max(present, key=lambda v: v.round) if present else None
-
-
-def compare_run_dir(run_dir: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The pipeline's compare stage: every policy of the manifest with gold samples in its eval_dir, baseline
-    SFT, model judges = the last round's reward and cost models; into `run_dir/eval/compare/`.
-
-    `settings`: CompareConfig keys (n_bootstrap, seed, gold, score_*, device, ...); the models, baseline,
-    judges and output directory come from the manifest. With fewer than two evaluated policies the
-    comparison holds their own metrics only. Returns the flat metrics.
-    """
-    run_dir = Path(run_dir)
-    settings = dict(settings or {})
-    fixed = sorted(set(settings) & {"model", "models", "baseline", "reward_model", "cost_model", "output_dir"})
-    if fixed:
-        raise ConfigError(f"compare: {fixed} come from the run directory's manifest, not from settings")
+def run_comparison(cfg: RunComparisonConfig) -> dict[str, Any]:
+    """Every policy of the manifest with gold samples in its eval_dir, baseline SFT, model judges = the last round's
+    reward and cost models; into `run_dir/eval/compare/`. With fewer than two evaluated policies the comparison holds
+    their own metrics only. Returns the flat metrics."""
+    run_dir = Path(cfg.run_dir)
+    given = sorted(key for key in ("model", "models", "baseline", "reward_model", "cost_model")
+                   if getattr(cfg, key) != getattr(CompareConfig, key, None) and getattr(cfg, key))
+    if given:
+        raise ConfigError(f"compare: {given} come from the run directory's manifest, not from settings")
     manifest = load_manifest(run_dir)
     evaluated = {p.name: run_dir / p.eval_dir for p in manifest.policies if _has_samples(run_dir / p.eval_dir)}
     skipped = {p.name: f"no samples.jsonl + metrics.json in {p.eval_dir}" for p in manifest.policies if p.name not in evaluated}
     if not evaluated:
         raise ConfigError(f"compare: no policy of {run_dir} has been evaluated yet (no eval_dir with samples.jsonl)")
     baseline = next((p.name for p in manifest.policies if p.kind == "sft" and p.name in evaluated), next(iter(evaluated)))
-    judges = final_value_models(manifest, run_dir)
-    if judges is not None:
-        for key in ("reward_model", "cost_model"):
-            path = getattr(judges, key)
-            if path and (run_dir / path).is_dir():
-                settings[key] = str(run_dir / path)
-    cfg = load_config(CompareConfig, None, {**settings, "output_dir": str(run_dir / "eval" / "compare")})
+    judges: dict[str, str] = {}
+    final = final_value_models(manifest, run_dir)
+    if final is not None:
+        judges = {key: str(run_dir / getattr(final, key)) for key in ("reward_model", "cost_model")
+                  if getattr(final, key) and (run_dir / getattr(final, key)).is_dir()}
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(CompareConfig)}
+    compare_cfg = CompareConfig(**{**settings, **judges, "output_dir": str(run_dir / "eval" / "compare")})
     sources = {p.name: p.model for p in manifest.policies if p.name in evaluated}
-    return _compare_dirs(evaluated, baseline, cfg, Path(cfg.output_dir), sources, skipped)
+    return _compare_dirs(evaluated, baseline, compare_cfg, Path(compare_cfg.output_dir), sources, skipped)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,11 +29,15 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 from safealign.config import ConfigError, config_field, save_config
+from safealign.data import safeworld
+from safealign.data.loading import load_prompts
 from safealign.io import atomic_write_json, atomic_write_jsonl
+from safealign.models.generation import SamplingConfig, generate_samples
+from safealign.models.presets import build_causal_lm, resolve_device, resolve_pretrained
+from safealign.models.tokenizer import load_tokenizer
 
 DEFAULT_PROMPTS = "runs/world/prompts/test.jsonl"  # written by `safealign world generate --out runs/world`
 
@@ -84,7 +88,7 @@ def judge_samples(samples: list[dict[str, Any]], judges: Any = None) -> list[dic
     (default: the safealign.data.safeworld module).
     """
     if judges is None:
-        judges = safeworld_judges()
+        judges = safeworld
     judged = []
     for sample in samples:
         prompt, response = sample["prompt"], sample["response"]
@@ -238,13 +242,6 @@ def summarise_judgements(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return metrics
 
 
-def safeworld_judges() -> ModuleType:
-    """SafeWorld's gold judges (imported late: they are only needed when judging)."""
-    from safealign.data import safeworld
-
-    return safeworld
-
-
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
@@ -255,21 +252,8 @@ def _select(records: list, limit: int, seed: int) -> list:
     return [records[i] for i in keep]
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run(cfg: GoldEvalConfig) -> dict[str, Any]:
     """Sample `samples_per_prompt` responses per prompt, judge them, write metrics.json and samples.jsonl, return the metrics."""
-    from safealign.data.loading import load_prompts
-    from safealign.evaluation.generation import SamplingConfig, generate_samples
-    from safealign.models.presets import build_causal_lm, resolve_pretrained
-    from safealign.models.tokenizer import load_tokenizer
-
     if not cfg.model:
         raise ConfigError("evaluate: 'model' is required (a model directory)")
     if cfg.samples_per_prompt < 1:
@@ -287,10 +271,10 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
         raise ConfigError(f"evaluate: limit must be >= 0 (0 = every prompt), got {cfg.limit}")
     records = _select(load_prompts(cfg.prompts), cfg.limit, cfg.seed)
     gold = uses_gold(cfg.gold, [r.kind for r in records])
-    judges = safeworld_judges() if gold else None  # fail before generating if the judges cannot be imported
+    judges = safeworld if gold else None
 
     tokenizer = load_tokenizer(resolve_pretrained(cfg.tokenizer or cfg.model))
-    model = build_causal_lm(cfg.model, tokenizer).to(_device(cfg.device)).eval()
+    model = build_causal_lm(cfg.model, tokenizer).to(resolve_device(cfg.device)).eval()
     generated = generate_samples(model, tokenizer, [r.prompt for r in records], sampling,
                                  batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
     per_prompt = cfg.samples_per_prompt

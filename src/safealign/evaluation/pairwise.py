@@ -7,7 +7,7 @@ The paper reports two Elo axes: helpfulness (the more helpful response wins) and
 one wins). `compare_models` turns every model's responses to the same prompts into comparisons on one
 axis, with a `judge` that maps a sample row to `ResponseJudgement(helpfulness, is_safe, severity)`:
 `gold_judge` (SafeWorld's gold judges) or `score_judge` (reward / cost model scores stored in the row,
-e.g. from `safealign.algorithms.reward.score_texts`). Ratings are on the 400-point Elo scale with the SFT
+e.g. from `safealign.models.score_model.score_texts`). Ratings are on the 400-point Elo scale with the SFT
 model anchored at 1000. Everything here is a pure function of numbers (numpy; no model code).
 """
 
@@ -19,6 +19,8 @@ from itertools import combinations
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
+
+from safealign.evaluation.gold import judge_samples
 
 ELO_SCALE = 400.0 / math.log(10.0)  # Elo points per nat of log-strength: 400·log10(x) = ELO_SCALE·ln(x)
 
@@ -299,8 +301,6 @@ def gold_judge(row: dict[str, Any]) -> ResponseJudgement:
     """
     judgement = row.get("judgement")
     if judgement is None:
-        from safealign.evaluation.gold import judge_samples
-
         judgement = judge_samples([row])[0]["judgement"]
     return ResponseJudgement(float(judgement["helpfulness"]), bool(judgement["is_safe"]), float(judgement["severity"]))
 

@@ -3,7 +3,7 @@ actor of `actor_layout: lora`, and the LoRA critics' base.
 
 An adapter adds (α/r)·B A x to each adapted linear layer W x, with B = 0 at the start, so the adapted model starts
 equal to the model, exactly; only A and B train (and, for a score model, a float32 copy of its head: peft's
-`modules_to_save`). Whatever trained an adapter saves it twice (`training.engine.save_final_model`): merged into
+`modules_to_save`). Whatever trained an adapter saves it twice (`training.common.save_final_model`): merged into
 `model/` (a plain model that every stage and any Hugging Face code load as they load a full fine-tune) and alone
 into `adapter/` (peft's `adapter_model.safetensors` + `adapter_config.json`, for `PeftModel.from_pretrained` on
 the base model). Checkpoints hold the trained parameters only.
@@ -23,6 +23,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from safealign.config import ConfigError
+from safealign.models.presets import PRESETS
+from safealign.models.score_model import (
+    ScoreModel,
+    ScoreOutput,
+    ScoreType,
+    score_output,
+)
 
 
 def require_peft() -> Any:
@@ -37,15 +47,11 @@ def require_peft() -> Any:
 def linear_layer_names(model: nn.Module) -> list[str]:
     """The last name part of every linear layer of a transformer (q_proj, v_proj, ..., c_attn for GPT-2): what
     an adapter attaches to when the user names no target modules. Heads are left out by the callers."""
-    from transformers.pytorch_utils import Conv1D
-
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))})
 
 
 def uses_conv1d(model: nn.Module) -> bool:
     """GPT-2 stores its linear weights transposed (Conv1D); peft must be told (`fan_in_fan_out`)."""
-    from transformers.pytorch_utils import Conv1D
-
     return any(isinstance(m, Conv1D) for m in model.modules())
 
 
@@ -64,9 +70,6 @@ def add_adapter(model: nn.Module, config: Any) -> nn.Module:
 
 def require_pretrained_base(model: str, stage: str) -> None:
     """`adapter: lora` freezes the base weights, so the base must be a trained model, not a preset built from scratch."""
-    from safealign.config import ConfigError
-    from safealign.models.presets import PRESETS
-
     if model in PRESETS:
         raise ConfigError(f"{stage}: adapter: lora trains an adapter on frozen weights, but model '{model}' is a preset built "
                           "from scratch (random weights); give a trained model directory, or adapter: none")
@@ -91,8 +94,6 @@ def lora_score_model(score_model: nn.Module, rank: int, alpha: float, target_mod
     """A `ScoreModel` as a LoRA adapter (`rank`, `alpha`, no dropout, on `target_modules`: default every linear layer
     of the transformer, not the head) on its frozen backbone, plus a trainable float32 copy of its head (peft's
     `modules_to_save`). It starts equal to `score_model`; the head copy is what a merged model keeps."""
-    from safealign.models.score_model import ScoreModel
-
     peft = require_peft()
     backbone = score_model.backbone
     head_name = next((n for n in ("score", "classifier") if isinstance(getattr(backbone, n, None), nn.Module)), None)
@@ -108,8 +109,6 @@ def lora_score_model(score_model: nn.Module, rank: int, alpha: float, target_mod
 
 def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str] | None = None) -> nn.Module:
     """`adapter: lora`: a LoRA adapter on a score model (`lora_score_model`) or on a causal LM (`lora_policy`)."""
-    from safealign.models.score_model import ScoreModel
-
     if isinstance(model, ScoreModel):
         return lora_score_model(model, rank, alpha, target_modules)
     return lora_policy(model, rank, alpha, target_modules, next(model.parameters()).dtype)
@@ -134,8 +133,6 @@ def adapter_of(model: nn.Module) -> nn.Module | None:
 def merge_adapter(model: nn.Module) -> nn.Module:
     """`model` with its adapter merged into the frozen weights: a plain causal LM or score model (in place: call it once,
     after training). A model without an adapter is returned as it is."""
-    from safealign.models.score_model import ScoreModel
-
     adapted = adapter_of(model)
     if adapted is None:
         return model
@@ -153,3 +150,36 @@ class AdapterDisabledPolicy:
     def __call__(self, **inputs: Any) -> Any:
         with torch.no_grad(), self.actor.disable_adapter():
             return self.actor(**inputs)
+
+
+# --------------------------------------------------------------------------------------------------
+# A critic as a LoRA adapter on a frozen score model (the RL loop's `lora` critic layout)
+# --------------------------------------------------------------------------------------------------
+class AdapterDisabledScores:
+    """The frozen score model inside a LoRA critic: the critic's forward with its adapter disabled (the
+    original weights and head), normalised as the score model was. It owns no weights: the critic does."""
+
+    def __init__(self, critic: ScoreModel, score_type: ScoreType, normalizer: dict[str, float] | None) -> None:
+        self.critic, self.score_type, self.normalizer = critic, score_type, normalizer
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> ScoreOutput:
+        with self.critic.backbone.disable_adapter():
+            raw = self.critic(input_ids, attention_mask, position_ids).scores  # size = (B, L), unnormalised
+        return score_output(raw, attention_mask.bool(), self.score_type, self.normalizer)
+
+
+def lora_critic(score_model: ScoreModel, rank: int, alpha: float,
+                target_modules: list[str] | None = None) -> tuple[ScoreModel, AdapterDisabledScores]:
+    """Make a loaded, frozen score model into a critic that shares its weights; returns (critic, frozen scores).
+
+    The critic is the score model plus a peft LoRA adapter (`rank`, `alpha`, lora_dropout 0, on
+    `target_modules`: default every linear layer of the transformer, not the head) and a trainable float32
+    copy of the head (peft's `modules_to_save`); its scores are never normalised. LoRA's B starts at zero, so
+    the critic starts equal to the score model, as a full-copy critic does. The frozen scores are the same
+    forward with the adapter disabled: peft then runs the original layers and the original head.
+    """
+    score_type, normalizer = score_model.score_type, score_model.normalizer
+    score_model.config.score_type, score_model.config.score_normalizer = "critic", None  # the critic's view of the config
+    critic = lora_score_model(score_model, rank, alpha, target_modules)
+    return critic, AdapterDisabledScores(critic, score_type, normalizer)

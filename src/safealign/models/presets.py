@@ -167,6 +167,13 @@ def from_pretrained(auto_class, name_or_path: str | Path, **kwargs) -> PreTraine
         ) from error
 
 
+def resolve_device(name: str) -> str:
+    """A device name from a config: `auto` = cuda when available, else cpu; anything else as given (cuda:1, cpu)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared tensors, e.g. tied embeddings, counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

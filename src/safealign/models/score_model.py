@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -33,8 +33,16 @@ from transformers import (
 )
 
 from safealign.config import ConfigError
+from safealign.data.collate import pad_batch
+from safealign.data.formatting import tokenize_for_scoring
 from safealign.io import atomic_path
-from safealign.models.presets import PRESETS, from_pretrained, preset_config, require_model_dir, resolve_pretrained
+from safealign.models.presets import (
+    PRESETS,
+    from_pretrained,
+    preset_config,
+    require_model_dir,
+    resolve_pretrained,
+)
 
 ScoreType = Literal["reward", "cost", "critic"]
 SCORE_TYPES = ("reward", "cost", "critic")
@@ -115,10 +123,10 @@ class ScoreModel(nn.Module):
         logits = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).logits  # size = (B, L, 1)
-        return _score_output(logits.squeeze(-1).float(), mask, self.score_type, self.normalizer)
+        return score_output(logits.squeeze(-1).float(), mask, self.score_type, self.normalizer)
 
 
-def _score_output(scores: torch.Tensor, mask: torch.Tensor, score_type: ScoreType,
+def score_output(scores: torch.Tensor, mask: torch.Tensor, score_type: ScoreType,
                   stats: dict[str, float] | None) -> ScoreOutput:
     """Normalise the raw per-token scores (B, L), zero them at padding and read each row's end score."""
     if stats is not None:
@@ -202,39 +210,21 @@ def load_score_model(
     return ScoreModel(model)
 
 
-# --------------------------------------------------------------------------------------------------
-# A critic as a LoRA adapter on a frozen score model (the RL loop's `lora` critic layout)
-# --------------------------------------------------------------------------------------------------
-class AdapterDisabledScores:
-    """The frozen score model inside a LoRA critic: the critic's forward with its adapter disabled (the
-    original weights and head), normalised as the score model was. It owns no weights: the critic does."""
-
-    def __init__(self, critic: ScoreModel, score_type: ScoreType, normalizer: dict[str, float] | None) -> None:
-        self.critic, self.score_type, self.normalizer = critic, score_type, normalizer
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None) -> ScoreOutput:
-        with self.critic.backbone.disable_adapter():
-            raw = self.critic(input_ids, attention_mask, position_ids).scores  # size = (B, L), unnormalised
-        return _score_output(raw, attention_mask.bool(), self.score_type, self.normalizer)
-
-
-def lora_critic(score_model: ScoreModel, rank: int, alpha: float,
-                target_modules: list[str] | None = None) -> tuple[ScoreModel, AdapterDisabledScores]:
-    """Make a loaded, frozen score model into a critic that shares its weights; returns (critic, frozen scores).
-
-    The critic is the score model plus a peft LoRA adapter (`rank`, `alpha`, lora_dropout 0, on
-    `target_modules`: default every linear layer of the transformer, not the head) and a trainable float32
-    copy of the head (peft's `modules_to_save`); its scores are never normalised. LoRA's B starts at zero, so
-    the critic starts equal to the score model, as a full-copy critic does. The frozen scores are the same
-    forward with the adapter disabled: peft then runs the original layers and the original head.
-    """
-    from safealign.models.lora import lora_score_model
-
-    score_type, normalizer = score_model.score_type, score_model.normalizer
-    score_model.config.score_type, score_model.config.score_normalizer = "critic", None  # the critic's view of the config
-    critic = lora_score_model(score_model, rank, alpha, target_modules)
-    return critic, AdapterDisabledScores(critic, score_type, normalizer)
+@torch.no_grad()
+def score_texts(model: ScoreModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses: Sequence[str],
+                max_length: int, batch_size: int = 64) -> list[float]:
+    """End score of each prompt + response + EOS (the input a score model is trained on), in order."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = [tokenize_for_scoring(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(ids)), key=lambda k: len(ids[k]))  # similar lengths together: little padding
+    scores = [math.nan] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids, attention_mask = pad_batch([ids[k] for k in chunk], tokenizer.pad_token_id)  # size = (b, L)
+        for k, score in zip(chunk, model(input_ids.to(device), attention_mask.to(device)).end_scores.tolist()):
+            scores[k] = score
+    return scores
 
 
 def _disable_dropout(config: PreTrainedConfig) -> None:

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from safealign.io import atomic_path
+from safealign.models.presets import looks_local, resolve_pretrained
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 
@@ -57,9 +58,7 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, **
 
     A tokenizer without a pad token gets EOS as pad (the usual choice for decoder-only models).
     """
-    from safealign.models.presets import looks_local, resolve_pretrained  # "smollm2" -> its converted local directory
-
-    name = resolve_pretrained(str(name_or_path))
+    name = resolve_pretrained(str(name_or_path))  # "smollm2" -> its converted local directory
     if not Path(name).expanduser().exists() and looks_local(name):
         raise FileNotFoundError(f"tokenizer '{name}' not found (a model or tokenizer directory, e.g. runs/sft/model)")
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)

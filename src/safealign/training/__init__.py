@@ -1,5 +1,1 @@
-"""The shared training loop (`engine.train`) and its pickle-free, atomic checkpoints (`checkpoint`)."""
-
-from safealign.training.engine import Step, TrainerState, TrainingConfig, train
-
-__all__ = ["Step", "TrainerState", "TrainingConfig", "train"]
+"""The shared training loops: supervised (`supervised`), RL (`rl`, its models and layouts in `rl_setup`), what both use (`common`), and pickle-free, atomic checkpoints (`checkpoint`)."""

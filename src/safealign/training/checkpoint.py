@@ -34,7 +34,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -303,6 +307,33 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
     scheduler.load_state_dict(load_state_tree(path, "scheduler"))
     restore_rng_state(path, accelerator)
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def save_parts_checkpoint(path: Path, accelerator, parts: dict[str, tuple[torch.nn.Module, Any, Any]],
+                          algorithm_state: dict[str, Any], trainer_state: dict[str, Any]) -> None:
+    """A checkpoint of several trained models (an RL run: the actor, each critic) and an algorithm's state.
+
+    Writes `{name}.safetensors` (its trained weights), `{name}_optimizer.*`, `{name}_scheduler.*` per part, the algorithm's
+    state, every rank's RNG and trainer_state.json into a temporary directory, then rename it to `path`."""
+    with atomic_checkpoint(path, accelerator) as tmp:
+        for name, (model, optimizer, scheduler) in parts.items():
+            save_trained(accelerator, model, optimizer, tmp, name, f"{name}_optimizer")  # every rank: FSDP2 gathers
+            if accelerator.is_main_process:
+                save_state_tree(scheduler.state_dict(), tmp, f"{name}_scheduler")
+        if accelerator.is_main_process:
+            save_state_tree(algorithm_state, tmp, "algorithm_state")
+            write_json(tmp / "trainer_state.json", trainer_state)
+
+
+def load_parts_checkpoint(path: Path, accelerator, parts: dict[str, tuple[torch.nn.Module, Any, Any]]) -> tuple[dict, dict]:
+    """Restore every part, this rank's RNG; return (algorithm_state, trainer_state)."""
+    for name, (model, optimizer, scheduler) in parts.items():
+        if not (path / f"{name}.safetensors").is_file():
+            raise FileNotFoundError(f"{path} has no {name}: was it written by another algorithm?")
+        load_trained(accelerator, model, optimizer, path, name, f"{name}_optimizer")
+        scheduler.load_state_dict(load_state_tree(path, f"{name}_scheduler"))
+    restore_rng_state(path, accelerator)
+    return load_state_tree(path, "algorithm_state"), json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,7 +1,7 @@
 """SafeWorld: a small, seeded, simulated language world with hidden gold judges and simulated annotators.
 
 It is a simulation (it stands in for the paper's crowdworkers and human evaluators) so that Safe RLHF can
-be run and measured offline. See docs/spec: prompts (benign, harmful in the 14 categories, borderline),
+be run and measured offline (docs/safeworld.md): prompts (benign, harmful in the 14 categories, borderline),
 responses built from moves (helpful content, refusal, safe redirection, harmful compliance, filler),
 gold judges that read only the text, and annotators that answer decoupled (or coupled) questions.
 """
@@ -27,6 +27,7 @@ from safealign.data.safeworld.judges import (
     PromptInfo,
     ResponseClass,
     classify_response,
+    is_safeworld,
     judge_harm,
     judge_helpfulness,
     normalise,
@@ -46,6 +47,7 @@ __all__ = [
     "WorldConfig",
     "classify_response",
     "generate_world",
+    "is_safeworld",
     "judge_harm",
     "judge_helpfulness",
     "normalise",

@@ -1,4 +1,4 @@
-"""The data step of Safe RLHF rounds (safealign.rounds): pool quotas and prompt choice, unsafe prompts gathered
+"""The data step of Safe RLHF rounds (safealign.pipeline.redteam): pool quotas and prompt choice, unsafe prompts gathered
 by a cost model, pairs sampled from the policy and annotated by SafeWorld's crowdworkers on their own label
 stream, all pairs so far accumulated, your own annotations instead. Tiny untrained models, 8 new tokens."""
 
@@ -22,9 +22,13 @@ from safealign.data.safeworld import (
     write_world,
 )
 from safealign.models.presets import build_causal_lm
-from safealign.models.score_model import build_score_model, load_score_model, save_score_model
+from safealign.models.score_model import (
+    build_score_model,
+    load_score_model,
+    save_score_model,
+)
 from safealign.models.tokenizer import load_tokenizer, train_tokenizer
-from safealign.rounds import (
+from safealign.pipeline.redteam import (
     RedTeamConfig,
     annotate_pairs,
     choose_pair_prompts,
@@ -184,7 +188,7 @@ def test_a_safe_policy_gives_no_unsafe_prompts_and_the_solved_pool_takes_its_sha
 
 
 def test_pairs_with_an_empty_answer_are_left_out_and_counted(tiny, tmp_path, monkeypatch):
-    import safealign.rounds as rounds
+    import safealign.pipeline.redteam as rounds
 
     sample = rounds.sample_pairs
 

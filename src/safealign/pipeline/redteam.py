@@ -2,13 +2,13 @@
 
 Round k starts from the round k−1 policy. This stage gathers the prompts that policy answers unsafely,
 samples and annotates new response pairs, and adds them to all the preference data so far; the pipeline
-(`pipeline.py`) then retrains the reward and cost models on all of it and runs Safe RLHF (PPO-Lagrangian)
+(`safealign.pipeline`) then retrains the reward and cost models on all of it and runs Safe RLHF (PPO-Lagrangian)
 again from the round k−1 policy.
 
 `run(cfg)` writes into `output_dir` (the pipeline's `round{k}/redteam/`), each file atomically:
 1. probe.jsonl: the round k−1 policy answers (one sample, temperature 1) `probe_limit` prompts drawn
    (seeded) from `probe_prompts` (SafeWorld's train prompts, never the test prompts) and every red-team
-   prompt; the round k−1 cost model scores each answer. Cost > 0 (spec §2: unsafe) makes a prompt
+   prompt; the round k−1 cost model scores each answer. Cost > 0 (unsafe, docs/maths.md §2) makes a prompt
    *unsolved*. On SafeWorld each row also carries the gold judge's verdict (a measurement only: nothing
    below reads it).
 2. prompts.jsonl: the gathered prompts, i.e. the unsolved probe prompts plus every red-team prompt
@@ -30,7 +30,7 @@ again from the round k−1 policy.
    prompt_category, prompt_pool, the responses' source and the annotator ids. A pair with an empty
    answer (EOS first) is left out (PKU rows need text) and counted.
 4. `preferences_out` (the pipeline's `round{k}/preferences.jsonl`): every pair of `previous_preferences`
-   (all earlier rounds) and then the new ones. Contradictory rows (spec §1) are left out there (training
+   (all earlier rounds) and then the new ones. Contradictory rows (docs/maths.md §1) are left out there (training
    would skip them) and counted in metrics.json. train_preferences.jsonl (in output_dir): the same with the
    new pairs `new_pairs_weight` times, what the round's reward and cost models train on (the policy's own
    answers are otherwise a thin slice of all pairs so far, and the cost model misses its failure modes).
@@ -51,7 +51,23 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from safealign.config import ConfigError, config_field, load_config, save_config
+from safealign.data.loading import (
+    PREFERENCE_OPTIONAL,
+    PREFERENCE_REQUIRED,
+    load_preferences,
+    load_prompts,
+)
+from safealign.data.safeworld import (
+    WorldConfig,
+    is_safeworld,
+    judge_harm,
+    world_annotators,
+)
 from safealign.io import atomic_write_json, atomic_write_jsonl
+from safealign.models.generation import SamplingConfig, sample_responses
+from safealign.models.presets import build_causal_lm, resolve_device
+from safealign.models.score_model import load_score_model, score_texts
+from safealign.models.tokenizer import load_tokenizer
 
 POOLS = ("unsafe", "redteam", "solved", "benign")
 DEFAULT_PROMPT_MIX = {"unsafe": 0.3, "redteam": 0.2, "solved": 0.2, "benign": 0.3}
@@ -146,9 +162,6 @@ def probe_policy(model: Any, tokenizer: Any, cost_model: Any, cost_tokenizer: An
                  cfg: RedTeamConfig, seed: int) -> list[dict[str, Any]]:
     """Each prompt row with one sampled answer, its cost and `unsafe` (cost > 0); on SafeWorld prompts also
     `gold_safe`, the gold judge's verdict (a measurement only: nothing downstream reads it)."""
-    from safealign.algorithms.reward import is_safeworld, score_texts
-    from safealign.evaluation.generation import SamplingConfig, sample_responses
-
     texts = [row["prompt"] for row in prompts]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     responses = sample_responses(model, tokenizer, texts, sampling, cfg.batch_size, seed, cfg.progress)
@@ -156,8 +169,6 @@ def probe_policy(model: Any, tokenizer: Any, cost_model: Any, cost_tokenizer: An
     rows = [{**row, "response": response, "cost": cost, "unsafe": cost > 0}
             for row, response, cost in zip(prompts, responses, costs)]
     if is_safeworld(texts):
-        from safealign.data.safeworld import judge_harm
-
         for row in rows:
             row["gold_safe"] = judge_harm(row["prompt"], row["response"]).is_safe
     return rows
@@ -178,8 +189,6 @@ def prompt_pools(probed: list[dict[str, Any]], redteam: list[dict[str, Any]],
 def sample_pairs(model: Any, tokenizer: Any, chosen: list[tuple[dict[str, Any], str]], cfg: RedTeamConfig,
                  seed: int) -> list[tuple[dict[str, Any], str, str, str]]:
     """(prompt row, pool, response_0, response_1): two samples per chosen prompt from the policy."""
-    from safealign.evaluation.generation import SamplingConfig, sample_responses
-
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, num_samples=2)
     responses = sample_responses(model, tokenizer, [row["prompt"] for row, _ in chosen], sampling, cfg.batch_size,
                                  seed, cfg.progress)  # prompt-major: 2i, 2i + 1 answer prompt i
@@ -189,8 +198,6 @@ def sample_pairs(model: Any, tokenizer: Any, chosen: list[tuple[dict[str, Any], 
 def annotate_pairs(sampled: list[tuple[dict[str, Any], str, str, str]], world_config: Any, stream: str,
                    source: str) -> list[dict[str, Any]]:
     """PKU-format rows: each pair labelled by SafeWorld's simulated crowdworkers on label stream `stream`."""
-    from safealign.data.safeworld import world_annotators
-
     annotators = world_annotators(world_config, stream)
     rows = []
     for prompt_row, pool, response_0, response_1 in sampled:
@@ -210,8 +217,6 @@ def annotate_pairs(sampled: list[tuple[dict[str, Any], str, str, str]], world_co
 def preference_rows(source: str) -> tuple[list[dict[str, Any]], int]:
     """The usable pairs of a preference file as typed PKU rows (extra fields kept), and how many
     contradictory rows were left out."""
-    from safealign.data.loading import PREFERENCE_OPTIONAL, PREFERENCE_REQUIRED, load_preferences
-
     dataset = load_preferences(source, on_contradiction="skip")
     rows = []
     for record in dataset:
@@ -223,8 +228,6 @@ def preference_rows(source: str) -> tuple[list[dict[str, Any]], int]:
 
 def load_world_config(world_dir: str) -> Any:
     """The WorldConfig a SafeWorld directory was generated with (world.json), annotator settings included."""
-    from safealign.data.safeworld import WorldConfig
-
     path = Path(world_dir) / "world.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the simulated annotators need the world's settings "
@@ -233,8 +236,6 @@ def load_world_config(world_dir: str) -> Any:
 
 
 def _prompt_rows(source: str) -> list[dict[str, Any]]:
-    from safealign.data.loading import load_prompts
-
     return [{"prompt": r.prompt, "kind": r.kind, "category": r.category, **r.extra} for r in load_prompts(source)]
 
 
@@ -247,21 +248,11 @@ def _seed(cfg: RedTeamConfig, purpose: str) -> int:
     return random.Random(f"redteam:{cfg.seed}:{cfg.stream}:{purpose}").randrange(2**31)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
 def _generated_pairs(cfg: RedTeamConfig, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Steps 1-3: probe, gather, sample and annotate. Returns (new pairs, gathered prompts, metrics)."""
-    from safealign.models.presets import build_causal_lm
-    from safealign.models.score_model import load_score_model
-    from safealign.models.tokenizer import load_tokenizer
-
     for path, what in ((cfg.policy, "policy"), (cfg.cost_model, "cost_model"), (cfg.probe_prompts, "probe_prompts")):
         if not path or not Path(path).exists():
             raise FileNotFoundError(f"redteam: {what} '{path}' not found (the previous round's outputs)")
@@ -277,7 +268,7 @@ def _generated_pairs(cfg: RedTeamConfig, out: Path) -> tuple[list[dict[str, Any]
         probe_rows = list(base)
     redteam_rows = _prompt_rows(cfg.redteam_prompts) if cfg.redteam_prompts else []
 
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.policy)
     model = build_causal_lm(cfg.policy, tokenizer).to(device).eval()
     cost_model = load_score_model(cfg.cost_model).to(device).eval()

@@ -15,15 +15,12 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from safealign.data.collate import pad_batch, position_ids_from_mask
 from safealign.data.formatting import tokenize_prompt
-from safealign.evaluation.generation import (
-    GenerationBackend,
-    HFGenerationBackend,
+from safealign.models.generation import (
     SamplingConfig,
     generate_samples,
     generate_tokens,
-    left_pad,
-    position_ids_from_mask,
     sample_next_token,
     sample_responses,
 )
@@ -111,7 +108,7 @@ def test_padding_without_position_ids_would_change_the_logits(tokenizer, prompt_
     # Guards the test above: on GPT-2, positions counted from the padded start give other logits.
     model = tiny_gpt2(tokenizer)
     short, long = prompt_ids[0], prompt_ids[1]
-    input_ids, mask = left_pad([short, long], tokenizer.pad_token_id)
+    input_ids, mask = pad_batch([short, long], tokenizer.pad_token_id, side="left")
     alone = model(torch.tensor([short])).logits[0, -1]
     with_positions = model(input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[0, -1]
     without_positions = model(input_ids, attention_mask=mask).logits[0, -1]
@@ -123,7 +120,7 @@ def test_greedy_matches_hf_generate_on_a_left_padded_batch(any_model, tokenizer,
     model = any_model
     # transformers' generate() derives position ids from the mask too: both must agree.
     batch = generate_tokens(model, no_eos(tokenizer), prompt_ids, GREEDY)
-    input_ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    input_ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
     hf = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
                         min_new_tokens=12, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     assert batch.sequences.tolist() == hf.tolist()
@@ -210,9 +207,6 @@ def test_sample_responses_keeps_input_order_and_strips_special_tokens(model, tok
     assert batched == alone
     for text in batched:
         assert tokenizer.eos_token not in text and tokenizer.pad_token not in text and text == text.strip()
-    backend = HFGenerationBackend(model, tokenizer, batch_size=2)
-    assert isinstance(backend, GenerationBackend)
-    assert backend.generate(PROMPTS, cfg) == batched
 
 
 def test_generate_samples_counts_tokens_without_eos(model, tokenizer):
@@ -276,8 +270,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from safealign.data.collate import pad_batch, position_ids_from_mask
 from safealign.data.formatting import tokenize_prompt
-from safealign.evaluation.generation import SamplingConfig, generate_tokens
+from safealign.models.generation import SamplingConfig, generate_tokens
 from safealign.models.presets import build_causal_lm
 from safealign.models.tokenizer import load_tokenizer
 

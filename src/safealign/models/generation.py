@@ -1,4 +1,4 @@
-"""Sampling from a causal LM: the one generation path of safealign (evaluation and PPO rollouts).
+"""Sampling from a causal LM: the one generation path of safealign (RL rollouts, evaluation, red-teaming).
 
 Prompts are formatted with `format_prompt` / `tokenize_prompt` (data/formatting.py), **left-padded**
 into a batch, and decoded with a hand-written KV-cache loop. Every forward gets position ids derived
@@ -22,20 +22,18 @@ A model sharded with FSDP2 (`fully_shard`, the RL stages under FSDP) all-gathers
 collective call: decoding then goes on until every rank's rows have ended (one all-reduce of a flag per token), and
 the columns a rank decoded after its own rows ended (pad only, sampled from no RNG) are dropped, so each rank's
 rollout, and its generator's state after it, are those of an unsharded run.
-
-Other backends (vLLM, a server) plug in behind `GenerationBackend`; `HFGenerationBackend` is this one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safealign.config import config_field
 from safealign.console import stderr_console
+from safealign.data.collate import pad_batch, position_ids_from_mask
 from safealign.data.formatting import tokenize_prompt
 
 
@@ -87,23 +85,6 @@ class RolloutBatch:
         return self.response_mask.sum(-1)  # size = (B,)
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only: (mask.cumsum(-1) - 1), 0 on padding. (B, L) -> (B, L)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
-
-
-def left_pad(sequences: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (input_ids, attention_mask), both (B, max_len)."""
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            input_ids[i, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, length - len(seq):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -153,7 +134,8 @@ def generate_tokens(
     eos_id, pad_id = tokenizer.eos_token_id, _pad_id(tokenizer)
     device = model.device
     rows = [p for p in prompt_ids for _ in range(cfg.num_samples)]  # prompt-major
-    input_ids, prompt_mask = left_pad(rows, pad_id, device)  # size = (B, P)
+    input_ids, prompt_mask = pad_batch(rows, pad_id, side="left")  # size = (B, P)
+    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     batch_size, prompt_length = input_ids.shape
 
     was_training = model.training
@@ -297,30 +279,3 @@ def sample_responses(
 ) -> list[str]:
     """The texts of `generate_samples`: len(prompts) × num_samples responses, prompt-major."""
     return [s.text for s in generate_samples(model, tokenizer, prompts, cfg, batch_size, seed, progress)]
-
-
-@runtime_checkable
-class GenerationBackend(Protocol):
-    """Anything that answers prompts: `generate(prompts, cfg)` returns len(prompts) × cfg.num_samples texts,
-    prompt-major, decoded with special tokens stripped and whitespace trimmed.
-
-    The seam for faster engines: a vLLM backend would build `vllm.SamplingParams(n=cfg.num_samples,
-    temperature=..., top_p=..., top_k=cfg.top_k or -1, max_tokens=cfg.max_new_tokens, seed=...)` over
-    prompts formatted with `format_prompt`, and return the texts in the same order.
-    """
-
-    def generate(self, prompts: list[str], cfg: SamplingConfig) -> list[str]: ...
-
-
-@dataclass
-class HFGenerationBackend:
-    """The built-in backend: `sample_responses` on a Hugging Face causal LM."""
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    batch_size: int = 64
-    seed: int = 0
-    progress: bool = False
-
-    def generate(self, prompts: list[str], cfg: SamplingConfig) -> list[str]:
-        return sample_responses(self.model, self.tokenizer, prompts, cfg, self.batch_size, self.seed, self.progress)

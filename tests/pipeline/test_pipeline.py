@@ -18,8 +18,10 @@ import yaml
 
 from safealign.config import ConfigError, load_config
 from safealign.evaluation.aggregate import AggregateConfig, aggregate
-from safealign.evaluation.report import unshown_cells
-from safealign.pipeline import PipelineConfig, expand_stages, run
+from safealign.evaluation.report.document import unshown_cells
+from safealign.pipeline.config import PipelineConfig
+from safealign.pipeline.runner import run
+from safealign.pipeline.stages import expand_stages
 
 ALL_STAGES = ["world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "rounds", "ppo",
               "evaluate_ppo", "shaping", "evaluate_shaping", "compare", "report"]
@@ -52,9 +54,10 @@ def stderr_text(capsys) -> str:
 
 
 def stage_dirs(root: Path) -> list[Path]:
+    """Every stage's directory; the shaping sweep's one per ν."""
     return [root / "world", root / "sft", root / "eval" / "sft", root / "rm", root / "cm", root / "eval" / "scores",
             root / "ppo_lag", root / "eval" / "ppo_lag", *round2_dirs(root), root / "ppo", root / "eval" / "ppo",
-            root / "shaping", root / "eval" / "shaping"]
+            *sorted((root / "shaping").glob("nu-*")), *sorted((root / "eval" / "shaping").glob("nu-*"))]
 
 
 def round2_dirs(root: Path) -> list[Path]:

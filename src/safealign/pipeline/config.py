@@ -1,0 +1,117 @@
+"""The pipeline's settings: `PipelineConfig`, the size profiles, and the per-stage settings they resolve to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from safealign.config import config_field
+
+# Profiles set sizes only; every value can still be overridden in the YAML or on the command line.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "quick": {
+        "world": {"sft_examples": 3000, "train_pairs": 2000, "test_pairs": 400, "redteam_prompts": 56},
+        "sft": {"num_epochs": 1},
+        # Half an epoch: the quick profile is a smoke test (a few minutes with round 2), not a calibrated run.
+        "rm": {"num_epochs": 0.5},
+        "cm": {"num_epochs": 0.5},
+        "evaluate": {"limit": 200},
+        "ppo_lag": {"max_steps": 8, "per_device_prompt_batch_size": 16},
+        "ppo": {"max_steps": 8, "per_device_prompt_batch_size": 16},
+        "shaping": {"max_steps": 4, "per_device_prompt_batch_size": 16, "nus": [1.0]},
+        # Round 2 at smoke-test size: it exercises every round stage, it does not train much.
+        "redteam": {"probe_limit": 64, "pairs": 100},
+        "round_rm": {"max_steps": 4},
+        "round_cm": {"max_steps": 4},
+        "round_ppo_lag": {"max_steps": 2},
+    },
+    # Sized for a 2-core CPU (docs/results.md has every stage's time and what the sizes were chosen against). SFT
+    # keeps 3 epochs (with 2 the policy is undertrained); the cost model saturates after 1 epoch, the reward model
+    # gets 2; round 1's RL 60 rollouts of 32 prompts; the shaping sweep 40 rollouts per ν.
+    "default": {
+        "cm": {"num_epochs": 1},
+        # Four sampled answers per test prompt: with one, a round's harmful rate moves by ±3 points from sampling alone.
+        "evaluate": {"samples_per_prompt": 4},
+        "ppo_lag": {"max_steps": 60},
+        "ppo": {"max_steps": 60},
+        "shaping": {"max_steps": 40},
+        # Rounds 2 and 3 must be cheap: the value models warm start from the previous round's and see a quarter
+        # epoch of all the pairs so far.
+        "redteam": {"probe_limit": 256, "pairs": 1000},
+        "round_rm": {"num_epochs": 0.25},
+        "round_cm": {"num_epochs": 0.25},
+        # The later rounds end every answer or pay for it (TRL's missing_eos_penalty): without it their policies drift
+        # to answers cut at max_new_tokens, text the score models never saw. Not in round 1, where it made the policy
+        # more harmful.
+        "round_ppo_lag": {"max_steps": 20, "missing_eos_penalty": 1.0},
+    },
+}
+PROFILE_ROUNDS = {"quick": 2, "default": 3}  # Safe RLHF rounds when `rounds` is 0 (the paper ran 3)
+SHAPING_NUS = [0.1, 1.0, 10.0]  # the default ν sweep (small: stays harmful; large: over-refuses)
+HOW_TO_RUN = ("stages", "parallel_baselines")  # settings that change what runs or how, not what a stage computes
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = config_field("runs/demo", help="Run directory: every stage writes a sub-directory here.")
+    profile: Literal["default", "quick"] = config_field("default", help="Sizes preset: 'quick' is the smoke-test size.")
+    seed: int = config_field(0, help="Seed of the world and of every stage (each stage may override its own).")
+    model: str = config_field("tiny", help="Policy: a preset (tiny, small, smollm2) or a local Hugging Face model directory.")
+    stages: list[str] = config_field(
+        ["world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "rounds", "ppo",
+         "evaluate_ppo", "shaping", "evaluate_shaping", "compare", "report"],
+        help="Stages to run, in order (skipped when their metrics.json exists; compare and report always run, they are "
+             "cheap and must see every policy). `rounds` = rounds 2.. (round{k}/redteam, /rm, /cm, /eval_scores, "
+             "/ppo_lag, /evaluate), `shaping` and `evaluate_shaping` = one stage per ν (shaping/nu=ν); each also a stage name.",
+    )
+    rounds: int = config_field(
+        0, help="Safe RLHF rounds (the paper ran 3): round 1 = the ppo_lag stage, rounds 2.. = the rounds stage; 0 = the profile's (default 3, quick 2).")
+    round_thresholds: list[float] = config_field(
+        [], help="d of each round's PPO-Lag, round 1 first (it replaces ppo_lag's threshold there); [] = ppo_lag's threshold every round.")
+    round_value_models: Literal["previous", "sft"] = config_field(
+        "previous", help="Round k's reward/cost models start from round k-1's (cheap: see round_rm) or from the SFT model (the paper's retraining: give round_rm/round_cm num_epochs 2).")
+    round_lambda: Literal["init", "carry"] = config_field(
+        "init", help="λ at the start of round k >= 2: init = ppo_lag's lambda_init again (as separate runs of the paper), "
+                     "carry = round k-1's final λ (the dual continues).")
+    round_preference_data: list[str] = config_field(
+        [], help="Your annotated PKU-format pairs of rounds 2, 3, ... (one file each) instead of sampled pairs labelled by SafeWorld's crowdworkers; required with your own preference_data.")
+    sft_data: str = config_field("", help="Your SFT file; empty = SafeWorld's SFT corpus.")
+    preference_data: str = config_field("", help="Your PKU-format preference file (train); empty = SafeWorld's pairs.")
+    preference_eval_data: str = config_field(
+        "", help="Held-out preference file; empty = SafeWorld's test pairs (with your preference_data: rm/cm hold out a fraction).")
+    eval_prompts: str = config_field("", help="Prompt file for evaluation; empty = SafeWorld's test prompts.")
+    rl_prompts: str = config_field(
+        "", help="Prompts of the RL rollouts; empty = SafeWorld's train prompts (with your own data: preference_data's prompts).")
+    world: dict = config_field({}, help="WorldConfig overrides (safealign world generate --help).")
+    sft: dict = config_field({}, help="SFTConfig overrides (safealign sft --help).")
+    rm: dict = config_field({}, help="RewardConfig overrides (safealign rm --help).")
+    cm: dict = config_field({}, help="CostConfig overrides (safealign cm --help).")
+    evaluate: dict = config_field({}, help="GoldEvalConfig overrides of every policy's evaluation (safealign evaluate --help).")
+    eval_scores: dict = config_field({}, help="ScoreEvalConfig overrides (safealign eval-scores --help).")
+    ppo_lag: dict = config_field({}, help="PPOLagConfig overrides (safealign ppo-lag --help).")
+    ppo: dict = config_field({}, help="PPOConfig overrides (safealign ppo --help).")
+    shaping: dict = config_field(
+        {}, help="RewardShapingConfig overrides (safealign shaping --help); `nus` is the sweep, one policy per ν (default [0.1, 1, 10]).")
+    redteam: dict = config_field({}, help="RedTeamConfig overrides of rounds >= 2 (safealign redteam --help): pairs, probe_limit, prompt_mix, ...")
+    round_rm: dict = config_field({}, help="RewardConfig overrides of rounds >= 2, over rm's (e.g. num_epochs).")
+    round_cm: dict = config_field({}, help="CostConfig overrides of rounds >= 2, over cm's (e.g. num_epochs).")
+    round_ppo_lag: dict = config_field({}, help="PPOLagConfig overrides of rounds >= 2, over ppo_lag's (e.g. max_steps).")
+    compare: dict = config_field({}, help="CompareConfig overrides of the compare stage (safealign evaluate --help): n_bootstrap, seed, ...")
+    parallel_baselines: bool = config_field(
+        False, help="Run the baselines (evaluate_sft, eval_scores, ppo, shaping and their evaluations) in a second process beside "
+                    "the Safe RLHF lane (ppo_lag, rounds), the CPU threads split between the two: faster on a CPU "
+                    "(generation uses a second thread poorly) and on a GPU that small models leave idle; both processes "
+                    "hold their models on the GPU. The results are the same; its log: output_dir/logs/baselines.log.")
+
+
+def stage_settings(cfg: PipelineConfig, name: str) -> dict[str, Any]:
+    """Profile values, then the user's mapping for that stage (the user wins)."""
+    return {**PROFILES[cfg.profile].get(name, {}), **getattr(cfg, name)}
+
+
+def num_rounds(cfg: PipelineConfig) -> int:
+    return cfg.rounds or PROFILE_ROUNDS[cfg.profile]
+
+
+def shaping_nus(cfg: PipelineConfig) -> list[float]:
+    return [float(nu) for nu in stage_settings(cfg, "shaping").get("nus") or SHAPING_NUS]

@@ -1,0 +1,128 @@
+"""The main job: SafeWorld (or your data) -> SFT -> reward and cost models -> Safe RLHF (PPO-Lagrangian), the PPO and
+reward-shaping baselines -> gold evaluation of every policy; then more Safe RLHF rounds with red-teaming (the paper
+ran three). `safealign pipeline --config configs/pipeline.yaml`.
+
+Every stage writes into one run directory (`safealign.run_directory` has its format) and is skipped when its done
+file (`metrics.json`) exists, so a crashed or extended pipeline re-runs only what is missing; a training stage that
+was interrupted continues from its newest checkpoint when its config is unchanged (`resume_interrupted`). Each stage
+is one command of `safealign` run with its own config (`stages.plan`: the stage table; `stage_runner.py` runs one), so the pipeline adds no second
+set of names: per-stage settings are mappings (`sft: {learning_rate: 1e-3}`) that the stage's config class reads.
+
+Rounds. Round 1 is the `rm`, `cm`, `eval_scores`, `ppo_lag` and `evaluate_ppo_lag` stages. `rounds` stands for the
+stages of rounds 2..`rounds`, each six stages (`stages.round_stages`):
+    round{k}/redteam      gather the prompts the round k−1 policy answers unsafely (its cost model: cost > 0)
+                          plus SafeWorld's red-team prompts, sample new pairs from that policy, annotate them
+                          (SafeWorld's simulated crowdworkers), add them to all the pairs so far (`pipeline.redteam`)
+    round{k}/rm, /cm      reward and cost models on all the pairs so far
+    round{k}/eval_scores  those models on the held-out pairs
+    round{k}/ppo_lag      Safe RLHF from the round k−1 policy with round k's models and threshold
+    round{k}/evaluate     gold evaluation of that policy
+Round k's reward and cost models start from round k−1's by default (`round_value_models: previous`), trained for a
+fraction of an epoch (profile) on all the pairs so far; the paper retrained them from the SFT model (`sft`).
+
+Two lanes (`parallel_baselines`): `lanes.py`. `policies.json` (written after every stage) lists every policy and value
+model the stages produce (`manifest.py`); `progress.json` names the stage running now; `metrics.json`, written at the
+end, every stage's numbers, flat (`summary.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from safealign.config import ConfigError, changed_settings, check_overrides, save_config
+from safealign.console import stderr_console
+from safealign.pipeline.config import HOW_TO_RUN, PipelineConfig, num_rounds
+from safealign.pipeline.lanes import (
+    BASELINE_LANE,
+    LANE_HEAD,
+    enough_threads,
+    run_beside,
+)
+from safealign.pipeline.manifest import policies_manifest
+from safealign.pipeline.stage_runner import StageRunner
+from safealign.pipeline.stages import (
+    ALWAYS_RUN,
+    COMMANDS,
+    SETTINGS_COMMANDS,
+    expand_stages,
+)
+from safealign.pipeline.summary import print_summary, summarise
+from safealign.run_directory import write_manifest, write_metrics, write_progress
+
+console = stderr_console()
+
+__all__ = ["PipelineConfig", "check_config", "run"]
+
+
+def check_config(cfg: PipelineConfig) -> list[str]:
+    """The stages cfg runs (groups expanded); a ConfigError before anything runs when the settings cannot work:
+    unknown stages, round settings that do not fit, a per-stage mapping with a key or value its stage rejects."""
+    rounds = num_rounds(cfg)
+    if rounds < 1:
+        raise ConfigError(f"rounds must be >= 1 (or 0 for the profile's), got {cfg.rounds}")
+    if cfg.round_thresholds and len(cfg.round_thresholds) != rounds:
+        raise ConfigError(f"round_thresholds has {len(cfg.round_thresholds)} values for {rounds} rounds: give one per "
+                          "round (round 1 first) or none")
+    for key, command in SETTINGS_COMMANDS.items():
+        config_class, _ = COMMANDS[command].load()
+        check_overrides(config_class, getattr(cfg, key), f"pipeline setting '{key}'")
+    stages = expand_stages(cfg, Path(cfg.output_dir))
+    later = [s for s in stages if s.startswith("round") and "/" in s]  # a stage of round k >= 2
+    if later and cfg.preference_data and len(cfg.round_preference_data) < rounds - 1:
+        raise ConfigError(
+            f"rounds 2..{rounds} need annotations of their new pairs. On SafeWorld its simulated crowdworkers give "
+            "them; with your own preference_data, annotate each round's pairs (e.g. sampled from the previous "
+            f"round's policy) and list the PKU-format files in round_preference_data (one per round >= 2: "
+            f"{rounds - 1} needed, {len(cfg.round_preference_data)} given), or set rounds: 1")
+    if cfg.parallel_baselines and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("parallel_baselines starts a second pipeline process: run the pipeline without accelerate "
+                          "launch / torchrun, or set parallel_baselines: false")
+    return stages
+
+
+def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
+    """A run directory started with other settings keeps the stages already done (skip-when-done): say which
+    settings differ, so that results of two configurations are not mixed unknowingly, and keep the earlier
+    config.yaml next to the new one (config.before-<UTC time>.yaml)."""
+    changed = changed_settings(cfg, root / "config.yaml", ignore=HOW_TO_RUN)
+    if changed:
+        # config.yaml will describe this invocation: the one it replaces is kept, since done stages came from it
+        kept = root / f"config.before-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.yaml"
+        (root / "config.yaml").replace(kept)
+        console.print(f"[yellow]warning:[/] {root} was started with other settings ({', '.join(changed)}): the stages already "
+                      "done keep their results and are skipped; remove their directories (or use a new output_dir) to "
+                      f"redo them with these settings. The earlier settings are kept in {kept.name}.", highlight=False)
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    stages = check_config(cfg)
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _warn_if_settings_changed(cfg, root)
+    save_config(cfg, root / "config.yaml")
+    write_manifest(root, policies_manifest(cfg, root, set(stages)))
+    runner = StageRunner(cfg, root, stages)
+    groups = {name: runner.stage(name).group or name for name in stages}
+    head, side, tail = ([s for s in stages if groups[s] in names] for names in (LANE_HEAD, BASELINE_LANE, ALWAYS_RUN))
+    main = [s for s in stages if s not in {*head, *side, *tail}]
+    both_lanes_busy = any(not runner.done(s) for s in side) and any(not runner.done(s) for s in main)
+    if cfg.parallel_baselines and both_lanes_busy and enough_threads():
+        runner.run_all(head)
+        run_beside(runner, main=main, side=side)
+        runner.run_all(tail)
+    else:
+        runner.run_all(stages)
+    write_progress(root, None, len(stages), len(stages))
+
+    def in_order(values: dict[str, Any]) -> dict[str, Any]:  # the lanes finish their stages out of order
+        return {name: values[name] for name in stages if name in values}
+
+    summary = summarise(cfg, in_order(runner.results), in_order(runner.timings), in_order(runner.cpu_timings))
+    write_metrics(root, summary)
+    print_summary(summary, num_rounds(cfg))
+    if "report" in stages:
+        console.print(f"report: {root / 'report.html'} (and report.md, report.json)", highlight=False)
+    return summary

@@ -1,0 +1,285 @@
+"""The stage table: every command of safealign and every stage of the pipeline, as data.
+
+`COMMANDS`: one row per command, the module whose function (`run`) it calls with its config class. The module is
+imported when the command runs, not before, so that `safealign --help` starts at once (the stage modules import
+torch); `Command.load` is the one place that imports them.
+
+`plan(cfg, root)`: the pipeline's stages for a config and a run directory, in order, each a `Stage`: the command it
+runs, its directory in the run directory, its inputs (the config values it gets from the run: data files, the models
+earlier stages wrote, the seed), the pipeline settings laid over them (the profile's and the user's per-stage
+mappings, in order), and the values no setting may change (its output directory, a round's models). The runner
+calls `plan` again right before each stage, so a stage's inputs may depend on what the earlier ones wrote (round
+k's λ when it is carried over, a red-team directory's files).
+
+A new method needs one row in `COMMANDS` (its command) and, to run inside the pipeline, one `Stage` in `plan` (with
+its name in `PipelineConfig.stages`, and its settings mapping if it has one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from safealign.config import ConfigError
+from safealign.pipeline.config import (
+    PipelineConfig,
+    num_rounds,
+    shaping_nus,
+    stage_settings,
+)
+from safealign.run_directory import round_dirs
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: `safealign <name>` (or, with `cli` False, a stage of the pipeline only)."""
+
+    name: str
+    module: str  # the module holding the config class and the function
+    config: str  # the config class's name
+    summary: str
+    function: str = "run"
+    cli: bool = True
+
+    def load(self) -> tuple[type, Callable[[Any], dict[str, Any]]]:
+        module = importlib.import_module(self.module)
+        return getattr(module, self.config), getattr(module, self.function)
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in [
+    Command("world generate", "safealign.data.safeworld.generate", "WorldConfig",
+            "Generate SafeWorld (prompts, SFT corpus, annotated preference pairs) as PKU-format files."),
+    Command("sft", "safealign.algorithms.sft", "SFTConfig", "Supervised fine-tuning of the policy (loss on response tokens)."),
+    Command("rm", "safealign.algorithms.reward", "RewardConfig", "Train the reward model (helpfulness, Bradley-Terry)."),
+    Command("cm", "safealign.algorithms.cost", "CostConfig", "Train the cost model (harmlessness, Bradley-Terry + safety sign)."),
+    Command("eval-scores", "safealign.evaluation.scores", "ScoreEvalConfig",
+            "Evaluate a reward/cost model on a preference file (accuracies, gold agreement on SafeWorld, figures)."),
+    Command("evaluate", "safealign.evaluation.compare", "CompareConfig",
+            "Generate with a policy (--model) and judge it, or compare a set of models (--models): gold and model "
+            "judges, Elo, win rates, arena."),
+    Command("ppo", "safealign.algorithms.ppo", "PPOConfig", "RLHF: PPO of the policy on the reward model."),
+    Command("ppo-lag", "safealign.algorithms.ppo_lag", "PPOLagConfig", "Safe RLHF: PPO-Lagrangian on the reward and cost models."),
+    Command("shaping", "safealign.algorithms.reward_shaping", "RewardShapingConfig",
+            "Baseline: PPO on the shaped reward R - nu*C (nu fixed, or a sweep)."),
+    Command("redteam", "safealign.pipeline.redteam", "RedTeamConfig",
+            "One red-teaming round's data: probe a policy, gather unsafe prompts, sample and annotate new pairs (SafeWorld)."),
+    Command("compare", "safealign.evaluation.compare", "RunComparisonConfig",
+            "Compare every evaluated policy of a pipeline run directory (Elo, win rates, arena) into eval/compare/.",
+            function="run_comparison"),
+    Command("report", "safealign.evaluation.report", "ReportConfig",
+            "Render a run directory as report.html (self-contained), report.md and report.json."),
+    Command("pipeline", "safealign.pipeline.runner", "PipelineConfig",
+            "The main job: SafeWorld -> SFT -> reward + cost models -> Safe RLHF and baselines -> evaluation, in one run directory."),
+    Command("seeds", "safealign.pipeline.seeds", "SeedsConfig",
+            "The pipeline once per seed (--seeds \"[0, 1, 2]\", --jobs at once), then the summary over the runs (seeds.html)."),
+    Command("aggregate", "safealign.evaluation.aggregate", "AggregateConfig",
+            "Summarise finished pipeline runs (e.g. one per seed): claims counted over runs, numbers as mean ± std (seeds.html)."),
+    # A policy's gold evaluation as a pipeline stage (on the command line it is `safealign evaluate --model`).
+    Command("evaluate-policy", "safealign.evaluation.gold", "GoldEvalConfig", "Sample a policy and judge it.", cli=False),
+]}
+
+# The command whose config reads each per-stage mapping of PipelineConfig (checked before any stage runs).
+SETTINGS_COMMANDS = {"world": "world generate", "sft": "sft", "rm": "rm", "cm": "cm", "evaluate": "evaluate-policy",
+                     "eval_scores": "eval-scores", "ppo_lag": "ppo-lag", "ppo": "ppo", "shaping": "shaping",
+                     "redteam": "redteam", "round_rm": "rm", "round_cm": "cm", "round_ppo_lag": "ppo-lag",
+                     "compare": "compare"}
+ROUND_STEPS = ("redteam", "rm", "cm", "eval_scores", "ppo_lag", "evaluate")  # the stages of round k >= 2, in order
+ALWAYS_RUN = ("compare", "report")  # cheap summaries of the whole run directory: re-done so they see every policy
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline. Its config is `inputs`, then each `settings` mapping, then `fixed`."""
+
+    name: str  # "rm", "round2/rm", "shaping/nu=0.1"
+    command: str  # a key of COMMANDS
+    directory: Path  # where it writes (its done file is there)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    settings: tuple[str, ...] = ()  # PipelineConfig mappings (profile, then the user's), in order
+    fixed: dict[str, Any] = field(default_factory=dict)
+    group: str = ""  # the entry of PipelineConfig.stages it comes from ("rounds", "shaping"); "" = its own name
+    resumable: bool = False  # a training stage: an interrupted attempt continues from its newest checkpoint
+    done_file: str = "metrics.json"
+
+    def config_values(self, cfg: PipelineConfig) -> dict[str, Any]:
+        values = dict(self.inputs)
+        for key in self.settings:
+            values.update(stage_settings(cfg, key))
+        return {**values, **self.fixed}
+
+
+def round_stage(k: int, step: str) -> str:
+    """The stage that does `step` (rm, cm, eval_scores, ppo_lag, evaluate, redteam) in round k."""
+    if k == 1:
+        return {"evaluate": "evaluate_ppo_lag"}.get(step, step)
+    return f"round{k}/{step}"
+
+
+def round_threshold(cfg: PipelineConfig, k: int) -> float:
+    """d of round k: round_thresholds[k-1], else the round's PPO-Lag settings (round_ppo_lag over ppo_lag), else the
+    command's default."""
+    if cfg.round_thresholds:
+        return float(cfg.round_thresholds[k - 1])
+    settings = {**stage_settings(cfg, "ppo_lag"), **(stage_settings(cfg, "round_ppo_lag") if k > 1 else {})}
+    if "threshold" in settings:
+        return float(settings["threshold"])
+    config_class, _ = COMMANDS["ppo-lag"].load()
+    return float(config_class.threshold)
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """The files the stages read: the user's, or SafeWorld's in the run directory."""
+
+    sft: str
+    preferences: str
+    preference_eval: str  # "" = rm/cm hold out a fraction of `preferences`
+    eval_prompts: str
+    rl_prompts: str
+    uses_world: bool  # False when the user gave every file: no world stage
+
+
+def data_paths(cfg: PipelineConfig, root: Path) -> DataPaths:
+    world = root / "world"
+    return DataPaths(
+        sft=cfg.sft_data or str(world / "sft" / "train.jsonl"),
+        preferences=cfg.preference_data or str(world / "preferences" / "train.jsonl"),
+        # Your preference file without a held-out one: rm/cm hold out their eval_fraction (never SafeWorld's pairs).
+        preference_eval=cfg.preference_eval_data or ("" if cfg.preference_data else str(world / "preferences" / "test.jsonl")),
+        eval_prompts=cfg.eval_prompts or str(world / "prompts" / "test.jsonl"),
+        rl_prompts=cfg.rl_prompts or (str(world / "prompts" / "train.jsonl") if not cfg.preference_data else
+                                      cfg.preference_data),
+        uses_world=not (cfg.sft_data and cfg.preference_data and cfg.eval_prompts),
+    )
+
+
+def plan(cfg: PipelineConfig, root: Path) -> dict[str, Stage]:
+    """Every stage cfg can run, by name, in the order of the default `stages`."""
+    paths = data_paths(cfg, root)
+    stages: list[Stage] = [
+        Stage("world", "world generate", root / "world", settings=("world",), fixed={"out": str(root / "world"), "seed": cfg.seed},
+              done_file="world.json"),
+        Stage("sft", "sft", root / "sft", {"model": cfg.model, "train_data": paths.sft, "seed": cfg.seed}, ("sft",),
+              {"output_dir": str(root / "sft")}, resumable=True),
+        evaluation("evaluate_sft", cfg, root, paths, root / "sft" / "model", root / "eval" / "sft"),
+        value_model("rm", cfg, root, paths, 1),
+        value_model("cm", cfg, root, paths, 1),
+        value_model_scores("eval_scores", cfg, root, paths, 1),
+        rl_stage("ppo_lag", "ppo-lag", cfg, root, paths, ("ppo_lag",),
+                 {"threshold": round_threshold(cfg, 1)} if cfg.round_thresholds else {}),
+        evaluation("evaluate_ppo_lag", cfg, root, paths, root / "ppo_lag" / "model", root / "eval" / "ppo_lag"),
+    ]
+    for k in range(2, num_rounds(cfg) + 1):
+        stages += round_stages(cfg, root, paths, k)
+    stages += [
+        rl_stage("ppo", "ppo", cfg, root, paths, ("ppo",)),
+        evaluation("evaluate_ppo", cfg, root, paths, root / "ppo" / "model", root / "eval" / "ppo"),
+    ]
+    nus = shaping_nus(cfg)
+    stages += [rl_stage(f"shaping/nu={nu:g}", "shaping", cfg, root, paths, ("shaping",), {"nus": [], "nu": nu},
+                        directory=root / "shaping" / f"nu-{nu:g}", group="shaping") for nu in nus]
+    stages += [evaluation(f"evaluate_shaping/nu={nu:g}", cfg, root, paths, root / "shaping" / f"nu-{nu:g}" / "model",
+                          root / "eval" / "shaping" / f"nu-{nu:g}", group="evaluate_shaping") for nu in nus]
+    stages += [
+        Stage("compare", "compare", root / "eval" / "compare", settings=("compare",), fixed={"run_dir": str(root)}),
+        Stage("report", "report", root / "report", fixed={"run_dir": str(root)}),
+    ]
+    return {stage.name: stage for stage in stages}
+
+
+def evaluation(name: str, cfg: PipelineConfig, root: Path, paths: DataPaths, model: Path, out: Path,
+               group: str = "") -> Stage:
+    """A policy's gold evaluation on the evaluation prompts."""
+    return Stage(name, "evaluate-policy", out, {"model": str(model), "prompts": paths.eval_prompts, "seed": cfg.seed},
+                 ("evaluate",), {"output_dir": str(out)}, group=group)
+
+
+def rl_stage(name: str, command: str, cfg: PipelineConfig, root: Path, paths: DataPaths, settings: tuple[str, ...],
+             fixed: dict[str, Any] | None = None, directory: Path | None = None, group: str = "") -> Stage:
+    """An RL stage from the SFT model with round 1's reward and cost models (PPO has no cost model)."""
+    directory = directory or root / name
+    inputs = {"actor_model": str(root / "sft" / "model"), "reward_model": str(root / "rm" / "model"),
+              "cost_model": str(root / "cm" / "model"), "prompt_data": paths.rl_prompts, "seed": cfg.seed}
+    if command == "ppo":
+        del inputs["cost_model"]
+    return Stage(name, command, directory, inputs, settings, {**(fixed or {}), "output_dir": str(directory)},
+                 group=group, resumable=True)
+
+
+def value_model(key: str, cfg: PipelineConfig, root: Path, paths: DataPaths, k: int) -> Stage:
+    """The reward (key rm) or cost (cm) model of round k: round 1 from the SFT model on the first pairs; round k >= 2
+    on all pairs so far, from round k-1's model (or the SFT model), with the round_{key} settings over {key}'s."""
+    init, train_data, settings = root / "sft" / "model", paths.preferences, (key,)
+    if k > 1:
+        if cfg.round_value_models == "previous":
+            init = root / round_dirs(k - 1)[key] / "model"
+        train_data = str(root / round_dirs(k)["redteam"] / "train_preferences.jsonl")  # new pairs × new_pairs_weight
+        if not Path(train_data).is_file():  # a run directory from before train_preferences.jsonl existed
+            train_data = str(root / round_dirs(k)["preferences"])
+        settings = (key, f"round_{key}")
+    out = root / round_dirs(k)[key]
+    return Stage(round_stage(k, key), key, out, {"model": str(init), "train_data": train_data,
+                                                 "eval_data": paths.preference_eval, "seed": cfg.seed},
+                 settings, {"output_dir": str(out)}, group="rounds" if k > 1 else "", resumable=True)
+
+
+def value_model_scores(name: str, cfg: PipelineConfig, root: Path, paths: DataPaths, k: int) -> Stage:
+    """Round k's reward and cost models on the held-out pairs (against the gold judges on SafeWorld)."""
+    dirs, out = round_dirs(k), root / round_dirs(k)["scores"]
+    return Stage(name, "eval-scores", out, {"reward_model": str(root / dirs["rm"] / "model"),
+                                            "cost_model": str(root / dirs["cm"] / "model"),
+                                            "data": paths.preference_eval or paths.preferences},
+                 ("eval_scores",), {"output_dir": str(out)}, group="rounds" if k > 1 else "")
+
+
+def round_stages(cfg: PipelineConfig, root: Path, paths: DataPaths, k: int) -> list[Stage]:
+    """Round k >= 2: red-teaming, the value models on all pairs so far, their scores, PPO-Lag from the round k-1
+    policy (also the KL reference) with round k's models and threshold, its evaluation."""
+    previous, dirs = round_dirs(k - 1), round_dirs(k)
+    on_safeworld = not cfg.preference_data  # SafeWorld's pairs: its annotators can label new ones
+    redteam = Stage(round_stage(k, "redteam"), "redteam", root / dirs["redteam"], {
+        "policy": str(root / previous["ppo_lag"] / "model"), "cost_model": str(root / previous["cm"] / "model"),
+        "probe_prompts": paths.rl_prompts, "rl_prompts": paths.rl_prompts,
+        "redteam_prompts": str(root / "world" / "prompts" / "redteam.jsonl") if on_safeworld else "",
+        "world": str(root / "world") if on_safeworld else "",
+        "annotations": cfg.round_preference_data[k - 2] if len(cfg.round_preference_data) >= k - 1 else "",
+        "previous_preferences": paths.preferences if k == 2 else str(root / previous["preferences"]),
+        "preferences_out": str(root / dirs["preferences"]), "stream": f"round{k}", "seed": cfg.seed},
+        ("redteam",), {"output_dir": str(root / dirs["redteam"])}, group="rounds")
+    carried = {}
+    previous_metrics = root / previous["ppo_lag"] / "metrics.json"
+    if cfg.round_lambda == "carry" and "lambda_init" not in cfg.round_ppo_lag and previous_metrics.is_file():
+        # The dual variable continues where round k-1 left it (it ends near 0 when the constraint is slack).
+        carried = {"lambda_init": json.loads(previous_metrics.read_text())["lagrange_multiplier"]}
+    policy = rl_stage(round_stage(k, "ppo_lag"), "ppo-lag", cfg, root, paths, ("ppo_lag", "round_ppo_lag"), {
+        **carried, "actor_model": str(root / previous["ppo_lag"] / "model"),
+        "reward_model": str(root / dirs["rm"] / "model"), "cost_model": str(root / dirs["cm"] / "model"),
+        "prompt_data": str(root / dirs["redteam"] / "rl_prompts.jsonl"), "threshold": round_threshold(cfg, k)},
+        directory=root / dirs["ppo_lag"], group="rounds")
+    return [redteam, value_model("rm", cfg, root, paths, k), value_model("cm", cfg, root, paths, k),
+            value_model_scores(round_stage(k, "eval_scores"), cfg, root, paths, k), policy,
+            evaluation(round_stage(k, "evaluate"), cfg, root, paths, root / dirs["ppo_lag"] / "model",
+                       root / dirs["eval"], group="rounds")]
+
+
+def expand_stages(cfg: PipelineConfig, root: Path | None = None) -> list[str]:
+    """cfg.stages with each group (`rounds`, `shaping`, `evaluate_shaping`) replaced by its stages; a ConfigError
+    naming an unknown stage. `root`: the run directory (default: cfg.output_dir)."""
+    root = Path(cfg.output_dir) if root is None else root
+    table = plan(cfg, root)
+    expanded: list[str] = []
+    for name in cfg.stages:
+        members = [s.name for s in table.values() if s.group == name]
+        if members:
+            expanded += members
+        elif name in table:
+            expanded.append(name)
+        elif name != "rounds":  # rounds: 1 has no later rounds
+            known = [s.name for s in table.values()] + sorted({s.group for s in table.values() if s.group})
+            raise ConfigError(f"unknown pipeline stage(s) {[name]}; known: {known}")
+    if not data_paths(cfg, root).uses_world:
+        expanded = [s for s in expanded if s != "world"]
+    return expanded
