@@ -80,12 +80,7 @@ def is_gloo_teardown_abort(stderr: str) -> bool:
 def world_backbone(tmp_path_factory) -> Callable[..., dict[str, Path]]:
     """Factory: a small SafeWorld (no SFT corpus) and an untrained `tiny` backbone (tokenizer trained on the world)
     saved as a directory. Returns root, backbone, world, train and test (the preference files)."""
-    from safealign.data.safeworld.generate import (
-        WorldConfig,
-        generate_world,
-        world_texts,
-        write_world,
-    )
+    from safealign.data.safeworld.generate import WorldConfig, generate_world, world_texts, write_world
     from safealign.models.presets import build_causal_lm
     from safealign.models.tokenizer import train_tokenizer
 

@@ -5,14 +5,7 @@ from typing import Literal
 
 import pytest
 
-from safealign.config import (
-    ConfigError,
-    config_field,
-    describe_config,
-    load_config,
-    parse_overrides,
-    save_config,
-)
+from safealign.config import ConfigError, config_field, describe_config, load_config, parse_overrides, save_config
 
 
 @dataclass

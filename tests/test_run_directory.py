@@ -8,13 +8,7 @@ import json
 import pytest
 
 from safealign.config import ConfigError
-from safealign.run_directory import (
-    Manifest,
-    PolicyEntry,
-    ValueModelEntry,
-    load_manifest,
-    write_manifest,
-)
+from safealign.run_directory import Manifest, PolicyEntry, ValueModelEntry, load_manifest, write_manifest
 
 
 def test_manifest_errors_name_the_file_entry_and_field(tmp_path):

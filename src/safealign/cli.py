@@ -36,9 +36,7 @@ ASKS_HELP = bool({"--help", "-h"} & set(sys.argv))  # only then import a command
 
 def _user_error(message: str) -> None:
     # soft_wrap: never break a long path or row reference across lines (copy-paste, grep)
-    from rich.markup import (
-        escape,  # a message may hold brackets ("[system,] user"): text, not markup
-    )
+    from rich.markup import escape  # a message may hold brackets ("[system,] user"): text, not markup
 
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tiny_rl import TinySetup, tiny_setup  # noqa: E402  (tests/algorithms is on sys.path)
 
 

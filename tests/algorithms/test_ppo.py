@@ -13,16 +13,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_rl import FAST  # noqa: E402  (tests/algorithms is on sys.path)
 from typer.testing import CliRunner
 
 from safealign.algorithms.ppo import PPO, PPOConfig
 from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig
-from safealign.algorithms.reward_shaping import (
-    RewardShaping,
-    RewardShapingConfig,
-    run_sweep,
-)
+from safealign.algorithms.reward_shaping import RewardShaping, RewardShapingConfig, run_sweep
 from safealign.cli import app
 from safealign.config import load_config
 from safealign.data.formatting import tokenize_prompt
@@ -32,6 +27,7 @@ from safealign.models.score_model import build_score_model, load_score_model
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training.rl import Experience
 from safealign.training.rl_setup import RLModels, disable_dropout
+from tiny_rl import FAST  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 def test_experience_columns_scores_and_log_probs_match_unpadded_rows(tiny):

@@ -9,18 +9,13 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_rl import lag_config, setup, update  # noqa: E402  (tests/algorithms is on sys.path)
 
 from safealign.algorithms.ppo_lag import run
-from safealign.algorithms.rollout import (
-    critic_values,
-    end_scores,
-    policy_and_values,
-    token_log_probs,
-)
+from safealign.algorithms.rollout import critic_values, end_scores, policy_and_values, token_log_probs
 from safealign.models.actor_critic import ActorCritic, ridge_solution
 from safealign.models.presets import build_causal_lm
 from safealign.models.score_model import load_score_model
+from tiny_rl import lag_config, setup, update  # noqa: E402  (tests/algorithms is on sys.path)
 
 LAYOUTS = ("full", "shared_backbone", "lora")
 

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_rl import FAST, TinySetup, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
 
 import safealign
 from safealign.algorithms.losses import combined_advantage
@@ -23,6 +22,7 @@ from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig, run
 from safealign.models.presets import build_causal_lm
 from safealign.training import rl
 from safealign.training.rl import Experience, RLRun
+from tiny_rl import FAST, TinySetup, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 def history(out: Path, key: str) -> list[float]:

@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_rl import lag_config, setup, update  # noqa: E402  (tests/algorithms is on sys.path)
 
 from safealign.algorithms.ppo_lag import run
 from safealign.algorithms.rollout import token_log_probs
@@ -18,6 +17,7 @@ from safealign.config import ConfigError
 from safealign.models.lora import AdapterDisabledPolicy
 from safealign.models.presets import build_causal_lm
 from safealign.models.tokenizer import load_tokenizer
+from tiny_rl import lag_config, setup, update  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 def test_lora_actor_starts_as_the_full_actor_then_learns_while_the_reference_stays_the_sft_model(tiny, tmp_path):

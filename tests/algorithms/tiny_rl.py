@@ -12,12 +12,7 @@ import torch
 from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig
 from safealign.data.formatting import tokenize_prompt
 from safealign.data.loading import load_prompts
-from safealign.data.safeworld import (
-    WorldConfig,
-    generate_world,
-    world_texts,
-    write_world,
-)
+from safealign.data.safeworld import WorldConfig, generate_world, world_texts, write_world
 from safealign.models.actor_critic import causal_lm
 from safealign.models.generation import SamplingConfig, generate_tokens
 from safealign.models.presets import build_causal_lm

@@ -7,19 +7,8 @@ import time
 
 import pytest
 
-from safealign.data.loading import (
-    load_preferences,
-    load_prompts,
-    load_rows,
-    load_sft,
-    validate_file,
-)
-from safealign.data.schema import (
-    DataError,
-    DataFileNotFoundError,
-    PromptRecord,
-    SFTExample,
-)
+from safealign.data.loading import load_preferences, load_prompts, load_rows, load_sft, validate_file
+from safealign.data.schema import DataError, DataFileNotFoundError, PromptRecord, SFTExample
 
 
 def assert_located(err: DataError, file, row: int | None, field: str | None, *phrases: str) -> None:

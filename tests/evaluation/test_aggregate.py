@@ -13,12 +13,7 @@ from typer.testing import CliRunner
 
 from safealign.cli import app
 from safealign.config import ConfigError
-from safealign.evaluation.aggregate import (
-    AggregateConfig,
-    aggregate,
-    check_claims,
-    describe,
-)
+from safealign.evaluation.aggregate import AggregateConfig, aggregate, check_claims, describe
 from safealign.evaluation.report.document import unshown_cells
 
 

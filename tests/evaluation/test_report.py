@@ -18,11 +18,7 @@ from safealign.evaluation.report import build_report
 from safealign.evaluation.report.document import unshown_cells
 from safealign.evaluation.report.figures import CURVES
 from safealign.evaluation.report.reading import read_scalars
-from safealign.evaluation.report.sections import (
-    NO_GOLD_STATEMENT,
-    SCORE_FIGURES,
-    SIMULATION_STATEMENT,
-)
+from safealign.evaluation.report.sections import NO_GOLD_STATEMENT, SCORE_FIGURES, SIMULATION_STATEMENT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMG = '<img src="data:image/png;base64,'

@@ -11,12 +11,7 @@ from typer.testing import CliRunner
 from safealign.cli import app
 from safealign.data.loading import load_preferences
 from safealign.data.safeworld import judge_harm, judge_helpfulness
-from safealign.evaluation.scores import (
-    ScoreEvalConfig,
-    cost_gold_metrics,
-    reward_gold_metrics,
-    run,
-)
+from safealign.evaluation.scores import ScoreEvalConfig, cost_gold_metrics, reward_gold_metrics, run
 from safealign.models.score_model import build_score_model, save_score_model
 from safealign.models.tokenizer import load_tokenizer
 

@@ -7,13 +7,7 @@ import torch
 
 from safealign.io import atomic_path
 from safealign.models import presets
-from safealign.models.presets import (
-    PRETRAINED,
-    build_causal_lm,
-    parameter_count,
-    preset_config,
-    resolve_pretrained,
-)
+from safealign.models.presets import PRETRAINED, build_causal_lm, parameter_count, preset_config, resolve_pretrained
 from safealign.models.tokenizer import load_tokenizer, train_tokenizer
 
 

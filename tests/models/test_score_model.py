@@ -16,13 +16,7 @@ from transformers import (
 
 from safealign.models.lora import lora_critic
 from safealign.models.presets import resolve_pretrained
-from safealign.models.score_model import (
-    ScoreModel,
-    ScoreOutput,
-    build_score_model,
-    load_score_model,
-    save_score_model,
-)
+from safealign.models.score_model import ScoreModel, ScoreOutput, build_score_model, load_score_model, save_score_model
 from safealign.models.tokenizer import load_tokenizer, train_tokenizer
 
 VOCAB, PAD, EOS = 64, 0, 2

@@ -1,14 +1,7 @@
 import pytest
 
 from safealign.data.formatting import SAFE_RLHF_PROMPT_TEMPLATE, format_prompt
-from safealign.models.tokenizer import (
-    BOS,
-    EOS,
-    PAD,
-    load_tokenizer,
-    save_tokenizer,
-    train_tokenizer,
-)
+from safealign.models.tokenizer import BOS, EOS, PAD, load_tokenizer, save_tokenizer, train_tokenizer
 
 CORPUS = [
     "The river flooded the village after three days of rain.",

@@ -22,11 +22,7 @@ from safealign.data.safeworld import (
     write_world,
 )
 from safealign.models.presets import build_causal_lm
-from safealign.models.score_model import (
-    build_score_model,
-    load_score_model,
-    save_score_model,
-)
+from safealign.models.score_model import build_score_model, load_score_model, save_score_model
 from safealign.models.tokenizer import load_tokenizer, train_tokenizer
 from safealign.pipeline.redteam import (
     RedTeamConfig,

@@ -14,12 +14,7 @@ from safetensors.torch import load_file
 
 import safealign
 from safealign.algorithms.sft import SFTConfig, run
-from safealign.training.checkpoint import (
-    load_state_tree,
-    rng_state,
-    save_state_tree,
-    set_rng_state,
-)
+from safealign.training.checkpoint import load_state_tree, rng_state, save_state_tree, set_rng_state
 from safealign.training.common import epoch_batches, resolve_mixed_precision
 
 

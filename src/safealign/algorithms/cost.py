@@ -25,12 +25,7 @@ from typing import Any, Literal
 import torch
 
 from safealign.algorithms.losses import cost_loss, safety_sign
-from safealign.algorithms.preference_model import (
-    PairStep,
-    PreferenceModelConfig,
-    pick,
-    train_preference_model,
-)
+from safealign.algorithms.preference_model import PairStep, PreferenceModelConfig, pick, train_preference_model
 from safealign.config import ConfigError, config_field
 from safealign.data.augment import splice_unsafe_pairs
 

@@ -40,13 +40,7 @@ from safealign.algorithms.losses import (
     sft_loss,
     token_signal,
 )
-from safealign.algorithms.rollout import (
-    critic_values,
-    end_scores,
-    policy_and_values,
-    response_values,
-    token_log_probs,
-)
+from safealign.algorithms.rollout import critic_values, end_scores, policy_and_values, response_values, token_log_probs
 from safealign.config import ConfigError, config_field
 from safealign.models.actor_critic import ridge_solution
 from safealign.training.rl import Experience, RLAlgorithm, RLRun, train_rl

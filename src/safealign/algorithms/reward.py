@@ -12,12 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safealign.algorithms.losses import reward_loss
-from safealign.algorithms.preference_model import (
-    PairStep,
-    PreferenceModelConfig,
-    pick,
-    train_preference_model,
-)
+from safealign.algorithms.preference_model import PairStep, PreferenceModelConfig, pick, train_preference_model
 from safealign.config import config_field
 
 

@@ -19,12 +19,7 @@ import torch
 from safealign.algorithms.losses import label_cross_entropy, sft_loss
 from safealign.config import ConfigError, config_field
 from safealign.data.collate import collate_sft
-from safealign.data.formatting import (
-    IGNORE_INDEX,
-    TokenizedExample,
-    tokenize_prompt_response,
-    training_text,
-)
+from safealign.data.formatting import IGNORE_INDEX, TokenizedExample, tokenize_prompt_response, training_text
 from safealign.data.loading import load_sft, split_eval
 from safealign.data.schema import SFTExample
 from safealign.models.lora import require_pretrained_base

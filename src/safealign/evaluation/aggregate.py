@@ -32,13 +32,7 @@ from typing import Any, Callable
 import yaml
 
 from safealign.config import ConfigError, config_field
-from safealign.evaluation.report.document import (
-    Column,
-    FigureBlock,
-    Section,
-    TableBlock,
-    write_report,
-)
+from safealign.evaluation.report.document import Column, FigureBlock, Section, TableBlock, write_report
 from safealign.evaluation.report.figures import figure_png, pyplot
 from safealign.evaluation.report.reading import Run, read_run
 from safealign.evaluation.report.sections import SIMULATION_STATEMENT, dominated_by

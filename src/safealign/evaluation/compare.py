@@ -41,13 +41,7 @@ from rich.table import Table
 from safealign.config import ConfigError, changed_settings, config_field, save_config
 from safealign.console import stderr_console
 from safealign.evaluation import gold
-from safealign.evaluation.gold import (
-    GoldEvalConfig,
-    judge_samples,
-    summarise_judgements,
-    summarise_samples,
-    uses_gold,
-)
+from safealign.evaluation.gold import GoldEvalConfig, judge_samples, summarise_judgements, summarise_samples, uses_gold
 from safealign.evaluation.model_scores import score_samples, with_scores
 from safealign.evaluation.pairwise import (
     ResponseJudgement,
@@ -59,12 +53,7 @@ from safealign.evaluation.pairwise import (
 )
 from safealign.io import atomic_write_json
 from safealign.models.presets import PRESETS, PRETRAINED, looks_local
-from safealign.run_directory import (
-    RESERVED_NAMES,
-    check_name,
-    final_value_models,
-    load_manifest,
-)
+from safealign.run_directory import RESERVED_NAMES, check_name, final_value_models, load_manifest
 
 console = stderr_console()
 

@@ -30,13 +30,7 @@ from typing import Any, Literal, Sequence
 
 from safealign.config import ConfigError, config_field, save_config
 from safealign.data.loading import load_preferences
-from safealign.data.safeworld import (
-    classify_response,
-    is_safeworld,
-    judge_harm,
-    judge_helpfulness,
-    parse_prompt,
-)
+from safealign.data.safeworld import classify_response, is_safeworld, judge_harm, judge_helpfulness, parse_prompt
 from safealign.data.schema import PreferenceRecord
 from safealign.io import atomic_path, atomic_write_json, atomic_write_jsonl
 from safealign.models.presets import resolve_device

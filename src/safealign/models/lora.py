@@ -27,12 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from safealign.config import ConfigError
 from safealign.models.presets import PRESETS
-from safealign.models.score_model import (
-    ScoreModel,
-    ScoreOutput,
-    ScoreType,
-    score_output,
-)
+from safealign.models.score_model import ScoreModel, ScoreOutput, ScoreType, score_output
 
 
 def require_peft() -> Any:

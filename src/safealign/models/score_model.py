@@ -36,13 +36,7 @@ from safealign.config import ConfigError
 from safealign.data.collate import pad_batch
 from safealign.data.formatting import tokenize_for_scoring
 from safealign.io import atomic_path
-from safealign.models.presets import (
-    PRESETS,
-    from_pretrained,
-    preset_config,
-    require_model_dir,
-    resolve_pretrained,
-)
+from safealign.models.presets import PRESETS, from_pretrained, preset_config, require_model_dir, resolve_pretrained
 
 ScoreType = Literal["reward", "cost", "critic"]
 SCORE_TYPES = ("reward", "cost", "critic")

@@ -51,18 +51,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from safealign.config import ConfigError, config_field, load_config, save_config
-from safealign.data.loading import (
-    PREFERENCE_OPTIONAL,
-    PREFERENCE_REQUIRED,
-    load_preferences,
-    load_prompts,
-)
-from safealign.data.safeworld import (
-    WorldConfig,
-    is_safeworld,
-    judge_harm,
-    world_annotators,
-)
+from safealign.data.loading import PREFERENCE_OPTIONAL, PREFERENCE_REQUIRED, load_preferences, load_prompts
+from safealign.data.safeworld import WorldConfig, is_safeworld, judge_harm, world_annotators
 from safealign.io import atomic_write_json, atomic_write_jsonl
 from safealign.models.generation import SamplingConfig, sample_responses
 from safealign.models.presets import build_causal_lm, resolve_device

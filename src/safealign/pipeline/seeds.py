@@ -33,13 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from safealign.config import (
-    ConfigError,
-    StageFailed,
-    changed_settings,
-    config_field,
-    save_config,
-)
+from safealign.config import ConfigError, StageFailed, changed_settings, config_field, save_config
 from safealign.console import stderr_console
 from safealign.evaluation.aggregate import AggregateConfig
 from safealign.evaluation.aggregate import run as aggregate

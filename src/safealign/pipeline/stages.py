@@ -24,12 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from safealign.config import ConfigError
-from safealign.pipeline.config import (
-    PipelineConfig,
-    num_rounds,
-    shaping_nus,
-    stage_settings,
-)
+from safealign.pipeline.config import PipelineConfig, num_rounds, shaping_nus, stage_settings
 from safealign.run_directory import round_dirs
 
 

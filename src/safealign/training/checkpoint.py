@@ -34,11 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule
 
 CHECKPOINTS_DIR = "checkpoints"

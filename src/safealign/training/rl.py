@@ -46,12 +46,7 @@ from safealign.data.formatting import tokenize_prompt_response
 from safealign.data.loading import load_sft
 from safealign.io import atomic_write_json, atomic_write_jsonl
 from safealign.models.actor_critic import causal_lm
-from safealign.models.generation import (
-    RolloutBatch,
-    SamplingConfig,
-    decode_responses,
-    generate_tokens,
-)
+from safealign.models.generation import RolloutBatch, SamplingConfig, decode_responses, generate_tokens
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training.checkpoint import (
     checkpoint_dir,

@@ -24,12 +24,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from safealign.data.safeworld.judges import (
-    HarmJudgement,
-    _judge_harm,
-    judge_helpfulness,
-    parse_prompt,
-)
+from safealign.data.safeworld.judges import HarmJudgement, _judge_harm, judge_helpfulness, parse_prompt
 from safealign.data.schema import HARM_CATEGORIES
 
 

@@ -30,12 +30,7 @@ from typing import Any, Iterator
 from safealign.config import ConfigError, config_field
 from safealign.data.safeworld import lexicon as lx
 from safealign.data.safeworld.annotators import Annotators
-from safealign.data.safeworld.judges import (
-    UNITS,
-    classify_response,
-    judge_harm,
-    normalise,
-)
+from safealign.data.safeworld.judges import UNITS, classify_response, judge_harm, normalise
 from safealign.data.safeworld.responses import sample_response
 from safealign.io import atomic_write_json, atomic_write_jsonl
 

@@ -10,12 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safealign.run_directory import (
-    Manifest,
-    PolicyEntry,
-    load_manifest,
-    read_json_or_none,
-)
+from safealign.run_directory import Manifest, PolicyEntry, load_manifest, read_json_or_none
 
 COMPARISON = Path("eval") / "compare" / "comparison.json"
 

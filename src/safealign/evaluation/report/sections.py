@@ -8,13 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from safealign.evaluation.report.document import (
-    Column,
-    FigureBlock,
-    Section,
-    TableBlock,
-    guarded_section,
-)
+from safealign.evaluation.report.document import Column, FigureBlock, Section, TableBlock, guarded_section
 from safealign.evaluation.report.figures import (
     CURVES,
     category_figure,
@@ -24,12 +18,7 @@ from safealign.evaluation.report.figures import (
     histogram_figure,
     per_round_figure,
 )
-from safealign.evaluation.report.reading import (
-    COMPARISON,
-    Run,
-    read_jsonl,
-    read_scalars,
-)
+from safealign.evaluation.report.reading import COMPARISON, Run, read_jsonl, read_scalars
 from safealign.run_directory import read_json_or_none
 
 SCORE_FIGURES = ("reward_distribution.png", "cost_distribution.png", "reward_vs_cost.png")  # from `eval-scores`
