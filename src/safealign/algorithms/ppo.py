@@ -42,6 +42,7 @@ from safealign.algorithms.losses import (
 )
 from safealign.algorithms.rollout import critic_values, end_scores, policy_and_values, response_values, token_log_probs
 from safealign.config import ConfigError, config_field
+from safealign.data.collate import padding_mask_for_causal
 from safealign.models.actor_critic import ridge_solution
 from safealign.training.rl import Experience, RLAlgorithm, RLRun, train_rl
 from safealign.training.rl_setup import RLConfig, RLModels
@@ -159,7 +160,8 @@ class PPO(RLAlgorithm):
             for stream, critic in models.critics.items():
                 yield self._critic_loss(stream, critic_values(critic, batch), batch, metrics)  # values (B, T), with grad
         if ptx_batch is not None:
-            logits = models.actor(input_ids=ptx_batch["input_ids"], attention_mask=ptx_batch["attention_mask"],
+            logits = models.actor(input_ids=ptx_batch["input_ids"],
+                                  attention_mask=padding_mask_for_causal(ptx_batch["attention_mask"]),
                                   use_cache=False).logits  # size = (b, L, V)
             ptx_loss = sft_loss(logits, ptx_batch["labels"])
             metrics["ptx_loss"] = ptx_loss.detach()

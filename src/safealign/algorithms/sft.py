@@ -1,7 +1,7 @@
 """Supervised fine-tuning: next-token cross-entropy on the response tokens (and EOS) only.
 
 The step is small; the loop (accumulation, checkpoints, logging, resume) is `training.supervised.train`.
-Each example is `prompt + response + EOS` (`tokenize_prompt_response`), right-padded per batch to the
+Each example is `prompt + response + EOS` (`tokenize_examples`), right-padded per batch to the
 batch's longest row; the loss is normalised by the label tokens of the whole optimizer step.
 """
 
@@ -18,8 +18,8 @@ import torch
 
 from safealign.algorithms.losses import label_cross_entropy, sft_loss
 from safealign.config import ConfigError, config_field
-from safealign.data.collate import collate_sft
-from safealign.data.formatting import IGNORE_INDEX, TokenizedExample, tokenize_prompt_response, training_text
+from safealign.data.collate import collate_sft, padding_mask_for_causal
+from safealign.data.formatting import IGNORE_INDEX, TokenizedExample, tokenize_examples, training_text
 from safealign.data.loading import load_sft, split_eval
 from safealign.data.schema import SFTExample
 from safealign.models.lora import require_pretrained_base
@@ -46,6 +46,12 @@ class SFTConfig(SupervisedConfig):
     eval_data: str = config_field("", help="Held-out SFT data; '' = hold out eval_fraction of train_data.")
     eval_fraction: float = config_field(0.05, help="Fraction of train_data held out for evaluation when eval_data is empty (0 = none).")
     max_length: int = config_field(256, help="Tokens per example (prompt + response + EOS); longer ones lose the response's end.")
+
+
+def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of a right-padded batch (B, L, V), or what the LM head's pre-hook keeps of them."""
+    return model(input_ids=batch["input_ids"], attention_mask=padding_mask_for_causal(batch["attention_mask"]),
+                 use_cache=False).logits
 
 
 @contextmanager
@@ -100,14 +106,14 @@ class SFTStep(Step):
 
     def _label_logits(self, model, batch) -> torch.Tensor:
         with label_positions_only(model, batch["labels"]):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[0]  # (N, V)
+            return forward(model, batch)[0]  # size = (N, V)
 
     def _check_label_positions_only(self, model, batch) -> bool:
         labels = batch["labels"]
         was_training = model.training
         model.eval()  # dropout off: the two forwards must see the same network
         with torch.no_grad():
-            full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            full = forward(model, batch)  # size = (B, L, V)
             expected = full[:, :-1][labels[:, 1:] != IGNORE_INDEX].float()  # size = (N, V)
             try:
                 selected = self._label_logits(model, batch).float()  # size = (N, V)
@@ -127,13 +133,13 @@ class SFTStep(Step):
         if self.label_positions_only:
             targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # size = (N,)
             return label_cross_entropy(self._label_logits(model, batch), targets, normaliser), {}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (B, L, V)
+        logits = forward(model, batch)  # size = (B, L, V)
         return sft_loss(logits, labels, normaliser), {}
 
     def evaluate(self, model, loader, accelerator) -> dict[str, float]:
         loss_sum, token_count = 0.0, 0.0
         for batch in loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logits = forward(model, batch)  # size = (B, L, V)
             labels = batch["labels"]  # size = (B, L)
             row_sums = torch.stack([sft_loss(logits[i : i + 1], labels[i : i + 1], 1) for i in range(len(labels))])  # (B,)
             row_counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)  # size = (B,)
@@ -160,7 +166,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     model = build_causal_lm(cfg.model, tokenizer, seed=cfg.seed)
 
     def tokenize(examples: list[SFTExample]) -> list[TokenizedExample]:
-        return [tokenize_prompt_response(tokenizer, e.prompt, e.response, cfg.max_length) for e in examples]
+        return tokenize_examples(tokenizer, [e.prompt for e in examples], [e.response for e in examples], cfg.max_length)
 
     collate = partial(collate_sft, pad_token_id=tokenizer.pad_token_id)
     train_set = tokenize(train_examples)

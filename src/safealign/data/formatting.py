@@ -53,53 +53,75 @@ class TokenizedExample:
         return len(self.input_ids)
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # Special tokens are already in the text (chat template / EOS): never add a second BOS.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _encode_many(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, from one call (a fast tokenizer encodes the list at once; the ids are those of
+    encoding each text alone). Special tokens are already in the texts (chat template / EOS): no second BOS."""
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
 
-def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    return _encode_prompt(tokenizer, format_prompt(tokenizer, prompt))
-
-
-def _encode_prompt(tokenizer: PreTrainedTokenizerBase, formatted_prompt: str) -> list[int]:
-    ids = _encode(tokenizer, formatted_prompt)
+def _with_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    """A tokenizer that adds BOS itself (add_bos_token) gets it in front of a prompt that lacks it."""
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
         if not ids or ids[0] != tokenizer.bos_token_id:
-            ids = [tokenizer.bos_token_id] + ids
+            return [tokenizer.bos_token_id] + ids
     return ids
 
 
-def tokenize_prompt_response(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
-) -> TokenizedExample:
-    """Prompt + response + EOS, labels only on the response; truncated from the response's end.
+def _prompts_and_responses(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses: Sequence[str],
+                           ) -> tuple[list[list[int]], list[list[int]]]:
+    """The ids of each prompt (formatted) and of each response as it follows it (+ EOS), encoded separately so that
+    the boundary is exact whatever the BPE merges would do across it (the same boundary generation sees). Each
+    distinct prompt is formatted and encoded once: pairs and samples repeat their prompts."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+    distinct = list(dict.fromkeys(prompts))
+    formatted = dict(zip(distinct, (format_prompt(tokenizer, p) for p in distinct)))
+    prompt_ids = dict(zip(distinct, (_with_bos(tokenizer, ids) for ids in _encode_many(tokenizer, list(formatted.values())))))
+    response_ids = _encode_many(tokenizer, [format_response(tokenizer, formatted[p], r) for p, r in zip(prompts, responses)])
+    return [prompt_ids[p] for p in prompts], response_ids
 
-    The prompt and response are encoded separately so that the boundary is exact whatever the BPE
-    merges would do across it (the same boundary generation sees).
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """What a policy reads before its response, for each prompt: the formatted prompt's ids (BOS where the
+    tokenizer adds one)."""
+    distinct = list(dict.fromkeys(prompts))
+    ids = _encode_many(tokenizer, [format_prompt(tokenizer, p) for p in distinct])
+    by_prompt = dict(zip(distinct, (_with_bos(tokenizer, i) for i in ids)))
+    return [by_prompt[p] for p in prompts]
+
+
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    return tokenize_prompts(tokenizer, [prompt])[0]
+
+
+def tokenize_examples(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses: Sequence[str],
+                      max_length: int) -> list[TokenizedExample]:
+    """Prompt + response + EOS, labels only on the response; truncated from the response's end."""
+    examples = []
+    for prompt_ids, response_ids in zip(*_prompts_and_responses(tokenizer, prompts, responses)):
+        if len(prompt_ids) >= max_length:
+            # Keep the end of an over-long prompt (the part next to the response) and at least one
+            # response token, so that no example is left without a label.
+            prompt_ids = prompt_ids[-(max_length // 2):]
+        input_ids = (prompt_ids + response_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+        examples.append(TokenizedExample(input_ids=input_ids, labels=labels))
+    return examples
+
+
+def tokenize_prompt_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
+                             max_length: int) -> TokenizedExample:
+    return tokenize_examples(tokenizer, [prompt], [response], max_length)[0]
+
+
+def tokenize_for_scoring(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses: Sequence[str],
+                         max_length: int) -> list[list[int]]:
+    """Inputs of a reward/cost model: formatted prompt + response + EOS (docs/maths.md §2), each one's end kept.
+
+    The score is read at the last token, so an over-long text is cut from the prompt's start, never at the
+    response's end.
     """
-    formatted_prompt = format_prompt(tokenizer, prompt)
-    prompt_ids = _encode_prompt(tokenizer, formatted_prompt)
-    response_ids = _encode(tokenizer, format_response(tokenizer, formatted_prompt, response))
-    if len(prompt_ids) >= max_length:
-        # Keep the end of an over-long prompt (the part next to the response) and at least one
-        # response token, so that no example is left without a label.
-        prompt_ids = prompt_ids[-(max_length // 2):]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return TokenizedExample(input_ids=input_ids, labels=labels)
-
-
-def tokenize_for_scoring(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int) -> list[int]:
-    """Input of a reward/cost model: formatted prompt + response + EOS (spec §2), its end kept.
-
-    The score is read at the last token, so an over-long example is cut from the prompt's start,
-    never at the response's end.
-    """
-    formatted_prompt = format_prompt(tokenizer, prompt)
-    ids = _encode_prompt(tokenizer, formatted_prompt) + _encode(
-        tokenizer, format_response(tokenizer, formatted_prompt, response))
-    return ids[-max_length:]
+    return [(p + r)[-max_length:] for p, r in zip(*_prompts_and_responses(tokenizer, prompts, responses))]
 
 
 @dataclass(frozen=True)
@@ -113,13 +135,8 @@ class TokenizedPair:
 
 
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, records: Sequence[PreferenceRecord], max_length: int) -> list[TokenizedPair]:
-    return [
-        TokenizedPair(
-            input_ids=(tokenize_for_scoring(tokenizer, r.prompt, r.response_0, max_length),
-                       tokenize_for_scoring(tokenizer, r.prompt, r.response_1, max_length)),
-            better_response_id=r.better_response_id,
-            safer_response_id=r.safer_response_id,
-            is_safe=(r.is_response_0_safe, r.is_response_1_safe),
-        )
-        for r in records
-    ]
+    ids = tokenize_for_scoring(tokenizer, [r.prompt for r in records for _ in (0, 1)],
+                               [r.response(i) for r in records for i in (0, 1)], max_length)
+    return [TokenizedPair(input_ids=(ids[2 * k], ids[2 * k + 1]), better_response_id=r.better_response_id,
+                          safer_response_id=r.safer_response_id, is_safe=(r.is_response_0_safe, r.is_response_1_safe))
+            for k, r in enumerate(records)]

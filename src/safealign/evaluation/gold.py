@@ -55,7 +55,8 @@ class GoldEvalConfig:
     greedy: bool = config_field(False, help="Greedy decoding instead of sampling (reports the mode, not the distribution).")
     samples_per_prompt: int = config_field(
         1, help="Responses sampled per prompt: every rate is over all of them, its interval counts each prompt's as a cluster.")
-    batch_size: int = config_field(64, help="Responses per generation batch (prompts × samples_per_prompt).")
+    batch_size: int = config_field(
+        256, help="Responses per generation batch (prompts × samples_per_prompt; larger batches sample faster, up to memory).")
     seed: int = config_field(0, help="Seed of the sampling and of the prompt subset (see limit).")
     limit: int = config_field(0, help="Evaluate a seeded random subset of this many prompts, in file order (0 = all).")
     device: str = config_field("auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")

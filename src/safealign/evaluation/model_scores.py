@@ -38,36 +38,41 @@ def score_samples(samples_by_model: dict[str, list[dict[str, Any]]], reward_mode
     """{model: {"reward": [...], "cost": [...]}} for every row (None for a score model not given).
 
     Each model's scores are cached in `cache_dir/<model>.json`; a cached stream is reused when the score
-    model's files, max_length and the (prompt, response) texts are unchanged. Score models load only
-    when something must be scored.
+    model's files, max_length and the (prompt, response) texts are unchanged. What is left is scored once per
+    distinct (prompt, response) over all models (policies repeat answers: a refusal, a mode they collapsed to), and
+    a score model loads only when something must be scored.
     """
     streams = {kind: path for kind, path in (("reward", reward_model), ("cost", cost_model)) if path}
     signatures = {kind: _files_signature(path) for kind, path in streams.items()}
-    loaded: dict[str, Any] = {}
-
-    def scorer(kind: str):
-        if kind not in loaded:
-            loaded[kind] = (load_score_model(streams[kind]).to(resolve_device(device)), load_tokenizer(streams[kind]))
-        return loaded[kind]
-
-    scores: dict[str, dict[str, list[float] | None]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    missing: dict[str, list[str]] = {kind: [] for kind in streams}  # kind -> models whose scores must be computed
     for name, rows in samples_by_model.items():
         cache_file = cache_dir / f"{name}.json"
         cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
         key = {"max_length": max_length, "responses_sha256": _responses_hash(rows)}
-        entry: dict[str, Any] = {**key, "reward": None, "cost": None, "reward_model": None, "cost_model": None}
+        entries[name] = {**key, "reward": None, "cost": None, "reward_model": None, "cost_model": None, "cached": cached}
         for kind in streams:
             old = cached.get(kind)
             if (old is not None and cached.get(f"{kind}_model") == signatures[kind]
                     and all(cached.get(k) == v for k, v in key.items()) and len(old) == len(rows)):
-                entry[kind] = old
+                entries[name][kind] = old
             else:
-                model, tokenizer = scorer(kind)
-                entry[kind] = score_texts(model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                          max_length, batch_size)
-            entry[f"{kind}_model"] = signatures[kind]
+                missing[kind].append(name)
+            entries[name][f"{kind}_model"] = signatures[kind]
+    for kind, names in missing.items():
+        if not names:
+            continue
+        texts = list(dict.fromkeys((r["prompt"], r["response"]) for name in names for r in samples_by_model[name]))
+        model, tokenizer = load_score_model(streams[kind]).to(resolve_device(device)), load_tokenizer(streams[kind])
+        scored = dict(zip(texts, score_texts(model, tokenizer, [p for p, _ in texts], [r for _, r in texts],
+                                             max_length, batch_size)))
+        for name in names:
+            entries[name][kind] = [scored[(r["prompt"], r["response"])] for r in samples_by_model[name]]
+    scores: dict[str, dict[str, list[float] | None]] = {}
+    for name, entry in entries.items():
+        cached = entry.pop("cached")
         if entry != cached:
-            atomic_write_json(cache_file, entry)
+            atomic_write_json(cache_dir / f"{name}.json", entry)
         scores[name] = {"reward": entry["reward"], "cost": entry["cost"]}
     return scores
 

@@ -29,12 +29,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safealign.config import config_field
 from safealign.console import stderr_console
 from safealign.data.collate import pad_batch, position_ids_from_mask
-from safealign.data.formatting import tokenize_prompt
+from safealign.data.formatting import tokenize_prompts
+from safealign.models.llama_decoder import LlamaDecoder
 
 
 @dataclass
@@ -107,12 +109,14 @@ def sample_next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torc
         drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= cfg.top_p  # size = (B, V)
         drop = drop_sorted.scatter(-1, sorted_index, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)  # size = (B, V)
-    if generator is not None and generator.device != probs.device:
-        # A generator on another device (a CPU one with a CUDA model) draws where it lives: the same tokens on
-        # any device, at the cost of a (B, V) copy per token. Pass a generator on the model's device to avoid it.
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one uniform draw per row against the cumulative probabilities (a token with probability 0,
+    # masked above, spans no interval and is never drawn). torch.multinomial draws the same distribution at several
+    # times the cost on a CPU.
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # size = (B, V)
+    where = generator.device if generator is not None else cdf.device
+    # A generator on another device (a CPU one with a CUDA model) draws where it lives: the same tokens on any device.
+    uniform = torch.rand(cdf.size(0), 1, generator=generator, device=where).to(cdf.device)  # size = (B, 1)
+    return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)
 
 
 @torch.no_grad()
@@ -138,23 +142,34 @@ def generate_tokens(
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     batch_size, prompt_length = input_ids.shape
 
+    lock_step = _is_sharded(model)
+    # The lean decoder for plain Llama models; transformers' forward for the rest (and for FSDP2's lock-step).
+    decoder = LlamaDecoder(model, batch_size, prompt_length + cfg.max_new_tokens) \
+        if LlamaDecoder.supports(model) and not lock_step else None
     was_training = model.training
     model.eval()
     try:
-        attention_mask = prompt_mask  # size = (B, P + t) during the loop
         position_ids = position_ids_from_mask(prompt_mask)  # size = (B, P)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1)
+        if decoder is not None:
+            key_mask = torch.ones(batch_size, prompt_length + cfg.max_new_tokens, dtype=torch.bool, device=device)
+            key_mask[:, :prompt_length] = prompt_mask.bool()  # generated positions are keys for every row
+            logits = decoder.forward(input_ids, position_ids, key_mask)  # size = (B, V)
+        else:
+            attention_mask = prompt_mask  # size = (B, P + t) during the loop
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1, :]
         next_position = position_ids[:, -1:] + 1  # size = (B, 1)
         new_tokens: list[torch.Tensor] = []
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)  # size = (B,)
-        lock_step = _is_sharded(model)
+        # The rows the decoder still computes (all of them on transformers' path, where finished rows keep computing
+        # and their outputs are discarded); `logits`, `next_position` and the decoder's cache hold these rows only.
+        active = torch.arange(batch_size, device=device)
         num_kept = cfg.max_new_tokens  # tokens of this batch's rollout: fewer when every row ended earlier
         for step in range(cfg.max_new_tokens):
-            if num_kept <= step:  # lock-step only: this rank's rows have ended; no draw, so its RNG stays as unsharded
-                token = torch.full((batch_size,), pad_id, dtype=torch.long, device=device)  # size = (B,)
-            else:
-                token = sample_next_token(out.logits[:, -1, :], cfg, generator)  # size = (B,)
+            token = torch.full((batch_size,), pad_id, dtype=torch.long, device=device)  # size = (B,)
+            if num_kept > step:  # else lock-step only: this rank's rows have ended; no draw, its RNG stays as unsharded
+                token[active] = sample_next_token(logits, cfg, generator)
             token = token.masked_fill(finished, pad_id)
             new_tokens.append(token)
             if eos_id is not None:
@@ -164,10 +179,17 @@ def generate_tokens(
                 num_kept = min(num_kept, step + 1)
             if step == cfg.max_new_tokens - 1 or (_every_rank_done(rows_done, device) if lock_step else rows_done):
                 break
-            # Finished rows keep computing (their outputs are discarded): no per-row cache surgery.
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
-            out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                        past_key_values=out.past_key_values, use_cache=True)
+            if decoder is not None:
+                running = ~finished[active]  # size = (A,)
+                if 4 * int(running.sum()) <= 3 * len(active):  # a quarter of the rows has ended: drop them
+                    decoder.keep(running.nonzero().squeeze(-1))
+                    active, next_position, key_mask = active[running], next_position[running], key_mask[running]
+                logits = decoder.forward(token[active, None], next_position, key_mask)
+            else:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
+                out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                            cache=out.cache, use_cache=True)
+                logits = out.logits[:, -1, :]
             next_position = next_position + 1
     finally:
         model.train(was_training)
@@ -197,8 +219,6 @@ def generate_tokens(
 
 def _is_sharded(model: torch.nn.Module) -> bool:
     """Sharded by FSDP2 over several ranks: every forward all-gathers the weights, a collective that each rank must join."""
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule) and torch.distributed.is_initialized()
 
 
@@ -244,7 +264,7 @@ def generate_samples(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         return []
-    prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
+    prompt_ids = tokenize_prompts(tokenizer, prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     prompts_per_batch = max(1, batch_size // cfg.num_samples)
     generator = torch.Generator(device=model.device).manual_seed(seed)

@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from safealign.config import ConfigError
-from safealign.data.collate import pad_batch
+from safealign.data.collate import pad_batch, padding_mask_for_causal
 from safealign.data.formatting import tokenize_for_scoring
 from safealign.io import atomic_path
 from safealign.models.presets import PRESETS, from_pretrained, preset_config, require_model_dir, resolve_pretrained
@@ -115,8 +115,8 @@ class ScoreModel(nn.Module):
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # size = (B, L)
         logits = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits  # size = (B, L, 1)
+            input_ids=input_ids, attention_mask=padding_mask_for_causal(attention_mask), position_ids=position_ids,
+            use_cache=False).logits  # size = (B, L, 1)
         return score_output(logits.squeeze(-1).float(), mask, self.score_type, self.normalizer)
 
 
@@ -210,7 +210,7 @@ def score_texts(model: ScoreModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     """End score of each prompt + response + EOS (the input a score model is trained on), in order."""
     model.eval()
     device = next(model.parameters()).device
-    ids = [tokenize_for_scoring(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    ids = tokenize_for_scoring(tokenizer, prompts, responses, max_length)
     order = sorted(range(len(ids)), key=lambda k: len(ids[k]))  # similar lengths together: little padding
     scores = [math.nan] * len(ids)
     for start in range(0, len(order), batch_size):

@@ -90,7 +90,8 @@ class RedTeamConfig:
                 "preferences.jsonl keeps each pair once). > 1 oversamples the current policy's own answers, a small share of all pairs so far.")
     max_new_tokens: int = config_field(64, help="Most response tokens per sample (as in the RL rollouts and the evaluation).")
     temperature: float = config_field(1.0, help="Sampling temperature of the probe and of the pairs (1: the policy's own distribution).")
-    batch_size: int = config_field(64, help="Rows per generation batch and texts per cost-model forward.")
+    batch_size: int = config_field(256, help="Rows per generation batch (larger batches sample faster, up to memory).")
+    score_batch_size: int = config_field(64, help="Texts per forward of the cost model.")
     max_length: int = config_field(256, help="Tokens per text the cost model scores (prompt + response + EOS).")
     device: str = config_field("auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     progress: bool = config_field(True, help="Show progress bars (on stderr) while generating.")
@@ -101,8 +102,8 @@ class RedTeamConfig:
             raise ConfigError(f"redteam: prompt_mix has unknown pool(s) {sorted(unknown)}; known: {list(POOLS)}")
         if any(share < 0 for share in self.prompt_mix.values()) or not sum(self.prompt_mix.values()) > 0:
             raise ConfigError(f"redteam: prompt_mix shares must be >= 0 with a positive sum, got {self.prompt_mix}")
-        if self.pairs < 0 or self.probe_limit < 0 or self.max_pairs_per_prompt < 0 or self.batch_size < 1 or self.new_pairs_weight < 1:
-            raise ConfigError("redteam: pairs, probe_limit and max_pairs_per_prompt must be >= 0, batch_size and new_pairs_weight >= 1")
+        if self.pairs < 0 or self.probe_limit < 0 or self.max_pairs_per_prompt < 0 or min(self.batch_size, self.score_batch_size) < 1 or self.new_pairs_weight < 1:
+            raise ConfigError("redteam: pairs, probe_limit and max_pairs_per_prompt must be >= 0, batch sizes and new_pairs_weight >= 1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def probe_policy(model: Any, tokenizer: Any, cost_model: Any, cost_tokenizer: An
     texts = [row["prompt"] for row in prompts]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     responses = sample_responses(model, tokenizer, texts, sampling, cfg.batch_size, seed, cfg.progress)
-    costs = score_texts(cost_model, cost_tokenizer, texts, responses, cfg.max_length, cfg.batch_size)
+    costs = score_texts(cost_model, cost_tokenizer, texts, responses, cfg.max_length, cfg.score_batch_size)
     rows = [{**row, "response": response, "cost": cost, "unsafe": cost > 0}
             for row, response, cost in zip(prompts, responses, costs)]
     if is_safeworld(texts):

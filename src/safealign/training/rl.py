@@ -42,7 +42,7 @@ from torch import nn
 
 from safealign.config import save_config
 from safealign.data.collate import collate_sft
-from safealign.data.formatting import tokenize_prompt_response
+from safealign.data.formatting import tokenize_examples
 from safealign.data.loading import load_sft
 from safealign.io import atomic_write_json, atomic_write_jsonl
 from safealign.models.actor_critic import causal_lm
@@ -251,8 +251,9 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     updates_per_step = cfg.ppo_epochs * rows_per_rollout // rows_per_update
     parts = prepare_training(cfg, accelerator, models, state.total_steps * updates_per_step)
     schedulers = {name: scheduler for name, (_, _, scheduler) in parts.items()}
-    ptx_examples = [tokenize_prompt_response(tokenizer, e.prompt, e.response, cfg.ptx_max_length)
-                    for e in load_sft(cfg.ptx_data)] if ptx else []
+    ptx_data = load_sft(cfg.ptx_data) if ptx else []
+    ptx_examples = tokenize_examples(tokenizer, [e.prompt for e in ptx_data], [e.response for e in ptx_data],
+                                     cfg.ptx_max_length)
     run = RLRun(cfg, accelerator, models, parts, ptx_examples, tokenizer.pad_token_id, updates_per_step)
 
     # Resume.

@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from safealign.config import ConfigError, config_field
-from safealign.data.formatting import tokenize_prompt
+from safealign.data.formatting import tokenize_prompts
 from safealign.data.loading import load_prompts
 from safealign.models.actor_critic import ActorCritic
 from safealign.models.lora import AdapterDisabledPolicy, lora_critic, lora_policy
@@ -322,4 +322,4 @@ def prompt_token_ids(cfg: RLConfig, tokenizer: Any) -> tuple[list[str], list[lis
     prompts = [record.prompt for record in load_prompts(cfg.prompt_data)]
     if not prompts:
         raise ConfigError(f"prompt_data {cfg.prompt_data}: no prompts")
-    return prompts, [tokenize_prompt(tokenizer, p)[-cfg.max_prompt_length:] for p in prompts]
+    return prompts, [ids[-cfg.max_prompt_length:] for ids in tokenize_prompts(tokenizer, prompts)]
