@@ -11,6 +11,18 @@ from rich.console import Console
 LOG_WIDTH = 160
 
 
+class Verbosity:
+    """What the training loops print besides their progress bar. A stage run alone prints a line of scalars every
+    `logging_steps`; inside the pipeline each stage shows its progress bar (with its ETA) only, the scalars going to
+    TensorBoard and the run directory as always (`quiet_steps`)."""
+
+    step_lines = True
+
+
+def quiet_steps() -> None:
+    Verbosity.step_lines = False
+
+
 def stderr_console() -> Console:
     console = Console(stderr=True)
     if not console.is_terminal and "COLUMNS" not in os.environ:

@@ -14,7 +14,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import (
@@ -25,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from safealign.config import ConfigError
 from safealign.io import atomic_path, exclusive_lock
@@ -151,12 +155,33 @@ def require_model_dir(name_or_path: str | Path, what: str = "model") -> Path | N
     return path
 
 
-def from_pretrained(auto_class, name_or_path: str | Path, **kwargs) -> PreTrainedModel:
-    """`auto_class.from_pretrained` on a pretrained preset, a directory or a hub name, with a clear error."""
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' load report and weight-loading progress bars silenced: `from_pretrained` checks what the report
+    would say itself and warns only about what is not expected."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def from_pretrained(auto_class, name_or_path: str | Path, new_heads: tuple[str, ...] = (),
+                    dropped_heads: tuple[str, ...] = (), **kwargs) -> PreTrainedModel:
+    """`auto_class.from_pretrained` on a pretrained preset, a directory or a hub name, with a clear error.
+
+    `new_heads` / `dropped_heads`: name prefixes of the weights the checkpoint is expected to lack (a new head, e.g.
+    a score model's `score` on a causal LM) or to have beyond the model (the LM head it replaces). Any other missing,
+    unexpected or resized weight is a warning naming it; the expected ones are not reported."""
     name = resolve_pretrained(name_or_path)
     local = require_model_dir(name) is not None  # a missing local path fails here, before any hub lookup
     try:
-        return auto_class.from_pretrained(name, **kwargs)
+        with _quiet_loading():
+            model, info = auto_class.from_pretrained(name, output_loading_info=True, **kwargs)
     except OSError as error:
         if local:
             raise
@@ -165,6 +190,14 @@ def from_pretrained(auto_class, name_or_path: str | Path, **kwargs) -> PreTraine
             f"'{name}' is not a preset ({', '.join(known)}), not a local directory, and could not be "
             f"loaded from the Hugging Face hub: {error}"
         ) from error
+    surprises = {"newly initialised (missing from the checkpoint)": [k for k in info["missing_keys"] if not k.startswith(new_heads)],
+                 "not used (unexpected in the checkpoint)": [k for k in info["unexpected_keys"] if not k.startswith(dropped_heads)],
+                 "re-initialised (another shape)": [k for k, *_ in info.get("mismatched_keys", [])]}
+    for what, keys in surprises.items():
+        if keys:
+            warnings.warn(f"{name}: weights {what}: {', '.join(sorted(keys)[:8])}{' ...' if len(keys) > 8 else ''}",
+                          stacklevel=2)
+    return model
 
 
 def resolve_device(name: str) -> str:

@@ -168,9 +168,10 @@ def build_score_model(
         model = AutoModelForTokenClassification.from_config(config)
         model = model.to(dtype) if dtype is not None else model
     else:
+        # From a causal LM (the SFT model) the LM head is dropped and the scalar head is new: both expected.
         model = from_pretrained(
-            AutoModelForTokenClassification, name, config=config, dtype=dtype,
-            trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True,
+            AutoModelForTokenClassification, name, new_heads=("score", "classifier"), dropped_heads=("lm_head",),
+            config=config, dtype=dtype, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True,
         )
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
@@ -198,9 +199,8 @@ def load_score_model(
             f"{path} is not a safealign score model (its config has no score_type): give a directory written by "
             "`safealign rm` or `safealign cm` (e.g. runs/rm/model); in Python, build_score_model starts one from a backbone"
         )
-    model = AutoModelForTokenClassification.from_pretrained(
-        str(path), config=config, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    model = from_pretrained(AutoModelForTokenClassification, str(path), config=config, dtype=dtype,
+                            trust_remote_code=trust_remote_code)
     return ScoreModel(model)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from safealign.config import StageFailed
-from safealign.console import stderr_console
+from safealign.console import quiet_steps, stderr_console
 from safealign.io import atomic_write_json
 from safealign.pipeline.config import PipelineConfig
 from safealign.pipeline.stage_runner import StageRunner
@@ -108,6 +108,7 @@ def side_lane(request_path: str) -> None:
     threads (all of them once the main lane is done), then writes their times, or the stage that failed, to
     LANE_RESULT."""
     request = json.loads(Path(request_path).read_text())
+    quiet_steps()
     _die_with_parent(request["parent_pid"])
     torch.set_num_threads(request["threads"])
     cfg = PipelineConfig(**request["config"])

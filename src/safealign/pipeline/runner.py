@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from safealign.config import ConfigError, changed_settings, check_overrides, save_config
-from safealign.console import stderr_console
+from safealign.console import quiet_steps, stderr_console
 from safealign.pipeline.config import HOW_TO_RUN, PipelineConfig, num_rounds
 from safealign.pipeline.lanes import BASELINE_LANE, LANE_HEAD, enough_threads, run_beside
 from safealign.pipeline.manifest import policies_manifest
@@ -89,6 +89,7 @@ def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     stages = check_config(cfg)
+    quiet_steps()  # one progress bar per stage; every logged scalar still goes to TensorBoard and metrics
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     _warn_if_settings_changed(cfg, root)

@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers.utils import logging as hf_logging
 
 from safealign.config import ConfigError, config_field
-from safealign.console import stderr_console
+from safealign.console import Verbosity, stderr_console
 from safealign.io import atomic_path
 from safealign.models.lora import adapter_of, merge_adapter
 from safealign.models.presets import PRESETS
@@ -334,9 +334,10 @@ class RunLogger:
         if self.writer is not None:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"{prefix.rstrip('_') or 'train'}/{name}", value, step)
-            names = [k for k in shown if k in scalars] if shown is not None else list(scalars)
-            line = "  ".join(f"{prefix}{k}={scalars[k]:.4g}" for k in names)
-            self.progress.console.print(f"step {step}/{self.state.total_steps}  {line}", highlight=False)
+            if Verbosity.step_lines:
+                names = [k for k in shown if k in scalars] if shown is not None else list(scalars)
+                line = "  ".join(f"{prefix}{k}={scalars[k]:.4g}" for k in names)
+                self.progress.console.print(f"step {step}/{self.state.total_steps}  {line}", highlight=False)
 
     def advance(self, info: str) -> None:
         """Move the progress bar to the current step, with a short `info` text."""
