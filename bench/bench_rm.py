@@ -1,4 +1,4 @@
-"""Reward-model speed: safealign's loop (`training.engine.train` + `RewardStep`) vs TRL's `RewardTrainer`.
+"""Reward-model speed: safealign's loop (`training.supervised.train` + `RewardStep`) vs TRL's `RewardTrainer`.
 
 safealign trains its score model (`build_score_model(preset, score_type="reward")`: a Llama
 `*ForTokenClassification` with one label, the end score read at the last non-padding token). TRL wants a
@@ -48,7 +48,7 @@ L2_COEFF = 1e-3  # safealign's default η
 
 
 def tokenized_pairs(trial: Trial, tokenizer: Any) -> list:
-    from safealign.algorithms.reward import tokenize_pairs
+    from safealign.data.formatting import tokenize_pairs
     from safealign.data.loading import load_preferences
 
     records = load_preferences(Path(trial.work_dir) / "world" / "preferences" / "train.jsonl").records
@@ -77,8 +77,9 @@ def run_trial(trial: Trial) -> dict[str, Any]:
     first_loss: list[float] = []
 
     if trial.framework == "safealign":
-        from safealign.algorithms.reward import RewardConfig, RewardStep, collate_pairs
-        from safealign.training.engine import train
+        from safealign.algorithms.reward import RewardConfig, RewardStep
+        from safealign.data.collate import collate_pairs
+        from safealign.training.supervised import train
 
         cfg = RewardConfig(model=trial.preset, l2_coeff=L2_COEFF, **safealign_options(trial))
         step = recording_first_loss(RewardStep, "loss", first_loss)(L2_COEFF)

@@ -1,4 +1,4 @@
-"""SFT speed: safealign's training loop (`training.engine.train` + `SFTStep`) vs TRL's `SFTTrainer`.
+"""SFT speed: safealign's training loop (`training.supervised.train` + `SFTStep`) vs TRL's `SFTTrainer`.
 
 Same initial weights (`build_causal_lm(preset, tokenizer, seed)`), same SafeWorld SFT examples tokenised by
 `tokenize_prompt_response` (labels on the response and EOS only; TRL gets them as a pre-tokenised `labels`
@@ -57,8 +57,9 @@ def run_trial(trial: Trial) -> dict[str, Any]:
     first_loss: list[float] = []  # loss of the first step: same weights, batch and labels -> same value
 
     if trial.framework == "safealign":
-        from safealign.algorithms.sft import SFTConfig, SFTStep, collate_sft
-        from safealign.training.engine import train
+        from safealign.algorithms.sft import SFTConfig, SFTStep
+        from safealign.data.collate import collate_sft
+        from safealign.training.supervised import train
 
         cfg = SFTConfig(model=trial.preset, **safealign_options(trial))
         step = recording_first_loss(SFTStep, "loss", first_loss)()

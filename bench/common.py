@@ -78,7 +78,7 @@ def load_tokenizer(trial: Trial):
 
 def batch_order(num_examples: int, trial: Trial) -> list[int]:
     """Example indices in the order safealign's loop takes them (epoch 0): TRL gets the same batches."""
-    from safealign.training.engine import epoch_batches
+    from safealign.training.common import epoch_batches
 
     if trial.steps * trial.batch_size > num_examples:
         raise ValueError(f"{trial.steps} steps of {trial.batch_size} need more than the {num_examples} examples generated")
@@ -114,7 +114,7 @@ def trl_options(trial: Trial) -> dict[str, Any]:
 
 
 def bf16_available() -> bool:
-    from safealign.training.engine import resolve_mixed_precision
+    from safealign.training.common import resolve_mixed_precision
 
     return resolve_mixed_precision("auto") == "bf16"
 

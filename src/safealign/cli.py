@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from safealign.config import ConfigError, StageFailed, describe_config, load_config
+from safealign.config import ConfigError, StageFailed, config_keys, describe_config, load_config
 from safealign.console import stderr_console
 from safealign.data.loading import validate_file
 from safealign.data.schema import DataError
@@ -93,6 +93,28 @@ def data_validate(
     except (DataError, FileNotFoundError) as err:
         _user_error(str(err))
     print(json.dumps(summary, indent=2))
+
+
+def command_reference() -> str:
+    """docs/commands.md: every command with its config keys, as `--help` lists them (`make docs` writes it; a test
+    checks that the file is current)."""
+    lines = ["# Command reference", "",
+             "Generated from the code by `make docs`: every `safealign` command, and every key of its config (YAML file "
+             "given with `--config`, or `--key value` on the command line, which wins). Types are those of the config "
+             "dataclass; lists and mappings are written as YAML (`--nus \"[0.5, 2]\"`).", "",
+             "`safealign data validate FILE [--kind preference|sft|prompt|auto] [--strict]`: check a data file and print "
+             "a summary.", ""]
+    for command in COMMANDS.values():
+        if not command.cli:
+            continue
+        config_class, _ = command.load()
+        lines += [f"## safealign {command.name}", "", command.summary, "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, kind, default, text in config_keys(config_class):
+            cell = repr(default).replace("|", "\\|")
+            lines.append(f"| `{name}` | {kind} | `{cell}` | {text.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:

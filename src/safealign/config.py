@@ -206,12 +206,17 @@ def changed_settings(cfg: Any, path: str | Path, ignore: tuple[str, ...] = ()) -
     return [k for k, v in current.items() if k not in ignore and k in saved and saved[k] != v]
 
 
-def describe_config(cls: type) -> str:
-    """One line per field: `--name (type, default): help`, for `--help` output."""
-    lines = []
+def config_keys(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) of every field of a config class, in order."""
+    keys = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        type_name = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
-        lines.append(f"--{f.name} ({type_name}, default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+        keys.append((f.name, getattr(f.type, "__name__", str(f.type)).replace("typing.", ""), default,
+                     f.metadata.get("help", "")))
+    return keys
+
+
+def describe_config(cls: type) -> str:
+    """One line per field: `--name (type, default): help`, for `--help` output."""
+    return "\n".join(f"--{name} ({kind}, default {default!r}): {text}" for name, kind, default, text in config_keys(cls))

@@ -1,4 +1,4 @@
-"""The RL maths of algorithms/losses.py (spec §3–§5) on small hand-computed tensors.
+"""The RL maths of algorithms/losses.py (docs/maths.md §3–§5) on small hand-computed tensors.
 
 Expected numbers are written from the formulas with plain Python floats and loops, never with the
 torch operations under test.

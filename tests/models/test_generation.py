@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from safealign.data.collate import pad_batch, position_ids_from_mask
 from safealign.data.formatting import tokenize_prompt
@@ -24,6 +24,7 @@ from safealign.models.generation import (
     sample_next_token,
     sample_responses,
 )
+from safealign.models.llama_decoder import LlamaDecoder
 from safealign.models.presets import build_causal_lm
 from safealign.models.tokenizer import train_tokenizer
 
@@ -259,6 +260,78 @@ def test_a_cpu_generator_samples_the_same_tokens_for_a_cuda_model():
     on_cpu = sample_next_token(logits, SamplingConfig(top_k=10), torch.Generator().manual_seed(1))
     on_cuda = sample_next_token(logits.cuda(), SamplingConfig(top_k=10), torch.Generator().manual_seed(1))
     assert on_cuda.device.type == "cuda" and torch.equal(on_cuda.cpu(), on_cpu)
+
+# --------------------------------------------------------------------------------------------------
+# The lean Llama decoder against transformers' forward, and the sampler
+# --------------------------------------------------------------------------------------------------
+class TransformersPath(torch.nn.Module):
+    """The same model seen through a wrapper: `generate_tokens` then decodes with transformers' forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    @property
+    def device(self):
+        return self.model.device
+
+
+def grouped_query_llama(tokenizer):
+    """A Llama with grouped-query attention (4 query heads, 2 key/value heads), as SmolLM2 and larger models have."""
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=500.0,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return _spread_weights(LlamaForCausalLM(config))
+
+
+@pytest.mark.parametrize("kind", ["preset", "grouped_query"])
+def test_the_lean_decoder_decodes_what_transformers_forward_decodes(kind, model, tokenizer, prompt_ids):
+    """Greedy on a left-padded batch: the same tokens through the lean decoder and through transformers' forward;
+    with an EOS that ends rows early (they are dropped from the decoder's batch), still the same."""
+    llama = model if kind == "preset" else grouped_query_llama(tokenizer)
+    assert LlamaDecoder.supports(llama) and not LlamaDecoder.supports(TransformersPath(llama))
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=16, num_samples=2)
+    for tok in (no_eos(tokenizer), WithEos(tokenizer, generate_tokens(llama, no_eos(tokenizer), prompt_ids, cfg)
+                                           .responses[0, 3].item())):
+        lean = generate_tokens(llama, tok, prompt_ids, cfg)
+        reference = generate_tokens(TransformersPath(llama), tok, prompt_ids, cfg)
+        assert torch.equal(lean.sequences, reference.sequences)
+        assert torch.equal(lean.response_mask, reference.response_mask)
+    # The next-token logits themselves, after a prompt and after one decode step.
+    input_ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
+    positions = position_ids_from_mask(mask)
+    decoder = LlamaDecoder(llama, len(prompt_ids), input_ids.size(1) + 1)
+    keys = torch.cat([mask.bool(), torch.ones(len(prompt_ids), 1, dtype=torch.bool)], dim=1)
+    first = decoder.forward(input_ids, positions, keys)
+    with torch.no_grad():
+        expected = llama(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        torch.testing.assert_close(first, expected, atol=1e-4, rtol=1e-4)
+        token = first.argmax(-1, keepdim=True)
+        second = decoder.forward(token, positions[:, -1:] + 1, keys)
+        full_mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        expected = llama(input_ids=torch.cat([input_ids, token], 1), attention_mask=full_mask,
+                         position_ids=position_ids_from_mask(full_mask)).logits[:, -1]
+        torch.testing.assert_close(second, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_sampler_draws_each_token_with_its_probability():
+    """50,000 draws from a known distribution: every frequency within 4 standard errors of its probability, tokens of
+    probability 0 (masked by top-k) never drawn, and the same generator seed gives the same draws."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03, 0.0])
+    logits = probs.clamp(min=1e-30).log().expand(50_000, -1)  # size = (N, 6)
+    draws = sample_next_token(logits, SamplingConfig(), torch.Generator().manual_seed(1))
+    frequencies = torch.bincount(draws, minlength=6).double() / len(draws)
+    standard_error = (probs * (1 - probs) / len(draws)).sqrt()
+    assert ((frequencies - probs).abs() <= 4 * standard_error + 1e-12).all(), frequencies
+    assert torch.equal(draws, sample_next_token(logits, SamplingConfig(), torch.Generator().manual_seed(1)))
+    top2 = sample_next_token(logits, SamplingConfig(top_k=2), torch.Generator().manual_seed(2))
+    assert set(top2.tolist()) == {0, 1} and abs((top2 == 0).double().mean().item() - 2 / 3) < 0.01
+
 
 
 LOCK_STEP_SCRIPT = """

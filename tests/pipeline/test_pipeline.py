@@ -312,7 +312,8 @@ def test_parallel_baselines_give_the_results_of_one_lane_and_report_a_failure(tm
     two = run(load_config(PipelineConfig, None, {**settings, "output_dir": str(root)}))
 
     log = (root / "logs" / "baselines.log").read_text()
-    assert "evaluate_sft" in log and "evaluate_ppo" in log and "ppo_lag" not in log  # the baselines ran in the second lane
+    # The baselines and the Safe RLHF evaluation ran in the second lane, the training of Safe RLHF in the first.
+    assert " evaluate_sft " in log and " evaluate_ppo " in log and " evaluate_ppo_lag " in log and " ppo_lag " not in log
     assert [k.removeprefix("time_s/") for k in two if k.startswith("time_s/")] == LANES
     measured = ("time", "runtime", "per_second", "world/out")  # clocks and the run directory: the rest must be equal
     assert {k: v for k, v in two.items() if not any(m in k for m in measured)} == \
@@ -323,18 +324,17 @@ def test_parallel_baselines_give_the_results_of_one_lane_and_report_a_failure(tm
     assert json.loads((root / "progress.json").read_text())["stage"] is None
 
     # A stage failing in the second lane fails the pipeline after the first lane's stages, naming the stage and log.
-    (root / "ppo" / "metrics.json").unlink()
-    (root / "eval" / "ppo" / "metrics.json").unlink()
-    (root / "eval" / "ppo_lag" / "metrics.json").unlink()
+    for done in ("ppo", "eval/ppo", "ppo_lag", "eval/ppo_lag"):
+        (root / done / "metrics.json").unlink()
     broken = {**settings, "output_dir": str(root), "ppo": {**RL, "actor_model": str(tmp_path / "no-such-model")}}
     with pytest.raises(StageFailed, match=r"stage ppo failed in the baselines lane: .*no-such-model.*baselines\.log"):
         run(load_config(PipelineConfig, None, broken))
-    assert (root / "eval" / "ppo_lag" / "metrics.json").is_file()  # the Safe RLHF lane finished its stage
+    assert (root / "ppo_lag" / "metrics.json").is_file()  # the Safe RLHF lane finished its stage
     assert "Traceback" in (root / "logs" / "baselines.log").read_text()
 
     # A stage failing in the first lane raises its own error, and the second lane (which would train ppo) is stopped.
-    (root / "eval" / "ppo_lag" / "metrics.json").unlink()
-    broken = {**settings, "output_dir": str(root), "evaluate": {**TINY["evaluate"], "model": str(tmp_path / "no-such-policy")}}
+    (root / "ppo_lag" / "metrics.json").unlink()
+    broken = {**settings, "output_dir": str(root), "ppo_lag": {**RL, "actor_model": str(tmp_path / "no-such-policy")}}
     with pytest.raises(Exception, match="no-such-policy"):
         run(load_config(PipelineConfig, None, broken))
     request = str(root / "logs" / "baselines-request.json")

@@ -42,7 +42,7 @@ class CostConfig(PreferenceModelConfig):
     splice_fraction: float = config_field(
         0.0, help="Share of the training pairs with one safe and one unsafe response that also give a spliced pair: the safe "
                   "response with a sentence of the unsafe one inserted, labelled unsafe (data/augment.py; not in the paper). "
-                  "0 = off (default); 1 = every such pair (docs/results.md: fewer unsafe answers, more borderline refusals).")
+                  "0 = off (default); 1 = every such pair.")
 
 
 class CostStep(PairStep):

@@ -1,4 +1,4 @@
-"""Every loss of safealign as a pure function of tensors (the maths of ../spec, section by section).
+"""Every loss of safealign as a pure function of tensors (the maths of docs/maths.md, section by section).
 
 Trainers call these; tests pin them on hand-computed tensors. Shapes: B batch, L sequence length,
 V vocabulary. Masks are 1 on real tokens. log σ is computed stably with `F.logsigmoid`.
@@ -46,7 +46,7 @@ def label_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------------
-# Score models (spec §2)
+# Score models (docs/maths.md §2)
 # --------------------------------------------------------------------------------------------------
 def _l2_regulariser(*scores: torch.Tensor) -> torch.Tensor:
     """mean(x²) over all the given scores together: η·mean(r_b², r_w²) in the spec."""
@@ -93,7 +93,7 @@ def safety_sign(is_safe: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reinforcement learning: PPO, PPO-Lagrangian, reward shaping (spec §3–§5)
+# Reinforcement learning: PPO, PPO-Lagrangian, reward shaping (docs/maths.md §3–§5)
 # Shapes: B rollout rows, T response tokens. `mask` is the response mask: 1 on response tokens up to
 # and including EOS, 0 on the padding after it. Tensors returned for the loop are detached where the
 # spec says so (signals, advantages, returns); the two PPO losses keep their graph.
@@ -116,7 +116,7 @@ def gather_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
 
 
 def kl_estimate(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(π ‖ π_ref) on the sampled tokens (spec §3). (B, T), (B, T) -> (B, T).
+    """Per-token estimate of KL(π ‖ π_ref) on the sampled tokens (docs/maths.md §3). (B, T), (B, T) -> (B, T).
 
         k1:  KL_t = log π_t − log π_ref_t                       (the reference's; unbiased, can be < 0)
         k3:  KL_t = (r_t − 1) − log r_t,  r_t = π_ref_t / π_t   (unbiased, always ≥ 0, lower variance)
@@ -137,7 +137,7 @@ def end_of_response_index(mask: torch.Tensor) -> torch.Tensor:
 
 def token_signal(end_scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_weight: float,
                  clip_score: float) -> torch.Tensor:
-    """The per-token signal of one stream (spec §3): a KL term on every token plus the end score on the last.
+    """The per-token signal of one stream (docs/maths.md §3): a KL term on every token plus the end score on the last.
 
         s_t = clip( kl_weight·KL_t + 1[t = last response token]·S , −clip_score, +clip_score ) · mask_t
 
@@ -170,7 +170,7 @@ def cost_signal(end_costs: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, k
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                    gae_lambda: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over the response tokens (spec §4), one stream at a time.
+    """Generalised advantage estimation over the response tokens (docs/maths.md §4), one stream at a time.
 
         δ_t = r_t + γ·V_{t+1} − V_t ;   A_t = δ_t + γ·λ_GAE·A_{t+1} ;   returns_t = A_t + V_t
 
@@ -208,13 +208,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.Tensor,
                        lagrange_multiplier: float | torch.Tensor) -> torch.Tensor:
-    """Safe RLHF's actor advantage (spec §5): A_t = (A^R_t − λ·A^C_t) / (1 + λ). (B, T), (B, T) -> (B, T)."""
+    """Safe RLHF's actor advantage (docs/maths.md §5): A_t = (A^R_t − λ·A^C_t) / (1 + λ). (B, T), (B, T) -> (B, T)."""
     return (reward_advantages - lagrange_multiplier * cost_advantages) / (1.0 + lagrange_multiplier)
 
 
 def ppo_actor_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                    mask: torch.Tensor, clip_range: float = 0.2) -> torch.Tensor:
-    """Clipped surrogate (spec §5): ρ_t = exp(log π_new − log π_old),
+    """Clipped surrogate (docs/maths.md §5): ρ_t = exp(log π_new − log π_old),
 
         L_actor = −masked_mean( min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) )
 
@@ -228,7 +228,7 @@ def ppo_actor_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advanta
 
 def ppo_critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                     clip_range_value: float = 5.0) -> torch.Tensor:
-    """Clipped value loss (spec §5), for each critic:
+    """Clipped value loss (docs/maths.md §5), for each critic:
 
         V_clip = clamp(V_new, V_old − c_v, V_old + c_v);  L_V = ½·masked_mean( max((V_new − G)², (V_clip − G)²) )
 
@@ -242,7 +242,7 @@ def ppo_critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: tor
 
 def lagrange_multiplier_update(log_lambda: float, episode_cost: float, threshold: float, lambda_lr: float,
                                lambda_max: float | None = None) -> float:
-    """One step of gradient ascent on the dual, in log space (spec §5); returns the new log λ.
+    """One step of gradient ascent on the dual, in log space (docs/maths.md §5); returns the new log λ.
 
         log_λ ← log_λ + α · λ · (J_C − d)        then   log_λ ← min(log_λ, log λ_max)
 

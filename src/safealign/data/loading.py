@@ -7,7 +7,7 @@ Two layers:
    elsewhere) so that later errors can point at them.
 2. `load_preferences`, `load_sft`, `load_prompts` validate rows into the record types of
    `safealign.data.schema`; `validate_file` does the same and summarises the data. Every problem raises a
-   `DataError` naming FILE, ROW and FIELD. Contradictory safety labels (spec §1) are counted and skipped,
+   `DataError` naming FILE, ROW and FIELD. Contradictory safety labels (docs/maths.md §1) are counted and skipped,
    or fatal with `on_contradiction="error"`.
 
 Types are strict: a string is never read as a bool or an int, except in CSV/TSV files, where every cell is
@@ -512,7 +512,7 @@ def _prompt(rows: Rows, index: int, kind: str) -> PromptRecord:
 
 @dataclass
 class PreferenceDataset:
-    """Validated preference records; contradictory ones (spec §1) already left out and counted."""
+    """Validated preference records; contradictory ones (docs/maths.md §1) already left out and counted."""
 
     records: list[PreferenceRecord]
     source: str
@@ -570,7 +570,7 @@ def _preferences_from_rows(rows: Rows, on_contradiction: OnContradiction) -> Pre
 
 def load_preferences(source: str | os.PathLike, split: str | None = None,
                      on_contradiction: OnContradiction = "skip") -> PreferenceDataset:
-    """PKU-SafeRLHF-format preference pairs (spec §1), validated.
+    """PKU-SafeRLHF-format preference pairs (docs/maths.md §1), validated.
 
     Contradictory rows (the safer response labelled unsafe, the other safe) are skipped and counted, or
     raise a DataError with `on_contradiction="error"`. Unknown fields go to `record.extra`.

@@ -1,4 +1,4 @@
-"""Record schemas: PKU-SafeRLHF preference pairs (spec §1), SFT examples, prompts; and DataError.
+"""Record schemas: PKU-SafeRLHF preference pairs (docs/maths.md §1), SFT examples, prompts; and DataError.
 
 Validation lives in `safealign.data.loading`; this module holds the types every stage shares and
 must stay free of heavy imports (the CLI imports it for error handling).

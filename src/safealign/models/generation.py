@@ -2,7 +2,7 @@
 
 Prompts are formatted with `format_prompt` / `tokenize_prompt` (data/formatting.py), **left-padded**
 into a batch, and decoded with a hand-written KV-cache loop. Every forward gets position ids derived
-from the attention mask (spec §3): a prompt then continues exactly as it would alone, and the log-probs
+from the attention mask (docs/maths.md §3): a prompt then continues exactly as it would alone, and the log-probs
 that PPO later recomputes on `RolloutBatch.sequences` with `RolloutBatch.position_ids` are those of the
 sampling distribution.
 

@@ -1,7 +1,9 @@
 """Two lanes (`parallel_baselines: true`): the baselines in a second process beside Safe RLHF's rounds.
 
 After SFT and the round-1 reward and cost models, the baselines (evaluate_sft, eval_scores, ppo, evaluate_ppo,
-shaping, evaluate_shaping) depend on nothing else and nothing depends on them but compare and report. On a CPU,
+shaping, evaluate_shaping) depend on nothing else and nothing depends on them but compare and report; nor does
+anything depend on the evaluations of the Safe RLHF rounds, which the second lane takes after the baselines (waiting
+for a round's policy where it must), so that the first lane holds the training chain alone. On a CPU,
 generation-heavy stages use a second thread poorly while training uses it well, so two one-thread lanes get through
 the RL and evaluation stages faster than one two-thread lane; a lane takes the other's threads back when that one
 ends. Each stage computes what it would in one lane (the same numbers to the last digit, tests/pipeline/test_pipeline.py);
@@ -17,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from safealign.console import quiet_steps, stderr_console
 from safealign.io import atomic_write_json
 from safealign.pipeline.config import PipelineConfig
 from safealign.pipeline.stage_runner import StageRunner
+from safealign.pipeline.stages import plan, prerequisites
 
 console = stderr_console()
 
@@ -62,8 +66,8 @@ def run_beside(runner: StageRunner, main: list[str], side: list[str]) -> None:
     request = root / LANE_REQUEST
     atomic_write_json(request, {"config": dataclasses.asdict(runner.cfg), "stages": runner.stages, "names": side,
                                 "threads": total - total // 2, "total_threads": total, "parent_pid": os.getpid()})
-    console.print(f"baselines ({', '.join(s for s in side if not runner.done(s))}) run in a second process beside the "
-                  f"Safe RLHF lane, {total // 2} + {total - total // 2} threads; its log: {log}", highlight=False)
+    console.print(f"{', '.join(s for s in side if not runner.done(s))} run in a second process beside the Safe RLHF "
+                  f"lane, {total // 2} + {total - total // 2} threads; its log: {log}", highlight=False)
     # A fresh interpreter (not fork: no torch, CUDA or Accelerate state is inherited; not multiprocessing's spawn,
     # which re-runs the caller's main script when it has no __main__ guard).
     with open(log, "ab") as out:
@@ -123,6 +127,7 @@ def side_lane(request_path: str) -> None:
     error = None
     for name in request["names"]:
         try:
+            _wait_for_prerequisites(runner, name, root / LANE_MAIN_DONE)
             runner.run_one(name)
         except Exception as err:  # reported to the main process, which raises it after its own lane
             traceback.print_exc()
@@ -130,6 +135,18 @@ def side_lane(request_path: str) -> None:
             break
     atomic_write_json(root / LANE_RESULT, {"timings": runner.timings, "cpu_timings": runner.cpu_timings, "error": error})
     sys.exit(1 if error else 0)
+
+
+def _wait_for_prerequisites(runner: StageRunner, name: str, main_done: Path) -> None:
+    """Wait until the stages whose outputs `name` reads are done (the first lane writes them: a round's policy or
+    value models); a StageFailed when the first lane ended without them."""
+    table = plan(runner.cfg, runner.root)
+    missing = [p for p in prerequisites(table, name) if p in runner.stages and not runner.done_file(p).exists()]
+    while missing:
+        if main_done.exists():
+            raise StageFailed(f"{name} needs {', '.join(missing)}, which the Safe RLHF lane ended without")
+        time.sleep(1.0)
+        missing = [p for p in missing if not runner.done_file(p).exists()]
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -39,6 +39,8 @@ from safealign.pipeline.lanes import BASELINE_LANE, LANE_HEAD, enough_threads, r
 from safealign.pipeline.manifest import policies_manifest
 from safealign.pipeline.stage_runner import StageRunner
 from safealign.pipeline.stages import ALWAYS_RUN, COMMANDS, SETTINGS_COMMANDS, expand_stages
+
+EVALUATIONS = ("evaluate-policy", "eval-scores")  # commands whose outputs only the comparison and the report read
 from safealign.pipeline.summary import print_summary, summarise
 from safealign.run_directory import write_manifest, write_metrics, write_progress
 
@@ -96,8 +98,13 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     save_config(cfg, root / "config.yaml")
     write_manifest(root, policies_manifest(cfg, root, set(stages)))
     runner = StageRunner(cfg, root, stages)
-    groups = {name: runner.stage(name).group or name for name in stages}
-    head, side, tail = ([s for s in stages if groups[s] in names] for names in (LANE_HEAD, BASELINE_LANE, ALWAYS_RUN))
+    table = {name: runner.stage(name) for name in stages}
+    groups = {name: table[name].group or name for name in stages}
+    head, baselines, tail = ([s for s in stages if groups[s] in names] for names in (LANE_HEAD, BASELINE_LANE, ALWAYS_RUN))
+    # The second lane also takes the Safe RLHF rounds' evaluations, which no later round reads: the training chain
+    # stays in this lane, and the second waits for a round's policy or value models where it must.
+    evaluations = [s for s in stages if table[s].command in EVALUATIONS and s not in {*head, *baselines, *tail}]
+    side = baselines + evaluations
     main = [s for s in stages if s not in {*head, *side, *tail}]
     both_lanes_busy = any(not runner.done(s) for s in side) and any(not runner.done(s) for s in main)
     if cfg.parallel_baselines and both_lanes_busy and enough_threads():

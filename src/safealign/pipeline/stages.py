@@ -260,6 +260,14 @@ def round_stages(cfg: PipelineConfig, root: Path, paths: DataPaths, k: int) -> l
                        root / dirs["eval"], group="rounds")]
 
 
+def prerequisites(table: dict[str, Stage], name: str) -> list[str]:
+    """The stages whose outputs stage `name` reads: those whose directory holds one of its input paths."""
+    stage = table[name]
+    paths = [str(v) for v in {**stage.inputs, **stage.fixed}.values() if isinstance(v, str) and v]
+    return [other.name for other in table.values() if other.name != name and other.name not in ALWAYS_RUN
+            and any(path == str(other.directory) or path.startswith(f"{other.directory}/") for path in paths)]
+
+
 def expand_stages(cfg: PipelineConfig, root: Path | None = None) -> list[str]:
     """cfg.stages with each group (`rounds`, `shaping`, `evaluate_shaping`) replaced by its stages; a ConfigError
     naming an unknown stage. `root`: the run directory (default: cfg.output_dir)."""

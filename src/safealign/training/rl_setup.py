@@ -79,7 +79,7 @@ class RLConfig(TrainingConfig):
     max_steps: int = config_field(-1, help="Steps (rollout batches, each with its PPO updates) to run; -1 = num_epochs over the prompts.")
     gradient_accumulation_steps: int = config_field(1, help="Micro-batches per PPO update (optimizer step); a mini-batch is per_device_train_batch_size × this rows.")
     per_device_prompt_batch_size: int = config_field(
-        32, help="Prompts per rollout on each process (32: the rollout of the SafeWorld results in docs/results.md and of the benchmark).")
+        32, help="Prompts per rollout on each process.")
     samples_per_prompt: int = config_field(1, help="Responses sampled per prompt (rows per rollout = prompts × this).")
     max_new_tokens: int = config_field(64, help="Most response tokens per rollout row (EOS included).")
     temperature: float = config_field(1.0, help="Sampling temperature of the rollouts (1 = the policy's own distribution, as PPO assumes).")
@@ -88,7 +88,7 @@ class RLConfig(TrainingConfig):
     ppo_epochs: int = config_field(1, help="Passes of PPO updates over each rollout batch (the reference's update_iters).")
     per_device_train_batch_size: int = config_field(16, help="Rollout rows per micro-batch of an update on each process.")
     learning_rate: float = config_field(
-        2e-4, help="Actor learning rate. 2e-4 for the tiny preset (docs/results.md: 1e-4 / 5e-5 left 10% / 13% harmful after 60 steps); the reference's 1e-5 is for a 7B model.")
+        2e-4, help="Actor learning rate (2e-4 suits the tiny preset; the reference's 1e-5 is for a 7B model).")
     weight_decay: float = config_field(0.01, help="Actor AdamW weight decay (reference 0.01).")
     critic_learning_rate: float = config_field(
         5e-5, help="Critic learning rate. 5e-5 suits the tiny preset; the reference's 5e-6 is for a 7B model.")
@@ -102,7 +102,7 @@ class RLConfig(TrainingConfig):
     critic_layout: Literal["full", "shared_backbone", "lora"] = config_field(
         "full", help="Where the critics live: full = each a full copy of its score model (the reference's); shared_backbone = "
                      "a value head per stream on the actor's backbone (least-squares fit on the first rollout), trained with the actor "
-                     "in one objective (faster, less memory; worse policies than full on SafeWorld); "
+                     "in one objective (faster, less memory; the value loss also moves the policy); "
                      "lora = a LoRA adapter + head on its frozen score model (whose score is the same forward, adapter off).")
     value_loss_coeff: float = config_field(
         0.1, help="shared_backbone only: c in the one objective L_actor + c·Σ L_V, which also trains the actor's backbone "
@@ -281,7 +281,7 @@ def check_sharding(cfg: RLConfig, accelerator: Accelerator) -> None:
         raise ConfigError(f"the RL stages run on one process, several with DDP, or FSDP2 (FSDP_VERSION=2), not under "
                           f"{kind.value}{'' if kind != DistributedType.FSDP else ' version 1'}. For a large model use FSDP2, or "
                           "actor_layout: lora, critic_layout: lora and mixed_precision: bf16 (one bf16 backbone per policy / "
-                          "reward / cost model, the adapters trained), one model replica per GPU (README: Large models)")
+                          "reward / cost model, the adapters trained), one model replica per GPU (docs/large-models.md)")
     if cfg.actor_layout != "full" or cfg.critic_layout != "full":
         raise ConfigError("under FSDP2 the RL stages shard full models: actor_layout full and critic_layout full (LoRA "
                           "layouts and value heads on the actor's backbone share one network between roles, not sharded here)")

@@ -10,7 +10,7 @@ import io
 import math
 from typing import Any
 
-# RL scalars (rl_loop logs every one as train/<name>) and what the report calls them.
+# RL scalars (the RL loop logs every one as train/<name>) and what the report calls them.
 CURVES = {"lagrange_multiplier": "λ (Lagrange multiplier)", "episode_cost": "episode cost J_C",
           "reward": "reward", "cost": "cost", "kl": "KL(π‖π_ref)"}
 
