@@ -21,7 +21,7 @@ from safealign.evaluation.aggregate import AggregateConfig, aggregate
 from safealign.evaluation.report.document import unshown_cells
 from safealign.pipeline.config import PipelineConfig
 from safealign.pipeline.runner import run
-from safealign.pipeline.stages import expand_stages
+from safealign.pipeline.stages import expand_stages, plan, prerequisites
 
 ALL_STAGES = ["world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "rounds", "ppo",
               "evaluate_ppo", "shaping", "evaluate_shaping", "compare", "report"]
@@ -375,3 +375,15 @@ def test_a_bad_stage_setting_fails_before_any_stage_runs(tmp_path, settings, mes
     with pytest.raises(ConfigError, match=message):
         run(load_config(PipelineConfig, None, {"output_dir": str(tmp_path / "run"), "stages": ["world"], **settings}))
     assert not (tmp_path / "run").exists()
+
+
+def test_each_stage_waits_for_the_stages_it_reads_and_no_other():
+    root = Path("/runs/demo")
+    cfg = PipelineConfig(output_dir=str(root))
+    table = plan(cfg, root)
+    assert prerequisites(cfg, table, "sft") == ["world"]
+    assert sorted(prerequisites(cfg, table, "round2/eval_scores")) == ["round2/cm", "round2/rm", "world"]
+    assert prerequisites(cfg, table, "round2/evaluate") == ["world", "round2/ppo_lag"]
+    assert sorted(prerequisites(cfg, table, "round3/ppo_lag")) == ["round2/ppo_lag", "round3/cm", "round3/redteam", "round3/rm"]
+    assert sorted(prerequisites(cfg, table, "round2/redteam")) == ["cm", "ppo_lag", "world"]
+    assert prerequisites(cfg, table, "evaluate_shaping/nu=0.1") == ["world", "shaping/nu=0.1"]

@@ -141,7 +141,7 @@ def _wait_for_prerequisites(runner: StageRunner, name: str, main_done: Path) -> 
     """Wait until the stages whose outputs `name` reads are done (the first lane writes them: a round's policy or
     value models); a StageFailed when the first lane ended without them."""
     table = plan(runner.cfg, runner.root)
-    missing = [p for p in prerequisites(table, name) if p in runner.stages and not runner.done_file(p).exists()]
+    missing = [p for p in prerequisites(runner.cfg, table, name) if p in runner.stages and not runner.done_file(p).exists()]
     while missing:
         if main_done.exists():
             raise StageFailed(f"{name} needs {', '.join(missing)}, which the Safe RLHF lane ended without")

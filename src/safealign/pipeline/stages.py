@@ -260,10 +260,13 @@ def round_stages(cfg: PipelineConfig, root: Path, paths: DataPaths, k: int) -> l
                        root / dirs["eval"], group="rounds")]
 
 
-def prerequisites(table: dict[str, Stage], name: str) -> list[str]:
-    """The stages whose outputs stage `name` reads: those whose directory holds one of its input paths."""
+def prerequisites(cfg: PipelineConfig, table: dict[str, Stage], name: str) -> list[str]:
+    """The stages whose outputs stage `name` reads: those whose directory holds one of its input paths (its own
+    directory, which may lie inside another stage's, is not an input)."""
     stage = table[name]
-    paths = [str(v) for v in {**stage.inputs, **stage.fixed}.values() if isinstance(v, str) and v]
+    own = str(stage.directory)
+    paths = [v for v in stage.config_values(cfg).values()
+             if isinstance(v, str) and v and v != own and not v.startswith(f"{own}/")]
     return [other.name for other in table.values() if other.name != name and other.name not in ALWAYS_RUN
             and any(path == str(other.directory) or path.startswith(f"{other.directory}/") for path in paths)]
 
