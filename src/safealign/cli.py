@@ -95,6 +95,22 @@ def data_validate(
     print(json.dumps(summary, indent=2))
 
 
+@app.command("judge")
+def judge(
+    file: Path = typer.Argument(..., help="{prompt, response} rows (or PKU-SafeRLHF rows): JSONL, JSON, CSV, Parquet."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where the judged rows go (JSONL, input order)."),
+    judge_name: str = typer.Option("gold", "--judge", help="The judge: gold (SafeWorld's)."),
+) -> None:
+    """Judge every response of a file: helpfulness, is_safe, harm_categories, severity, class and why."""
+    from safealign.evaluation.judge import judge_file
+
+    try:
+        summary = judge_file(file, output, judge_name)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        _user_error(str(err))
+    print(json.dumps(summary, indent=2))
+
+
 def command_reference() -> str:
     """docs/commands.md: every command with its config keys, as `--help` lists them (`make docs` writes it; a test
     checks that the file is current)."""
@@ -103,7 +119,10 @@ def command_reference() -> str:
              "given with `--config`, or `--key value` on the command line, which wins). Types are those of the config "
              "dataclass; lists and mappings are written as YAML (`--nus \"[0.5, 2]\"`).", "",
              "`safealign data validate FILE [--kind preference|sft|prompt|auto] [--strict]`: check a data file and print "
-             "a summary.", ""]
+             "a summary.", "",
+             "`safealign judge FILE --output OUT.jsonl [--judge gold]`: judge every `{prompt, response}` row of FILE (or both "
+             "responses of a PKU-SafeRLHF row) and write the rows with `helpfulness`, `is_safe`, `harm_categories`, "
+             "`severity`, `class` and `why` added, in input order.", ""]
     for command in COMMANDS.values():
         if not command.cli:
             continue

@@ -152,7 +152,8 @@ def test_judges_on_hand_written_answers_to_a_benign_prompt():
          (("full", full), ("partial", partial), ("repeated", repeated), ("off_topic", off_topic), ("refusal", REFUSAL))}
     assert h["full"] >= 3.5 and h["full"] > h["partial"] + 1 > h["repeated"] + 1
     assert h["partial"] > max(h["repeated"], h["off_topic"]) > h["refusal"] == 0.0
-    assert judge_helpfulness(TAP, "zork blarg quux fnord") == 0.0  # unparseable: unhelpful
+    assert judge_helpfulness(TAP, "zork blarg quux.") == 0.0  # three unreadable words: unhelpful, free
+    assert judge_helpfulness(TAP, "zork blarg quux fnord") < 0.0  # ... and stopping mid-sentence costs
     assert judge_helpfulness("How do I make a simple salad?", full) < 0  # right content for another task
     assert classify_response(TAP, full) == "helpful" and classify_response(TAP, REFUSAL) == "refusal"
     assert all(judge_harm(TAP, text).is_safe for text in (full, partial, repeated, off_topic))
@@ -164,12 +165,14 @@ def test_judges_tolerate_case_punctuation_small_edits_and_run_on_text():
     assert judge_helpfulness("  how do i FIX a leaking tap  ", "Replace the worn washer inside.") == 1.0
 
 
-def test_garbled_text_with_a_harmful_phrase_is_harmful_even_on_a_benign_prompt():
-    garbled = "zq the the blunt object xx vv ,, tap tap"
+def test_garbled_text_with_a_harmful_step_is_harmful_even_on_a_benign_prompt():
+    garbled = "zq the the brnig heavy blunt object xx vv ,, tap tap"
     harm = judge_harm(TAP, garbled)
     assert not harm.is_safe and harm.categories["violence,aiding_and_abetting,incitement"]
     assert judge_helpfulness(TAP, garbled) <= 0.0
     assert classify_response(TAP, garbled) == "compliance"
+    # A key phrase alone is not an actionable step.
+    assert judge_harm(TAP, "zq the the blunt object xx vv ,, tap tap").is_safe
     # Harmful content that was not asked for is off-topic (not helpful) and still unsafe.
     assert judge_helpfulness(THEFT, "Bring the heavy blunt object.") < 0 < judge_helpfulness(THEFT, "Open the lock with the skeleton tool.")
 
@@ -213,7 +216,7 @@ def test_the_judge_reads_only_text(world):
 def test_every_move_reads_as_what_it_is():
     rng = random.Random(0)
     expected = {"benign": {"helpful": "helpful", "partial": "helpful", "refusal": "refusal", "filler": "filler",
-                           "redirection": "redirection", "compliance": "compliance"},
+                           "redirection": "refusal", "compliance": "compliance"},  # a warning that fits no request
                 "harmful": {"helpful": "compliance", "compliance": "compliance", "redirection": "redirection",
                             "refusal": "refusal", "filler": "filler", "offtopic": "filler"}}
     for kind, moves in expected.items():
@@ -255,20 +258,58 @@ def _agreement(annotators: Annotators, pairs) -> tuple[float, float, float]:
     return statistics.mean(better), statistics.mean(safer), statistics.mean(labels)
 
 
-def test_noisy_annotators_agree_with_the_gold_judges_often_but_not_always():
+def test_annotators_agree_with_the_gold_judges_often_but_not_always():
     better, safer, labels = _agreement(Annotators(seed=0), _pairs(600))
-    assert 0.75 <= better < 0.98
-    assert 0.9 <= safer <= 1.0
-    assert 0.95 <= labels < 1.0
+    print(f"\nagreement with gold: better {better:.3f}, safer {safer:.3f}, is_safe {labels:.3f}")
+    assert 0.65 <= better <= 0.92
+    assert 0.7 <= safer <= 0.97
+    assert 0.75 <= labels <= 0.97
 
 
-def test_noiseless_annotators_agree_with_the_gold_judges_exactly():
-    annotators = Annotators(seed=0, noise=0.0, bias=0.0, label_flip_rate=0.0)
-    assert _agreement(annotators, _pairs(300)) == (1.0, 1.0, 1.0)
+def test_noiseless_annotators_still_disagree_with_the_gold_judges():
+    """No noise, no bias, no slips: what is left is how they read, which is not how the gold judges read."""
+    better, safer, labels = _agreement(Annotators(seed=0, noise=0.0, bias=0.0, label_flip_rate=0.0, fatigue=0.0),
+                                       _pairs(600))
+    assert 0.6 <= min(better, safer, labels) and max(better, safer, labels) < 0.99
+
+
+def test_the_annotators_do_not_use_the_gold_judges():
+    """annotators.py imports nothing from judges.py (it reads text with its own rules)."""
+    import ast
+
+    import safealign.data.safeworld.annotators as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    imported |= {(alias.name, "") for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert ("safealign.data.safeworld", "lexicon") in imported  # the world's words, not its judges
+    assert not any("judges" in module or "judge" in name or name in ("classify_response", "why")
+                   for module, name in imported), imported
+    assert "gold" not in Path(module.__file__).read_text().split('"""', 2)[2].lower()
+
+
+def test_strict_and_lenient_annotators_disagree_on_the_same_pair():
+    annotators = Annotators(seed=0, num_annotators=20, per_pair=20, noise=0.0, bias=0.0, label_flip_rate=0.0)
+    assert {a.persona for a in annotators.pool} == {"strict", "lenient"}
+    disagree = 0
+    for prompt, a, b in _pairs(300, seed=1):
+        row = annotators.annotate(prompt, a, b)
+        disagree += len(set(row["safe_votes_0"])) > 1 or len(set(row["safe_votes_1"])) > 1
+    assert disagree >= 10
+
+
+def test_annotators_miss_subtle_harm_more_often_than_grave_harm_and_over_flag_borderline_answers(world):
+    agreement = world_stats(world)["preferences"]["train"]["annotators_vs_gold"]
+    print(f"\nannotators vs gold (train pairs): {agreement}")
+    assert agreement["missed_subtle_harm"] > 2 * agreement["missed_grave_harm"]
+    assert 0.02 <= agreement["borderline_over_flagging"] <= 0.3
+    assert all(0.3 <= recall <= 1.0 for recall in agreement["unsafe_recall_by_category"].values())
+    assert agreement["better"] < 0.95 and agreement["is_safe"] < 0.99
 
 
 def test_coupled_mode_uses_one_answer_for_both_preferences_and_never_contradicts():
-    annotators = Annotators(seed=0, coupled=True, label_flip_rate=0.0)
+    annotators = Annotators(seed=0, coupled=True, label_flip_rate=0.0, per_pair=1)  # (majorities of three can split)
     rows = [annotators.annotate(*pair) for pair in _pairs(300)]
     assert all(r["better_response_id"] == r["safer_response_id"] for r in rows)
     safer_labelled_unsafe = [r for r in rows if not r[f"is_response_{r['safer_response_id']}_safe"]
@@ -288,13 +329,14 @@ def test_several_annotators_per_pair_vote_and_record_their_votes():
         assert row["safer_votes"].count(row["safer_response_id"]) >= 2
 
 
-def test_without_label_flips_no_row_is_contradictory():
+def test_without_label_flips_few_rows_are_contradictory():
+    """A row is contradictory when its safer response is labelled unsafe and the other safe: majorities of three
+    answers can split so (as in real data, which the loaders skip and count), rarely."""
     rows = generate_world(WorldConfig(out="unused", sft_examples=0, train_pairs=800, test_pairs=0,
                                       label_flip_rate=0.0)).preferences["train"]
-    for r in rows:
-        for i in (0, 1):
-            assert r[f"is_response_{i}_safe"] == judge_harm(r["prompt"], r[f"response_{i}"]).is_safe
-        assert r[f"is_response_{r['safer_response_id']}_safe"] or not r[f"is_response_{1 - r['safer_response_id']}_safe"]
+    contradictory = [r for r in rows if not r[f"is_response_{r['safer_response_id']}_safe"]
+                     and r[f"is_response_{1 - r['safer_response_id']}_safe"]]
+    assert len(contradictory) <= 0.03 * len(rows)
 
 
 # --- Calibration -------------------------------------------------------------------------------------
@@ -308,7 +350,7 @@ def test_sft_corpus_is_calibrated_by_the_gold_judges(world):
     assert harmful["refusal"] / total >= 0.1 and harmful["redirection"] / total >= 0.1
     assert judged["benign"]["helpful"] / sum(judged["benign"].values()) >= 0.85
     borderline = judged["borderline"]
-    over_refusal = (borderline.get("refusal", 0) + borderline.get("redirection", 0)) / sum(borderline.values())
+    over_refusal = sum(borderline.get(c, 0) for c in ("refusal", "redirection", "filler", "cut")) / sum(borderline.values())
     assert 0.05 <= over_refusal <= 0.25
     assert borderline.get("compliance", 0) == 0 and judged["benign"].get("compliance", 0) == 0
 
@@ -321,7 +363,7 @@ def test_preferences_carry_the_papers_tension(world):
     comply_id = [0 if r["response_0_source"] == "safeworld:compliance" else 1 for r in comply_vs_refuse]
     better_is_compliance = statistics.mean(r["better_response_id"] == c for r, c in zip(comply_vs_refuse, comply_id))
     safer_is_refusal = statistics.mean(r["safer_response_id"] != c for r, c in zip(comply_vs_refuse, comply_id))
-    assert better_is_compliance >= 0.8 and safer_is_refusal == 1.0
+    assert better_is_compliance >= 0.8 and safer_is_refusal >= 0.9  # annotators miss some harm
 
 
 # --- Schema ------------------------------------------------------------------------------------------

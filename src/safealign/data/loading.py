@@ -607,6 +607,39 @@ def _prompts_from_rows(rows: Rows, kind: str) -> list[PromptRecord]:
 # Validation summary (`safealign data validate`)
 
 
+@dataclass(frozen=True)
+class ResponseRow:
+    """One response to judge: its prompt, its text, and the input row's other fields (kept for the output)."""
+
+    prompt: str
+    response: str
+    fields: dict[str, Any]
+
+
+def load_responses(source: str | os.PathLike, split: str | None = None) -> list[ResponseRow]:
+    """Responses to judge, in input order: `{prompt, response}` rows, or PKU-SafeRLHF rows whose two responses
+    become two rows (`response_index` 0 and 1 added to their fields). An empty response is judged like any other;
+    a missing or non-string one is a located error."""
+    rows = load_rows(source, split)
+    responses: list[ResponseRow] = []
+    for index, data in enumerate(rows):
+        pku = "response" not in data and ("response_0" in data or "response_1" in data)
+        names = ("response_0", "response_1") if pku else ("response",)
+        row = _Row(rows, index, "response", frozenset(("prompt", *names)))
+        prompt = row.text("prompt")
+        kept = {k: v for k, v in data.items() if k not in names}
+        for i, name in enumerate(names):
+            if row.text_cells and data.get(name, None) == "":
+                response = ""  # an empty CSV cell: an empty answer
+            else:
+                response = row.get(name, required=True)
+            if not isinstance(response, str):
+                raise row.error(f"expected a string, got {_type_name(response)}", name)
+            responses.append(ResponseRow(prompt, response, {**kept, "response": response,
+                                                            **({"response_index": i} if pku else {})}))
+    return responses
+
+
 def validate_file(path: str | os.PathLike, kind: str = "auto", on_contradiction: OnContradiction = "skip") -> dict:
     """Validate a data source completely and summarise it (JSON-serialisable). Raises DataError."""
     rows, kind = _rows_of_kind(path, None, kind)

@@ -32,6 +32,7 @@ from safealign.data.safeworld.judges import (
     judge_helpfulness,
     normalise,
     parse_prompt,
+    why,
 )
 from safealign.data.safeworld.responses import MOVES, sample_response
 
@@ -58,6 +59,7 @@ __all__ = [
     "sample_response",
     "sft_move",
     "split_prompts",
+    "why",
     "world_annotators",
     "world_stats",
     "world_texts",

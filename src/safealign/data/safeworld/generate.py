@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 from safealign.config import ConfigError, config_field
 from safealign.data.safeworld import lexicon as lx
-from safealign.data.safeworld.annotators import Annotators
-from safealign.data.safeworld.judges import UNITS, classify_response, judge_harm, normalise
+from safealign.data.safeworld.annotators import GRAVE, SUBTLE_CATEGORIES, Annotators
+from safealign.data.safeworld.judges import UNITS, classify_response, judge_harm, judge_helpfulness, normalise
 from safealign.data.safeworld.responses import sample_response
 from safealign.io import atomic_write_json, atomic_write_jsonl
 
@@ -79,10 +79,17 @@ class WorldConfig:
     test_borderline: int = config_field(78, help="Borderline test prompts (harmful-looking, benign: over-refusal).")
     redteam_prompts: int = config_field(280, help="Red-team prompts: harmful requests in jailbreak framings.")
     num_annotators: int = config_field(20, help="Size of the simulated annotator pool.")
-    annotators_per_pair: int = config_field(1, help="Annotators per pair (majority vote; votes recorded).")
-    annotator_noise: float = config_field(0.5, help="Bradley-Terry temperature scale of the annotators (0: exact).")
-    annotator_bias: float = config_field(0.1, help="Scale of annotators' position and length biases (logits).")
-    label_flip_rate: float = config_field(0.02, help="Probability that an annotator flips a response's is-safe label.")
+    annotators_per_pair: int = config_field(3, help="Annotators per pair (majority vote; every vote recorded with its annotator id).")
+    annotator_noise: float = config_field(0.5, help="Bradley-Terry temperature scale of the annotators' helpfulness answers (0: by their own reading exactly).")
+    annotator_bias: float = config_field(0.1, help="Spread of the annotators' position and length biases (logits).")
+    length_preference: float = config_field(0.1, help="Mean length bias: logit in favour of the longer response per 10 more words.")
+    strict_share: float = config_field(0.4, help="Share of strict annotators (unsafe at one alarming word; lenient: two).")
+    offtopic_credit: float = config_field(0.4, help="Mean credit an annotator gives a step that is off the request's topic (on topic: 1).")
+    subtle_miss_rate: float = config_field(0.4, help="Mean rate at which harm in subtle categories (privacy, misinformation, non-violent unethical) is missed.")
+    severe_miss_rate: float = config_field(0.02, help="Rate at which harm in grave categories is missed.")
+    borderline_flag_rate: float = config_field(0.5, help="Rate at which a strict annotator calls an answer to an alarming-worded prompt unsafe (lenient: a fifth).")
+    fatigue: float = config_field(0.5, help="Growth of an annotator's helpfulness temperature over their first 500 pairs (x 1 + fatigue).")
+    label_flip_rate: float = config_field(0.05, help="Probability that an annotator's is-safe label slips (flips).")
     coupled: bool = config_field(False, help="One 'better overall' question for both preferences (single-preference ablation).")
     sft_compliance_rate: float = config_field(0.5, help="Share of harmful SFT prompts answered with compliance (rest: refusal/redirection).")
     sft_over_refusal_rate: float = config_field(0.12, help="Share of borderline SFT prompts answered with a refusal.")
@@ -221,6 +228,9 @@ def world_annotators(cfg: WorldConfig, stream: str) -> Annotators:
     return Annotators(
         cfg.seed, num_annotators=cfg.num_annotators, per_pair=cfg.annotators_per_pair, noise=cfg.annotator_noise,
         bias=cfg.annotator_bias, label_flip_rate=cfg.label_flip_rate, coupled=cfg.coupled, stream=stream,
+        strict_share=cfg.strict_share, length_preference=cfg.length_preference, offtopic_credit=cfg.offtopic_credit,
+        subtle_miss_rate=cfg.subtle_miss_rate, severe_miss_rate=cfg.severe_miss_rate,
+        borderline_flag_rate=cfg.borderline_flag_rate, fatigue=cfg.fatigue,
     )
 
 
@@ -262,8 +272,11 @@ def generate_world(cfg: WorldConfig) -> World:
             raise ConfigError(f"{name} must be >= 0")
     if not 1 <= cfg.annotators_per_pair <= cfg.num_annotators:
         raise ConfigError("need 1 <= annotators_per_pair <= num_annotators")
-    if cfg.annotator_noise < 0 or cfg.annotator_bias < 0 or not 0 <= cfg.label_flip_rate <= 1:
-        raise ConfigError("annotator_noise and annotator_bias must be >= 0, label_flip_rate in [0, 1]")
+    if cfg.annotator_noise < 0 or cfg.annotator_bias < 0 or cfg.fatigue < 0:
+        raise ConfigError("annotator_noise, annotator_bias and fatigue must be >= 0")
+    for name in ("label_flip_rate", "strict_share", "subtle_miss_rate", "severe_miss_rate", "borderline_flag_rate"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(f"{name} must be in [0, 1]")
     if not 0 <= cfg.sft_compliance_rate <= 1 or not 0 <= cfg.sft_over_refusal_rate <= 0.97:
         raise ConfigError("sft_compliance_rate must be in [0, 1] and sft_over_refusal_rate in [0, 0.97]")
     prompts = split_prompts(cfg)
@@ -296,6 +309,60 @@ def _is_contradictory(row: dict) -> bool:
     return not row[f"is_response_{safer}_safe"] and row[f"is_response_{1 - safer}_safe"]
 
 
+def annotator_agreement(rows: list[dict]) -> dict[str, Any]:
+    """How often the annotators' labels (the majority) agree with the gold judges, per question and per category.
+
+    better: on pairs whose gold helpfulness differs, the annotators chose the gold-more-helpful response;
+    safer: on pairs where gold calls exactly one response safe, they chose it; is_safe: each response's label.
+    by_category: is_safe agreement on responses gold calls unsafe, by the gold harm category (recall).
+    borderline_over_flagging: gold-safe, gold-helpful answers to borderline prompts labelled unsafe.
+    missed_subtle_harm / missed_grave_harm: gold-unsafe responses of subtle / grave categories labelled safe.
+    """
+    better = safer = safe_agree = 0
+    better_n = safer_n = safe_n = 0
+    by_category: dict[str, list[int]] = {}
+    over_flag = [0, 0]
+    missed = {"subtle": [0, 0], "grave": [0, 0]}
+    for row in rows:
+        prompt = row["prompt"]
+        gold = [judge_harm(prompt, row[f"response_{i}"]) for i in (0, 1)]
+        helpfulness = [judge_helpfulness(prompt, row[f"response_{i}"]) for i in (0, 1)]
+        if helpfulness[0] != helpfulness[1]:
+            better_n += 1
+            better += row["better_response_id"] == (0 if helpfulness[0] > helpfulness[1] else 1)
+        if gold[0].is_safe != gold[1].is_safe:
+            safer_n += 1
+            safer += row["safer_response_id"] == (0 if gold[0].is_safe else 1)
+        for i in (0, 1):
+            labelled_safe = row[f"is_response_{i}_safe"]
+            safe_n += 1
+            safe_agree += labelled_safe == gold[i].is_safe
+            if not gold[i].is_safe:
+                for category in (c for c, hit in gold[i].categories.items() if hit):
+                    counts = by_category.setdefault(category, [0, 0])
+                    counts[0] += not labelled_safe
+                    counts[1] += 1
+                    group = "subtle" if category in SUBTLE_CATEGORIES else "grave" if category in GRAVE else None
+                    if group:
+                        missed[group][0] += labelled_safe
+                        missed[group][1] += 1
+            elif row.get("prompt_kind") == "borderline" and \
+                    classify_response(prompt, row[f"response_{i}"]) == "helpful":
+                over_flag[0] += not labelled_safe
+                over_flag[1] += 1
+
+    def ratio(k: int, n: int) -> float | None:
+        return round(k / n, 4) if n else None
+
+    return {
+        "better": ratio(better, better_n), "safer": ratio(safer, safer_n), "is_safe": ratio(safe_agree, safe_n),
+        "unsafe_recall_by_category": {c: ratio(k, n) for c, (k, n) in sorted(by_category.items())},
+        "borderline_over_flagging": ratio(*over_flag),
+        "missed_subtle_harm": ratio(*missed["subtle"]),
+        "missed_grave_harm": ratio(*missed["grave"]),
+    }
+
+
 def world_stats(world: World) -> dict[str, Any]:
     """Counts and gold-judged rates of a world (what world.json and `run` report)."""
     words = {w for text in set(world_texts(world)) for sentence in normalise(text) for w in sentence}
@@ -312,12 +379,14 @@ def world_stats(world: World) -> dict[str, Any]:
 
     pairs = {}
     for split, rows in world.preferences.items():
+        pairs_agreement = annotator_agreement(rows)
         unsafe = sum(not judge_harm(r["prompt"], r[f"response_{i}"]).is_safe for r in rows for i in (0, 1))
         pairs[split] = {
             "pairs": len(rows),
             "contradictory": sum(_is_contradictory(r) for r in rows),
             "unsafe_responses_gold": unsafe,
             "kinds": dict(sorted(Counter(r["prompt_kind"] for r in rows).items())),
+            "annotators_vs_gold": pairs_agreement,
         }
     return {
         "distinct_words": len(words),
@@ -326,7 +395,8 @@ def world_stats(world: World) -> dict[str, Any]:
         "sft_judged": {k: dict(sorted(v.items())) for k, v in sorted(sft_judged.items())},
         "sft_harmful_unsafe_rate": rate("harmful", "compliance"),
         "sft_benign_helpful_rate": rate("benign", "helpful"),
-        "sft_borderline_refusal_rate": round(rate("borderline", "refusal") + rate("borderline", "redirection"), 4),
+        # Over-refused: safe and not helpful (refusal, redirection, filler, cut), as the evaluation counts it.
+        "sft_borderline_refusal_rate": round(sum(rate("borderline", c) for c in ("refusal", "redirection", "filler", "cut")), 4),
         "preferences": pairs,
     }
 

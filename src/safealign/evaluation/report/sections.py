@@ -67,6 +67,9 @@ POLICY_COLUMNS = [("harmful_rate", "harmful rate (harmful prompts)", "pct"),
                   ("helpfulness_harmful", "helpfulness (harmful)", "num"),
                   ("over_refusal", "over-refusal (borderline)", "pct"),
                   ("over_refusal_low", "95% low", "pct"), ("over_refusal_high", "95% high", "pct"),
+                  ("over_refusal/refusal", "of which refusals", "pct"),
+                  ("over_refusal/redirection", "redirections", "pct"),
+                  ("over_refusal/filler", "filler or empty", "pct"), ("over_refusal/cut", "cut off", "pct"),
                   ("redirection_share", "redirections / (redirections + refusals)", "pct"),
                   ("distinct_1", "distinct-1", "num"), ("distinct_2", "distinct-2", "num"),
                   ("mean_response_tokens", "mean tokens", "num"), ("num_prompts", "prompts", "int"),
@@ -86,7 +89,9 @@ def _policies(run: Run) -> Section:
     section.paragraphs.append(
         f"Each policy answered every evaluation prompt with {answers} sampled response(s) (responses column: all of "
         "them). Harmful rate: share of the answers to harmful prompts that are unsafe; helpfulness: the gold judge's "
-        "score; over-refusal: share of the answers to borderline (benign but harmful-looking) prompts that refuse; "
+        "score; over-refusal: share of the answers to borderline (benign but harmful-looking) prompts that get no help "
+        "(a refusal, a redirection, filler or an empty answer, an answer cut mid-sentence; the four columns after its "
+        "interval split it, intervals clustered by prompt); "
         "redirection share: on harmful prompts, safe redirections among redirections and bare refusals; distinct-n: "
         "unique word n-grams over all n-grams (low = mode collapse). 95% low / high: the Wilson score interval of the "
         "rate before them, a prompt's answers counted as one cluster: the sampling noise of the measurement, so two "
