@@ -110,6 +110,12 @@ def test_gold_agreement_counts_only_pairs_the_gold_judge_orders(models):
     decided = [(r, a > b) for r, (a, b) in zip(records, gold) if a != b]
     expected = sum((r.better_response_id == 0) == first for r, first in decided) / len(decided)
     assert perfect["annotator_gold_agreement"] == pytest.approx(expected)
+    # The proxy-truth gap: a model that scores exactly as gold never sides with the annotators against gold, never
+    # prefers a longer answer gold does not; one that scores by length always does.
+    assert perfect["follows_annotators_over_gold"] == 0.0 and perfect["prefers_longer_gold_does_not"] <= 0.5
+    by_length = reward_gold_metrics(records, [(len(r.response_0.split()), len(r.response_1.split())) for r in records])
+    assert by_length["prefers_longer_gold_does_not"] == 1.0
+    assert 0.0 <= perfect["annotators_prefer_longer_gold_does_not"] <= 1.0
 
 
 def test_cost_gold_metrics_compare_signs_with_the_gold_harm_judge(models):
