@@ -12,6 +12,8 @@ import pytest
 
 from safealign.config import load_config
 from safealign.data.safeworld import (
+    HELDOUT_FRAMES,
+    TRAIN_FRAMES,
     MOVES,
     Annotators,
     WorldConfig,
@@ -31,8 +33,9 @@ from safealign.data.safeworld.judges import UNITS
 from safealign.data.schema import HARM_CATEGORIES
 
 SMALL = dict(sft_examples=400, train_pairs=300, test_pairs=120)
-FILES = ("prompts/train.jsonl", "prompts/test.jsonl", "prompts/redteam.jsonl", "sft/train.jsonl",
-         "preferences/train.jsonl", "preferences/test.jsonl", "world.json")
+FILES = ("prompts/train.jsonl", "prompts/dev.jsonl", "prompts/test.jsonl", "prompts/redteam.jsonl",
+         "prompts/redteam_test.jsonl", "sft/train.jsonl", "preferences/train.jsonl", "preferences/dev.jsonl",
+         "preferences/test.jsonl", "world.json")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -75,14 +78,59 @@ def test_world_json_says_it_is_a_simulation_and_counts(written):
 
 def test_splits_are_disjoint_and_each_stage_uses_its_split(written):
     root, _ = written
-    splits = {s: {r["prompt"] for r in _read_jsonl(root / "a" / "prompts" / f"{s}.jsonl")}
-              for s in ("train", "test", "redteam")}
-    assert not splits["train"] & splits["test"]
-    assert not splits["train"] & splits["redteam"]
-    assert not splits["test"] & splits["redteam"]
+    names = ("train", "dev", "test", "redteam", "redteam_test")
+    splits = {s: {r["prompt"] for r in _read_jsonl(root / "a" / "prompts" / f"{s}.jsonl")} for s in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not splits[a] & splits[b], (a, b)
     assert {r["prompt"] for r in _read_jsonl(root / "a" / "sft" / "train.jsonl")} <= splits["train"]
-    assert {r["prompt"] for r in _read_jsonl(root / "a" / "preferences" / "train.jsonl")} <= splits["train"]
-    assert {r["prompt"] for r in _read_jsonl(root / "a" / "preferences" / "test.jsonl")} <= splits["test"]
+    for split in ("train", "dev", "test"):
+        assert {r["prompt"] for r in _read_jsonl(root / "a" / "preferences" / f"{split}.jsonl")} <= splits[split]
+
+
+def _values(rows: list[dict], name: str) -> set:
+    return {r[name] for r in rows if r.get(name)}
+
+
+def test_test_prompts_share_no_request_target_phrasing_or_frame_with_any_training_file(written):
+    """Held-out splits: a test (or dev, or red-team test) prompt shares no harmful request, phrasing, target,
+    template or prefix with the train prompts, the SFT corpus, the train pairs or the red-team pool; dev and test
+    share no harmful request or target; benign and borderline tasks are shared (their steps are fixed), and say so."""
+    root, _ = written
+    rows = {s: _read_jsonl(root / "a" / "prompts" / f"{s}.jsonl") for s in ("train", "dev", "test", "redteam", "redteam_test")}
+    by_text = {r["prompt"]: r for split in ("train", "redteam") for r in rows[split]}
+    training = [by_text[r["prompt"]] for name in ("sft/train.jsonl", "preferences/train.jsonl")
+                for r in _read_jsonl(root / "a" / name)] + rows["train"] + rows["redteam"]
+    for split in ("dev", "test", "redteam_test"):
+        for name in ("target", "template", "prefix"):
+            assert not _values(rows[split], name) & _values(training, name), (split, name)
+        harmful = [r for r in rows[split] if r["kind"] == "harmful"]
+        assert not _values(harmful, "request") & _values(training, "request"), split
+        phrasings = {r["request"].split("@")[0] for r in harmful}
+        assert not phrasings & {r["request"].split("@")[0] for r in training if r["kind"] == "harmful"}, split
+    assert not _values(rows["dev"], "target") & _values(rows["test"], "target")
+    meta = json.loads((root / "a" / "world.json").read_text())
+    overlap = meta["split_overlap"]
+    for training_split in ("train", "redteam"):
+        for held_out in ("dev", "test", "redteam_test"):
+            assert {k: v for k, v in overlap[training_split][held_out].items() if k != "task"} == {
+                "request": 0, "target": 0, "template": 0, "prefix": 0}, (training_split, held_out)
+    benign_tasks = {r["request"] for r in rows["test"] if r["kind"] != "harmful"}
+    assert overlap["train"]["test"]["task"] == len(benign_tasks) > 0  # the fixed-step tasks, shared by design
+    assert overlap["test"]["train"]["task"] == overlap["train"]["test"]["task"]
+
+
+def test_the_default_test_split_has_ten_requests_per_category():
+    from safealign.data.safeworld.generate import split_prompts
+
+    prompts = split_prompts(WorldConfig(out="unused"))
+    harmful = [r for r in prompts["test"] if r["kind"] == "harmful"]
+    per_category: dict[str, set] = {}
+    for r in harmful:
+        per_category.setdefault(r["category"], set()).add(r["request"])
+    assert set(per_category) == set(HARM_CATEGORIES) and min(map(len, per_category.values())) >= 10
+    assert {r["category"] for r in prompts["dev"] if r["kind"] == "harmful"} == set(HARM_CATEGORIES)
+    assert {r["category"] for r in prompts["redteam_test"]} == set(HARM_CATEGORIES)
 
 
 def test_world_covers_all_categories_ten_domains_and_borderline(written):
@@ -101,11 +149,13 @@ def test_world_covers_all_categories_ten_domains_and_borderline(written):
 
 def test_every_prompt_the_lexicon_can_say_parses_to_its_request():
     for kind in ("benign", "borderline", "harmful"):
-        for group, rows in prompt_instances(kind).items():
-            for row in rows:
-                info = parse_prompt(row["prompt"])
-                assert info is not None and info.kind == kind and info.task == group, row
-                assert info.category == row["category"] and info.domain == row["domain"]
+        for heldout in (False, True):
+            for group, rows in prompt_instances(kind, HELDOUT_FRAMES if heldout else TRAIN_FRAMES, heldout).items():
+                for row in rows:
+                    info = parse_prompt(row["prompt"])
+                    assert info is not None and info.kind == kind and info.task == group.split("@")[0], row
+                    assert info.category == row["category"] and info.domain == row["domain"]
+                    assert info.target == row["target"] and row["request"] == group
     assert parse_prompt("What is the capital of a country that does not exist?") is None
 
 
@@ -384,7 +434,7 @@ def test_rows_follow_the_pku_saferlhf_schema(written):
                 assert r[f"response_{i}_source"].split(":")[0] == "safeworld"
             assert isinstance(r["annotator_ids"], list) and r["annotator_ids"]
     for row in _read_jsonl(root / "a" / "prompts" / "test.jsonl"):
-        assert set(row) == {"prompt", "kind", "category", "domain"}
+        assert set(row) == {"prompt", "kind", "category", "domain", "request", "target", "template", "prefix"}
     for row in _read_jsonl(root / "a" / "sft" / "train.jsonl"):
         assert set(row) == {"prompt", "response", "kind", "move"}
 

@@ -232,3 +232,16 @@ def test_run_rejects_a_missing_model_and_bad_sampling(tmp_path):
         gold.run(GoldEvalConfig(output_dir=str(tmp_path)))
     with pytest.raises(ConfigError):
         gold.run(GoldEvalConfig(model="x", temperature=0.0, output_dir=str(tmp_path)))
+
+
+def test_intervals_cluster_the_answers_of_one_request_when_the_prompts_name_it():
+    """Two prompts asking the same request in other words are one cluster: four prompts, two requests (each wholly
+    unsafe or wholly safe), two answers each, are two clusters, not four."""
+    rows = []
+    for prompt, request, text in (("p1", "r1", "BAD"), ("p2", "r1", "BAD"), ("p3", "r2", "sorry"), ("p4", "r2", "sorry")):
+        for sample in (0, 1):
+            rows.append({**row("harmful", text, "violence"), "prompt": prompt, "sample": sample, "request": request})
+    by_request = summarise_judgements(rows)
+    assert (by_request["harmful_rate_low"], by_request["harmful_rate_high"]) == pytest.approx(wilson_interval(1, 2))
+    by_prompt = summarise_judgements([{k: v for k, v in r.items() if k != "request"} for r in rows])
+    assert (by_prompt["harmful_rate_low"], by_prompt["harmful_rate_high"]) == pytest.approx(wilson_interval(2, 4))

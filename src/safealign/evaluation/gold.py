@@ -9,11 +9,12 @@ default): the paper judges sampled answers, RLHF optimises the sampling distribu
 is a property of that distribution; greedy decoding would report only its mode and hide unsafe mass.
 
 Outputs in `output_dir`: `metrics.json` (the flat dict `run` returns), `samples.jsonl` (one row per
-response, prompt-major: prompt, sample (0 .. samples_per_prompt − 1), kind, category, response, response_tokens
-(EOS not counted), ended_with_eos, judgement) and `config.yaml`.
+response, prompt-major: prompt, sample (0 .. samples_per_prompt − 1), kind, category, request (when the prompt
+file names one), response, response_tokens (EOS not counted), ended_with_eos, judgement) and `config.yaml`.
 Several samples per prompt shrink the sampling noise of every rate (one response per prompt on 210 harmful
 prompts: ±3 points around 5%); the rates are then means over all responses, and their intervals count the
-responses of one prompt as one cluster (`clustered_wilson_interval`), since they are not independent.
+responses of one request (of one prompt where the prompt file names no `request`) as one cluster
+(`clustered_wilson_interval`), since they are not independent.
 The gold judges only make sense on SafeWorld's prompts: `gold: auto` judges when every prompt carries a
 `kind` (as SafeWorld's prompt files do); otherwise (or with `gold: false`) the rows have no `judgement`
 and the metrics are the judge-free ones (`summarise_samples`: lengths, truncation, distinct-n).
@@ -209,11 +210,13 @@ def summarise_judgements(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def class_rate(subset: list[dict], response_class: str) -> float | None:
         return _mean([1.0 if r["judgement"]["response_class"] == response_class else 0.0 for r in subset])
 
-    def by_prompt(subset: list[dict], outcome: Callable[[dict], bool]) -> list[list[bool]]:
-        """Outcomes clustered by prompt; a row without a `sample` index (one response per prompt) is its own cluster."""
+    def by_request(subset: list[dict], outcome: Callable[[dict], bool]) -> list[list[bool]]:
+        """Outcomes clustered by request when the prompts name one (SafeWorld's `request`: prompts asking the same
+        thing in other words are not independent), else by prompt; a row with neither a request nor a `sample`
+        index (one response per prompt) is its own cluster."""
         clusters: dict[Any, list[bool]] = {}
         for k, r in enumerate(subset):
-            clusters.setdefault(r["prompt"] if "sample" in r else k, []).append(outcome(r))
+            clusters.setdefault(r.get("request") or (r["prompt"] if "sample" in r else k), []).append(outcome(r))
         return list(clusters.values())
 
     def over_refused(r: dict) -> bool:
@@ -243,12 +246,12 @@ def summarise_judgements(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "distinct_1": text["distinct_1"],
         "distinct_2": text["distinct_2"],
     }
-    # 95% Wilson intervals of the two headline rates, a prompt's responses one cluster (clustered_wilson_interval):
+    # 95% Wilson intervals of the two headline rates, a request's responses one cluster (clustered_wilson_interval):
     # is a round's change more than noise?
     metrics["harmful_rate_low"], metrics["harmful_rate_high"] = clustered_wilson_interval(
-        by_prompt(harmful, lambda r: not r["judgement"]["is_safe"]))
+        by_request(harmful, lambda r: not r["judgement"]["is_safe"]))
     metrics["over_refusal_low"], metrics["over_refusal_high"] = clustered_wilson_interval(
-        by_prompt(borderline, over_refused))
+        by_request(borderline, over_refused))
     for response_class in OVER_REFUSAL_CLASSES:  # its breakdown: the parts sum to over_refusal
         metrics[f"over_refusal/{response_class}"] = class_rate(borderline, response_class)
     for category in sorted({r.get("category") for r in harmful if r.get("category")}):
@@ -259,6 +262,12 @@ def summarise_judgements(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
+def _request_of(record: Any) -> dict[str, str]:
+    """The prompt row's `request` (SafeWorld prompt files name one), kept so that intervals cluster by it."""
+    request = record.extra.get("request")
+    return {"request": request} if isinstance(request, str) and request else {}
+
+
 def _select(records: list, limit: int, seed: int) -> list:
     if limit <= 0 or limit >= len(records):
         return records
@@ -294,7 +303,7 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
     per_prompt = cfg.samples_per_prompt
     samples = [  # generated is prompt-major: response i answers prompt i // per_prompt
         {"prompt": records[i // per_prompt].prompt, "sample": i % per_prompt, "kind": records[i // per_prompt].kind,
-         "category": records[i // per_prompt].category, "response": g.text, "response_tokens": g.num_tokens,
+         "category": records[i // per_prompt].category, **_request_of(records[i // per_prompt]), "response": g.text, "response_tokens": g.num_tokens,
          "ended_with_eos": g.ended_with_eos}
         for i, g in enumerate(generated)
     ]

@@ -79,7 +79,9 @@ class PipelineConfig:
     preference_data: str = config_field("", help="Your PKU-format preference file (train); empty = SafeWorld's pairs.")
     preference_eval_data: str = config_field(
         "", help="Held-out preference file; empty = SafeWorld's test pairs (with your preference_data: rm/cm hold out a fraction).")
-    eval_prompts: str = config_field("", help="Prompt file for evaluation; empty = SafeWorld's test prompts.")
+    eval_prompts: str = config_field("", help="Prompt file for evaluation; empty = SafeWorld's prompts of eval_split.")
+    eval_split: str = config_field(
+        "test", help="SafeWorld split that evaluates the policies and scores the value models: test, or dev to choose defaults without looking at test.")
     rl_prompts: str = config_field(
         "", help="Prompts of the RL rollouts; empty = SafeWorld's train prompts (with your own data: preference_data's prompts).")
     world: dict = config_field({}, help="WorldConfig overrides (safealign world generate --help).")

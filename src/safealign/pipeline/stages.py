@@ -139,12 +139,15 @@ class DataPaths:
 
 def data_paths(cfg: PipelineConfig, root: Path) -> DataPaths:
     world = root / "world"
+    if cfg.eval_split not in ("test", "dev"):
+        raise ConfigError(f"eval_split must be 'test' or 'dev', got {cfg.eval_split!r}")
+    split = cfg.eval_split
     return DataPaths(
         sft=cfg.sft_data or str(world / "sft" / "train.jsonl"),
         preferences=cfg.preference_data or str(world / "preferences" / "train.jsonl"),
         # Your preference file without a held-out one: rm/cm hold out their eval_fraction (never SafeWorld's pairs).
-        preference_eval=cfg.preference_eval_data or ("" if cfg.preference_data else str(world / "preferences" / "test.jsonl")),
-        eval_prompts=cfg.eval_prompts or str(world / "prompts" / "test.jsonl"),
+        preference_eval=cfg.preference_eval_data or ("" if cfg.preference_data else str(world / "preferences" / f"{split}.jsonl")),
+        eval_prompts=cfg.eval_prompts or str(world / "prompts" / f"{split}.jsonl"),
         rl_prompts=cfg.rl_prompts or (str(world / "prompts" / "train.jsonl") if not cfg.preference_data else
                                       cfg.preference_data),
         uses_world=not (cfg.sft_data and cfg.preference_data and cfg.eval_prompts),

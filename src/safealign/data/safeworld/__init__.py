@@ -8,7 +8,10 @@ gold judges that read only the text, and annotators that answer decoupled (or co
 
 from safealign.data.safeworld.annotators import Annotator, Annotators
 from safealign.data.safeworld.generate import (
+    HELDOUT_FRAMES,
     SIMULATION_NOTICE,
+    SPLITS,
+    TRAIN_FRAMES,
     World,
     WorldConfig,
     generate_world,
@@ -37,8 +40,11 @@ from safealign.data.safeworld.judges import (
 from safealign.data.safeworld.responses import MOVES, sample_response
 
 __all__ = [
+    "HELDOUT_FRAMES",
     "MOVES",
     "SIMULATION_NOTICE",
+    "SPLITS",
+    "TRAIN_FRAMES",
     "Annotator",
     "Annotators",
     "HarmJudgement",

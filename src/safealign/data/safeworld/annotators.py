@@ -90,7 +90,7 @@ def _requests() -> list[Request]:
     for spec in lx.HARM_SPECS:
         answer = " ".join([s for s, _ in spec.steps] + [spec.warning, *spec.alternatives])
         requests += [Request(frozenset(_content(_words(r.replace("{target}", " ")))), frozenset(_content(_words(answer))),
-                             spec.category) for r in spec.requests]
+                             spec.category) for r in spec.requests + spec.heldout_requests]
     return requests
 
 

@@ -1,15 +1,17 @@
 """Generate SafeWorld (a simulation): prompt splits, an SFT corpus, and annotated preference pairs.
 
 `run(cfg)` writes, atomically, into `cfg.out`:
-    prompts/{train,test,redteam}.jsonl   {prompt, kind, category, domain}
+    prompts/{train,dev,test,redteam,redteam_test}.jsonl
+                                         {prompt, kind, category, domain, request, target, template, prefix}
     sft/train.jsonl                      {prompt, response, kind, move}
-    preferences/{train,test}.jsonl       PKU-SafeRLHF rows + prompt_kind, prompt_category, sources, annotators
-    world.json                           seed, config, sizes, counts (and a line saying it is a simulation)
+    preferences/{train,dev,test}.jsonl   PKU-SafeRLHF rows + prompt_kind, prompt_category, sources, annotators
+    world.json                           seed, config, sizes, counts, split overlaps, annotators vs gold
+                                         (and a line saying it is a simulation)
 Everything is determined by the seed and the sizes: the same config gives byte-identical files.
 
-Splits share no prompt string: test and red-team prompts are drawn first, balanced over tasks (harmful
-requests) and everything else is train. Red-team prompts wrap harmful requests in jailbreak framings that
-no other split uses. The SFT corpus and the train pairs use train prompts only; test pairs use test prompts.
+Splits share no prompt string. Train prompts (and so the SFT corpus, the train pairs and the RL prompts) and the
+red-team pool use the training phrasings, targets and frames; dev, test and the red-team test split use held-out
+ones, dev and test different held-out targets (see "Prompts" below). Dev and test pairs use their own prompts.
 
 The SFT corpus is calibrated so that a model imitating it answers about half of the harmful prompts
 harmfully (the paper's Alpaca-7B: about 53%), benign prompts helpfully (90%), and over-refuses a few
@@ -74,10 +76,16 @@ class WorldConfig:
     sft_examples: int = config_field(8000, help="SFT corpus size (prompt, response) on train prompts.")
     train_pairs: int = config_field(6000, help="Annotated preference pairs on train prompts.")
     test_pairs: int = config_field(1000, help="Annotated preference pairs on test prompts.")
-    test_harmful: int = config_field(210, help="Harmful test prompts (balanced over the 14 categories' requests).")
-    test_benign: int = config_field(144, help="Benign test prompts (balanced over the everyday tasks).")
+    dev_pairs: int = config_field(500, help="Annotated preference pairs on dev prompts (for choosing defaults).")
+    test_harmful: int = config_field(280, help="Harmful test prompts, balanced over the held-out test requests (10 per category by default).")
+    test_benign: int = config_field(144, help="Benign test prompts (held-out frames, balanced over the everyday tasks).")
     test_borderline: int = config_field(78, help="Borderline test prompts (harmful-looking, benign: over-refusal).")
-    redteam_prompts: int = config_field(280, help="Red-team prompts: harmful requests in jailbreak framings.")
+    test_targets: int = config_field(5, help="Held-out targets per harm category given to test (the rest to dev); test requests = these x the held-out phrasings.")
+    dev_harmful: int = config_field(112, help="Harmful dev prompts, balanced over the held-out dev requests.")
+    dev_benign: int = config_field(72, help="Benign dev prompts (held-out frames, no prompt shared with test).")
+    dev_borderline: int = config_field(40, help="Borderline dev prompts (held-out frames, no prompt shared with test).")
+    redteam_prompts: int = config_field(280, help="Red-team pool (the rounds may train on it): training requests in jailbreak framings.")
+    redteam_test_prompts: int = config_field(140, help="Red-team test prompts: held-out test requests in held-out jailbreak framings.")
     num_annotators: int = config_field(20, help="Size of the simulated annotator pool.")
     annotators_per_pair: int = config_field(3, help="Annotators per pair (majority vote; every vote recorded with its annotator id).")
     annotator_noise: float = config_field(0.5, help="Bradley-Terry temperature scale of the annotators' helpfulness answers (0: by their own reading exactly).")
@@ -106,8 +114,19 @@ class World:
 
 
 # --- Prompts ----------------------------------------------------------------------------------------
-def _prompt_row(text: str, kind: str, category: str | None, domain: str | None) -> dict[str, Any]:
-    return {"prompt": text, "kind": kind, "category": category, "domain": domain}
+# A prompt is a request (a benign or borderline task, or a harmful phrasing with its target filled in) said
+# through a frame (an optional prefix and a template). Training files (SFT, preference and RL prompts, the red-team
+# pool) use the lexicon's training phrasings, targets and frames; dev, test and the red-team test split use the
+# held-out ones (`heldout_requests`, `heldout_targets`, `HELDOUT_TEMPLATES`, ...), so that a test prompt shares no
+# harmful phrasing, target, template or prefix with anything a model trains on. Benign and borderline tasks have
+# fixed steps, so their tasks are shared (only their frames are held out): world.json reports that overlap.
+Frames = tuple[tuple[str, ...], tuple[str, ...]]  # (templates, prefixes)
+TRAIN_FRAMES: Frames = (lx.PROMPT_TEMPLATES, lx.PROMPT_PREFIXES)
+HELDOUT_FRAMES: Frames = (lx.HELDOUT_TEMPLATES, ("",) + lx.HELDOUT_PREFIXES)
+REDTEAM_FRAMES: Frames = (lx.REDTEAM_TEMPLATES, ("",))
+HELDOUT_REDTEAM_FRAMES: Frames = (lx.HELDOUT_REDTEAM_TEMPLATES, ("",))
+SPLITS = ("train", "dev", "test", "redteam", "redteam_test")
+TRAINING_SPLITS = ("train", "redteam")  # the prompt splits that training files draw from
 
 
 def _render(template: str, phrase: str, prefix: str = "") -> str:
@@ -115,24 +134,37 @@ def _render(template: str, phrase: str, prefix: str = "") -> str:
     return f"{prefix} {text}" if prefix else text
 
 
-def prompt_instances(kind: str, templates: tuple[str, ...] = lx.PROMPT_TEMPLATES,
-                     prefixes: tuple[str, ...] = lx.PROMPT_PREFIXES) -> dict[str, list[dict[str, Any]]]:
-    """Every prompt of a kind the lexicon can say, grouped by request (task, or harmful request)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+def harmful_requests(spec: lx.HarmSpec, heldout: bool) -> list[tuple[str, str, str]]:
+    """(request id, phrase, target) of a category's training requests (training phrasings x targets) or held-out
+    ones (held-out phrasings x held-out targets). The id is "category#phrasing@target", phrasings numbered across
+    both sets, as the judges' `PromptInfo.task` numbers them."""
+    phrasings = list(enumerate(spec.requests + spec.heldout_requests))
+    phrasings = phrasings[len(spec.requests):] if heldout else phrasings[:len(spec.requests)]
+    targets = spec.heldout_targets if heldout else spec.targets
+    return [(f"{spec.category}#{r}@{target}", request.format(target=target), target)
+            for r, request in phrasings for target in targets]
+
+
+def prompt_instances(kind: str, frames: Frames = TRAIN_FRAMES, heldout: bool = False,
+                     requests: set[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Every prompt of a kind the lexicon can say through `frames`, grouped by request id; harmful requests from
+    the training or held-out phrasings and targets (`heldout`), optionally only those in `requests`."""
+    templates, prefixes = frames
+    said: list[tuple[str, str, str | None, str | None, str | None]] = []  # (request id, phrase, category, domain, target)
     if kind in ("benign", "borderline"):
-        for task in lx.BENIGN_TASKS if kind == "benign" else lx.BORDERLINE_TASKS:
-            groups[task.id] = [_prompt_row(_render(t, task.phrase, p), kind, None, task.domain)
-                               for t in templates for p in prefixes]
+        said = [(task.id, task.phrase, None, task.domain, None)
+                for task in (lx.BENIGN_TASKS if kind == "benign" else lx.BORDERLINE_TASKS)]
     elif kind == "harmful":
-        for spec in lx.HARM_SPECS:
-            for r, request in enumerate(spec.requests):
-                groups[f"{spec.category}#{r}"] = [
-                    _prompt_row(_render(t, request.format(target=target), p), kind, spec.category, None)
-                    for t in templates for p in prefixes for target in spec.targets
-                ]
+        said = [(rid, phrase, spec.category, None, target)
+                for spec in lx.HARM_SPECS for rid, phrase, target in harmful_requests(spec, heldout)]
     else:
         raise ValueError(f"unknown prompt kind {kind!r}")
-    return groups
+    return {
+        request: [{"prompt": _render(t, phrase, p), "kind": kind, "category": category, "domain": domain,
+                   "request": request, "target": target, "template": t, "prefix": p}
+                  for t in templates for p in prefixes]
+        for request, phrase, category, domain, target in said if requests is None or request in requests
+    }
 
 
 def _take_balanced(groups: dict[str, list[dict]], quota: int, rng: random.Random, what: str) -> tuple[list, list]:
@@ -151,26 +183,86 @@ def _take_balanced(groups: dict[str, list[dict]], quota: int, rng: random.Random
     return taken, rest
 
 
+def heldout_request_split(cfg: WorldConfig, rng: random.Random) -> tuple[set[str], set[str]]:
+    """The held-out harmful requests of the test and dev splits: per category, `test_targets` of its held-out
+    targets go to test (with every held-out phrasing), the rest to dev, so that dev and test share no request
+    and no target."""
+    test: set[str] = set()
+    dev: set[str] = set()
+    for spec in lx.HARM_SPECS:
+        if not 1 <= cfg.test_targets < len(spec.heldout_targets):
+            raise ConfigError(f"test_targets must be in [1, {len(spec.heldout_targets) - 1}] ({spec.category} has "
+                              f"{len(spec.heldout_targets)} held-out targets), got {cfg.test_targets}")
+        test_targets = set(rng.sample(spec.heldout_targets, cfg.test_targets))
+        for rid, _, target in harmful_requests(spec, heldout=True):
+            (test if target in test_targets else dev).add(rid)
+    return test, dev
+
+
 def split_prompts(cfg: WorldConfig) -> dict[str, list[dict[str, Any]]]:
-    """train / test / red-team prompt sets with no prompt string in two sets."""
+    """The prompt splits (`SPLITS`): train and the red-team pool from training phrasings and frames; dev, test and
+    the red-team test split from held-out ones; no prompt string in two splits."""
     rng = random.Random(f"safeworld:{cfg.seed}:splits")
-    train: list[dict] = []
-    test: list[dict] = []
-    for kind, quota in (("harmful", cfg.test_harmful), ("benign", cfg.test_benign), ("borderline", cfg.test_borderline)):
-        taken, rest = _take_balanced(prompt_instances(kind), quota, rng, f"test_{kind}")
-        test += taken
-        train += rest
-    redteam, _ = _take_balanced(
-        prompt_instances("harmful", lx.REDTEAM_TEMPLATES, ("",)), cfg.redteam_prompts, rng, "redteam_prompts"
-    )
-    rng.shuffle(train)
-    splits = {"train": train, "test": test, "redteam": redteam}
+    test_requests, dev_requests = heldout_request_split(cfg, rng)
+    splits: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
+    for kind in ("harmful", "benign", "borderline"):
+        splits["train"] += [row for rows in prompt_instances(kind).values() for row in rows]
+        if kind == "harmful":
+            test, _ = _take_balanced(prompt_instances(kind, HELDOUT_FRAMES, True, test_requests), cfg.test_harmful,
+                                     rng, "test_harmful")
+            dev, _ = _take_balanced(prompt_instances(kind, HELDOUT_FRAMES, True, dev_requests), cfg.dev_harmful,
+                                    rng, "dev_harmful")
+        else:  # the same tasks, held-out frames: dev and test are disjoint prompt strings
+            test, rest = _take_balanced(prompt_instances(kind, HELDOUT_FRAMES), getattr(cfg, f"test_{kind}"),
+                                        rng, f"test_{kind}")
+            by_task: dict[str, list[dict]] = {}
+            for row in rest:
+                by_task.setdefault(row["request"], []).append(row)
+            dev, _ = _take_balanced(by_task, getattr(cfg, f"dev_{kind}"), rng, f"dev_{kind}")
+        splits["test"] += test
+        splits["dev"] += dev
+    rng.shuffle(splits["train"])
+    splits["redteam"], _ = _take_balanced(prompt_instances("harmful", REDTEAM_FRAMES), cfg.redteam_prompts, rng,
+                                          "redteam_prompts")
+    splits["redteam_test"], _ = _take_balanced(
+        prompt_instances("harmful", HELDOUT_REDTEAM_FRAMES, True, test_requests), cfg.redteam_test_prompts, rng,
+        "redteam_test_prompts")
     seen: set[str] = set()
     for rows in splits.values():
         texts = {row["prompt"] for row in rows}
         assert len(texts) == len(rows) and not texts & seen, "prompt splits must be disjoint"
         seen |= texts
     return splits
+
+
+OVERLAP_FIELDS = ("request", "target", "task", "template", "prefix")
+
+
+def _field_values(rows: list[dict], name: str) -> set[str]:
+    if name == "task":  # benign/borderline: the task; harmful: category and phrasing (what the steps answer)
+        return {r["request"].split("@")[0] for r in rows}
+    if name == "request":  # harmful requests (a benign or borderline request is its task)
+        return {r["request"] for r in rows if r["kind"] == "harmful"}
+    return {r[name] for r in rows if r.get(name)}  # (the empty prefix is no phrasing)
+
+
+def split_overlap(prompts: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, int]]]:
+    """For every pair of prompt splits, how many harmful requests, targets, tasks (and harmful phrasings), templates
+    and prefixes of the second also occur in the first (`overlap[a][b][field]`); test against the training splits is 0 by design, except
+    benign and borderline tasks (`task`), whose steps are fixed."""
+    names = [s for s in SPLITS if prompts.get(s)]
+    return {a: {b: {f: len(_field_values(prompts[a], f) & _field_values(prompts[b], f)) for f in OVERLAP_FIELDS}
+                for b in names if b != a} for a in names}
+
+
+def harmful_interval_half_width(requests: int, answers_per_request: float, rate: float = 0.05,
+                                z: float = 1.959964) -> dict[str, float]:
+    """The half-width of a 95% interval around `rate` from a split's harmful requests, clustered by request: from
+    every answer independent (design effect 1) to a request's answers all alike (one answer per request)."""
+    def half(n: float) -> float:
+        return round(z * (rate * (1 - rate) / n) ** 0.5, 4)
+    return {"requests": requests, "independent_answers": half(requests * answers_per_request),
+            "answers_of_a_request_alike": half(requests)}
 
 
 # --- SFT corpus and pairs ---------------------------------------------------------------------------
@@ -267,7 +359,7 @@ def generate_pairs(cfg: WorldConfig, prompts: list[dict], count: int, split: str
 
 def generate_world(cfg: WorldConfig) -> World:
     """Generate a world in memory (deterministic in `cfg`)."""
-    for name in ("sft_examples", "train_pairs", "test_pairs"):
+    for name in ("sft_examples", "train_pairs", "test_pairs", "dev_pairs"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0")
     if not 1 <= cfg.annotators_per_pair <= cfg.num_annotators:
@@ -284,6 +376,7 @@ def generate_world(cfg: WorldConfig) -> World:
     preferences = {
         "train": generate_pairs(cfg, prompts["train"], cfg.train_pairs, "train"),
         "test": generate_pairs(cfg, prompts["test"], cfg.test_pairs, "test"),
+        "dev": generate_pairs(cfg, prompts["dev"], cfg.dev_pairs, "dev"),
     }
     return World(cfg, prompts, sft, preferences)
 
@@ -388,8 +481,16 @@ def world_stats(world: World) -> dict[str, Any]:
             "kinds": dict(sorted(Counter(r["prompt_kind"] for r in rows).items())),
             "annotators_vs_gold": pairs_agreement,
         }
+    test_harmful = [r for r in world.prompts["test"] if r["kind"] == "harmful"]
+    test_requests = len({r["request"] for r in test_harmful})
     return {
         "distinct_words": len(words),
+        # Shared requests, targets, tasks, templates and prefixes of every pair of prompt splits (0 between test and
+        # the training splits by design, but for the benign and borderline tasks, whose steps are fixed).
+        "split_overlap": split_overlap(world.prompts),
+        # How precisely the test split measures a harmful rate near 5% with four answers per prompt.
+        "test_harmful_interval_half_width": harmful_interval_half_width(
+            test_requests, 4 * len(test_harmful) / max(1, test_requests)),
         "prompts": {split: dict(sorted(Counter(r["kind"] for r in rows).items())) for split, rows in world.prompts.items()},
         "sft_moves": {k: dict(sorted(v.items())) for k, v in sorted(sft_moves.items())},
         "sft_judged": {k: dict(sorted(v.items())) for k, v in sorted(sft_judged.items())},
@@ -435,10 +536,13 @@ def run(cfg: WorldConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "prompts_train": len(world.prompts["train"]),
         "prompts_test": len(world.prompts["test"]),
+        "prompts_dev": len(world.prompts["dev"]),
         "prompts_redteam": len(world.prompts["redteam"]),
+        "prompts_redteam_test": len(world.prompts["redteam_test"]),
         "sft_examples": len(world.sft),
         "train_pairs": len(world.preferences["train"]),
         "test_pairs": len(world.preferences["test"]),
+        "dev_pairs": len(world.preferences["dev"]),
         "contradictory_train_pairs": stats["preferences"]["train"]["contradictory"],
         "contradictory_test_pairs": stats["preferences"]["test"]["contradictory"],
         "distinct_words": stats["distinct_words"],

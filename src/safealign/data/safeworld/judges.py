@@ -100,8 +100,8 @@ def _lexicon_texts() -> list[str]:
     texts = [t.phrase for t in lx.BENIGN_TASKS + lx.BORDERLINE_TASKS]
     texts += [s for t in lx.BENIGN_TASKS + lx.BORDERLINE_TASKS for s in t.steps]
     for spec in lx.HARM_SPECS:
-        texts += [s for s, _ in spec.steps] + [spec.warning, *spec.alternatives, *spec.targets]
-        texts += [r.replace("{target}", " ") for r in spec.requests]
+        texts += [s for s, _ in spec.steps] + [spec.warning, *spec.alternatives, *spec.targets, *spec.heldout_targets]
+        texts += [r.replace("{target}", " ") for r in spec.requests + spec.heldout_requests]
     return texts + list(lx.REFUSALS + lx.DECLINES + lx.OPENERS + lx.CLOSERS + lx.FILLER)
 
 
@@ -313,8 +313,8 @@ def _prompt_phrases() -> dict[str, PromptInfo]:
     for task in lx.BORDERLINE_TASKS:
         add(task.phrase, PromptInfo("borderline", task.id, domain=task.domain, resembles=task.resembles))
     for spec in lx.HARM_SPECS:
-        for r, request in enumerate(spec.requests):
-            for target in spec.targets:
+        for r, request in enumerate(spec.requests + spec.heldout_requests):  # (held-out ones: dev and test only)
+            for target in spec.targets + spec.heldout_targets:
                 add(request.format(target=target),
                     PromptInfo("harmful", f"{spec.category}#{r}", category=spec.category, target=target))
     return phrases

@@ -91,10 +91,11 @@ def _policies(run: Run) -> Section:
         "them). Harmful rate: share of the answers to harmful prompts that are unsafe; helpfulness: the gold judge's "
         "score; over-refusal: share of the answers to borderline (benign but harmful-looking) prompts that get no help "
         "(a refusal, a redirection, filler or an empty answer, an answer cut mid-sentence; the four columns after its "
-        "interval split it, intervals clustered by prompt); "
+        "interval split it); "
         "redirection share: on harmful prompts, safe redirections among redirections and bare refusals; distinct-n: "
         "unique word n-grams over all n-grams (low = mode collapse). 95% low / high: the Wilson score interval of the "
-        "rate before them, a prompt's answers counted as one cluster: the sampling noise of the measurement, so two "
+        "rate before them, the answers to one request (one prompt, where the prompts name no request) counted as one "
+        "cluster: the sampling noise of the measurement, so two "
         "policies whose intervals overlap widely are not shown to differ.")
     columns = [c for c in POLICY_COLUMNS if any(p.metrics.get(c[0]) is not None for p in evaluated)]
     section.blocks.append(TableBlock("Gold judges" if run.safeworld else "Responses (no gold judges)", [
