@@ -13,8 +13,8 @@ import pytest
 from safealign.config import load_config
 from safealign.data.safeworld import (
     HELDOUT_FRAMES,
-    TRAIN_FRAMES,
     MOVES,
+    TRAIN_FRAMES,
     Annotators,
     WorldConfig,
     classify_response,

@@ -387,3 +387,17 @@ def test_each_stage_waits_for_the_stages_it_reads_and_no_other():
     assert sorted(prerequisites(cfg, table, "round3/ppo_lag")) == ["round2/ppo_lag", "round3/cm", "round3/redteam", "round3/rm"]
     assert sorted(prerequisites(cfg, table, "round2/redteam")) == ["cm", "ppo_lag", "world"]
     assert prerequisites(cfg, table, "evaluate_shaping/nu=0.1") == ["world", "shaping/nu=0.1"]
+
+
+def test_eval_split_dev_evaluates_and_scores_on_the_dev_files_and_a_bad_split_is_refused(tmp_path):
+    """Defaults are chosen on dev: `eval_split: dev` points every evaluation and the value models' held-out pairs
+    at the world's dev files, never at test."""
+    table = plan(PipelineConfig(eval_split="dev"), tmp_path)
+    evaluations = [s for s in table.values() if s.command == "evaluate-policy"]
+    assert evaluations and all(s.inputs["prompts"] == str(tmp_path / "world" / "prompts" / "dev.jsonl") for s in evaluations)
+    texts = json.dumps({name: s.inputs for name, s in table.items()}, default=str)
+    assert "test.jsonl" not in texts and "preferences/dev.jsonl" in texts
+    default = json.dumps({name: s.inputs for name, s in plan(PipelineConfig(), tmp_path).items()}, default=str)
+    assert "dev.jsonl" not in default and "prompts/test.jsonl" in default
+    with pytest.raises(ConfigError, match="eval_split must be 'test' or 'dev'"):
+        plan(PipelineConfig(eval_split="train"), tmp_path)
