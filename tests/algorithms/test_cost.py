@@ -96,8 +96,10 @@ def test_spliced_pairs_teach_the_cost_model_that_harm_inside_safe_text_is_unsafe
     """Same steps and seed, with and without spliced training pairs: on held-out spliced responses (a safe
     answer with a sentence of an unsafe one inside), the spliced model scores more of them unsafe, and its
     held-out sign accuracy on ordinary pairs stays high. The held-out pairs are never spliced."""
-    plain = run(config(world, "plain", max_steps=40, eval_steps=-1, per_device_train_batch_size=8))
-    spliced = run(config(world, "spliced", max_steps=40, eval_steps=-1, per_device_train_batch_size=8,
+    # 120 steps: at 40 the tiny models' flagged shares were noise on SafeWorld 2's crowdworker labels (0.40 vs 0.00,
+    # 0.04 vs 0.04, 0.51 vs 0.80 for world seeds 1, 2, 3); at 120, 0.13 vs 0.64, 0.02 vs 0.52, 0.11 vs 0.53.
+    plain = run(config(world, "plain", max_steps=120, eval_steps=-1, per_device_train_batch_size=8))
+    spliced = run(config(world, "spliced", max_steps=120, eval_steps=-1, per_device_train_batch_size=8,
                              splice_fraction=1.0))
     assert plain["added_train_pairs"] == 0 < spliced["added_train_pairs"]
     assert spliced["train_pairs"] == plain["train_pairs"] + spliced["added_train_pairs"]
@@ -113,7 +115,7 @@ def test_spliced_pairs_teach_the_cost_model_that_harm_inside_safe_text_is_unsafe
         model = load_score_model(world["root"] / name / "model")
         costs = score_texts(model, tokenizer, [r.prompt for r in held_out], [r.response_1 for r in held_out], 256)
         flagged[name] = sum(c > 0 for c in costs) / len(costs)
-    assert flagged["spliced"] >= flagged["plain"] + 0.25, flagged  # measured: 0.49 vs 0.08 of 37 answers
+    assert flagged["spliced"] >= flagged["plain"] + 0.25, flagged  # measured: 0.64 vs 0.13 of 47 answers
 
 
 def test_splice_fraction_out_of_range_is_a_config_error(world):
