@@ -311,3 +311,15 @@ def test_read_scalars_reads_tensorboard_logs(tmp_path):
         writer.add_scalar("train/kl", step * 0.5, step)
     writer.close()
     assert read_scalars(tmp_path, ["train/kl", "train/absent"]) == {"train/kl": [(1, 0.5), (2, 1.0), (3, 1.5)]}
+
+
+def test_a_response_with_control_characters_is_shown_escaped_and_found_again(tmp_path):
+    # A tiny model's sample may hold a carriage return or an ANSI escape: written raw, a terminal acts on it and a
+    # reader of the file (universal newlines) no longer finds the cell.
+    from safealign.evaluation.report.document import Column, Section, TableBlock, write_report
+    response = "step one\rstep\x1b[31m two\nthird\tline"
+    section = Section("samples", "Samples", blocks=[TableBlock("t", [Column("response")], [[response]])])
+    report = write_report(tmp_path, "r", "T", [section], {})
+    page, markdown = (tmp_path / "r.html").read_text(), (tmp_path / "r.md").read_text()
+    assert "step one\\rstep\\x1b[31m two" in page and "\x1b" not in page + markdown and "\r" not in markdown
+    assert unshown_cells(report, page, markdown)[1] == []

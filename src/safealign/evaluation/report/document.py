@@ -12,6 +12,7 @@ import base64
 import html
 import math
 import traceback
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -66,7 +67,14 @@ def format_value(value: Any, style: str) -> str:
         return str(int(value))
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return str(value)
+    return _visible(str(value))
+
+
+def _visible(text: str) -> str:
+    """Control characters (a sampled response may hold any: a carriage return, an ANSI escape) written as their
+    escapes, so a report opened in a terminal or an editor shows them instead of acting on them; newline and tab stay."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def guarded_section(key: str, title: str, build: Callable[[], Section]) -> Section:
