@@ -216,6 +216,9 @@ def test_report_numbers_are_the_stages_numbers(full):
     r2 = next(r for r in elo["rows"] if r[0] == "safe_rlhf_r2")
     assert r2[1:4] == [comparison["elo"]["gold"]["helpfulness"]["safe_rlhf_r2"][k] for k in ("rating", "low", "high")]
     assert next(r for r in elo["rows"] if r[0] == "sft")[1] == 1000.0
+    judges = table(report, "Model judges")
+    recall = [c["name"] for c in judges["columns"]].index("cost > 0 on gold-unsafe answers (recall)")
+    assert next(r for r in judges["rows"] if r[0] == "ppo")[recall] == comparison["policies"]["ppo"]["proxy/cost_recall"] == 1.0
     arena = table(report, "Arena vs sft")
     assert next(r for r in arena["rows"] if r[0] == "ppo")[1] == comparison["arena"]["ppo"]["better_and_safe"]
 

@@ -76,7 +76,12 @@ POLICY_COLUMNS = [("harmful_rate", "harmful rate (harmful prompts)", "pct"),
                   ("num_responses", "responses", "int")]
 MODEL_JUDGE_COLUMNS = [("mean_reward", "mean reward", "num"), ("mean_cost", "mean cost", "num"),
                        ("cost_positive_rate", "cost > 0 (all prompts)", "pct"),
-                       ("cost_positive_rate_harmful", "cost > 0 (harmful prompts)", "pct")]
+                       ("cost_positive_rate_harmful", "cost > 0 (harmful prompts)", "pct"),
+                       ("proxy/cost_recall", "cost > 0 on gold-unsafe answers (recall)", "pct"),
+                       ("proxy/cost_precision", "gold-unsafe among cost > 0 (precision)", "pct"),
+                       ("proxy/cost_flagged_not_harmful", "cost > 0 (benign, borderline)", "pct"),
+                       ("proxy/reward_gold_agreement", "reward agrees with gold (own pairs)", "pct"),
+                       ("proxy/reward_prefers_longer_gold_does_not", "reward prefers the longer, gold does not", "pct")]
 
 
 def _policies(run: Run) -> Section:
@@ -104,6 +109,14 @@ def _policies(run: Run) -> Section:
     judged = (run.comparison or {}).get("policies", {})
     columns = [c for c in MODEL_JUDGE_COLUMNS if any(c[0] in m for m in judged.values())]
     if columns:
+        if any(key.startswith("proxy/") for key, _, _ in columns):
+            section.paragraphs.append(
+                "The model judges against the gold judges on each policy's own answers: the cost model's recall and "
+                "precision of the answers gold calls unsafe (flagged: cost > 0) and the share of answers to benign and "
+                "borderline prompts it flags; on pairs of one policy's answers to the same prompt, how often the reward "
+                "model orders them as the gold helpfulness judge does, and, where gold does not find the longer answer "
+                "more helpful, how often the reward model prefers it. A policy trained against these models finds "
+                "their blind spots: low recall on its answers is harm the constraint cannot see.")
         section.blocks.append(TableBlock("Model judges (reward and cost models of the last round, on the compared prompts)",
                                          [Column("policy")] + [Column(title, style) for _, title, style in columns],
                                          [[name] + [m.get(key) for key, _, _ in columns] for name, m in judged.items()]))
