@@ -138,6 +138,10 @@ def test_quick_profile_runs_every_stage_then_skips_them_all(tmp_path):
     comparison = json.loads((root / "eval" / "compare" / "comparison.json").read_text())
     assert all(p["name"] in json.dumps(comparison) for p in manifest["policies"])
     assert (comparison["num_prompts"], comparison["num_responses"]) == (30, 60)  # sample j against sample j
+    # Every round's policy judged by the value models it trained against and by the next round's.
+    assert [(r["policy"], r["judged_by"], r["value_models_round"]) for r in comparison["proxy_by_round"]] == [
+        ("sft", "next", 1), ("safe_rlhf_r1", "own", 1), ("safe_rlhf_r1", "next", 2), ("safe_rlhf_r2", "own", 2)]
+    assert "compare/proxy_by_round/safe_rlhf_r1/next/cost_recall" in summary
     assert summary["evaluate_sft/num_prompts"] == 30 and summary["evaluate_sft/num_responses"] == 60
     report = json.loads((root / "report.json").read_text())
     page, markdown = (root / "report.html").read_text(), (root / "report.md").read_text()

@@ -229,6 +229,14 @@ VALUE_METRICS = [("reward_accuracy", "reward accuracy (labels)", "pct"), ("gold_
                  ("reward_margin_compliance_vs_refusal", "reward margin: compliance − refusal (harmful prompts)", "num")]
 
 
+PROXY_COLUMNS = [("proxy/cost_recall", "cost recall", "pct"), ("proxy/cost_precision", "cost precision", "pct"),
+                 ("proxy/cost_flagged_not_harmful", "cost > 0 (benign, borderline)", "pct"),
+                 ("proxy/cost_recall_at_d", "recall at d", "pct"), ("proxy/cost_precision_at_d", "precision at d", "pct"),
+                 ("proxy/cost_flagged_not_harmful_at_d", "cost > d (benign, borderline)", "pct"),
+                 ("proxy/reward_gold_agreement", "reward vs gold (own pairs)", "pct"),
+                 ("proxy/reward_prefers_longer_gold_does_not", "reward prefers the longer, gold does not", "pct")]
+
+
 def _value_models(run: Run) -> Section:
     section = Section("value_models", "Reward and cost models")
     entries = sorted(run.manifest.value_models, key=lambda v: v.round)
@@ -252,6 +260,22 @@ def _value_models(run: Run) -> Section:
     if rows:
         section.blocks.insert(0, TableBlock("Value models on held-out preference pairs (per round)",
                                             [Column("round", "int")] + [Column(t, s) for _, t, s in VALUE_METRICS], rows))
+    proxy = (run.comparison or {}).get("proxy_by_round", [])
+    if proxy:
+        section.paragraphs.append(
+            "Per round, on each policy's own evaluation answers (round 0: SFT), the reward and cost models it was "
+            "trained against (own: round k's) and those retrained on pairs sampled from it (next: round k+1's), "
+            "against the gold judges: the cost model's recall and precision of gold-unsafe answers and its flags on "
+            "benign and borderline answers, with cost > 0 and with cost > d (the threshold of the round whose models "
+            "judge); the reward model's agreement with gold on pairs of the policy's answers to one prompt. The "
+            "constraint only sees the harm the cost model recalls; a round closes the blind spot when next's recall "
+            "exceeds own's.")
+        section.blocks.insert(1 if rows else 0, TableBlock(
+            "The proxy against the truth, per round, on each policy's own answers",
+            [Column("round", "int"), Column("policy"), Column("judged by"), Column("models of round", "int"),
+             Column("d", "num")] + [Column(title, style) for _, title, style in PROXY_COLUMNS],
+            [[r["round"], r["policy"], r["judged_by"], r["value_models_round"], r["d"]]
+             + [r.get(key) for key, _, _ in PROXY_COLUMNS] for r in proxy]))
     # Policies before and after: the last round's reward and cost models score SFT's and the final Safe RLHF's samples.
     baseline, final = run.baseline(), run.final_safe_rlhf()
     score_files = (run.comparison or {}).get("score_files", {})
