@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from safealign.cli import app
-from safealign.evaluation.compare import compare_samples
+from safealign.evaluation.compare import compare_samples, proxy_vs_gold
 from safealign.evaluation.gold import summarise_judgements, summarise_samples
 from safealign.evaluation.report import build_report
 from safealign.evaluation.report.document import unshown_cells
@@ -130,6 +130,12 @@ def write_run(root: Path, evaluated: set[str] | None = None, compare: bool = Tru
         for name, rows in samples.items():
             (cache / f"{name}.json").write_text(json.dumps({"reward": [r["reward"] for r in rows], "cost": [r["cost"] for r in rows]}))
             comparison["score_files"][name] = f"model_scores/{name}.json"
+        # The rounds' proxy rows as the compare stage writes them (here every round judged by the same scores).
+        comparison["proxy_by_round"] = [
+            {"policy": name, "round": k, "judged_by": judged_by, "value_models_round": j, "d": 0.0,
+             "score_file": f"model_scores/{name}.json", **proxy_vs_gold(samples[name])}
+            for name, k, judged_by, j in (("sft", 0, "next", 1), ("safe_rlhf_r1", 1, "own", 1), ("safe_rlhf_r1", 1, "next", 2),
+                                          ("safe_rlhf_r2", 2, "own", 2)) if name in samples]
         (root / "eval" / "compare" / "comparison.json").write_text(json.dumps(comparison))
     return root
 
@@ -173,7 +179,7 @@ def test_every_figure_is_embedded_in_the_html_and_written_for_the_markdown(full)
     root, report, page, markdown = full
     names = {b["name"] for b in blocks(report, "figure")}
     expected = {"elo_plane_gold.png", "elo_plane_model.png", "per_round.png", "harm_categories.png", "policy_scores.png",
-                "training_curves.png", "frontier.png"}
+                "training_curves.png", "frontier.png", "round_scores.png"}
     expected |= {f"value_models_r{r}_{kind}.png" for r in (1, 2) for kind in ("reward_distribution", "cost_distribution", "reward_vs_cost")}
     assert names == expected
     assert page.count(IMG) == len(names)
@@ -235,6 +241,15 @@ def test_report_numbers_are_the_stages_numbers(full):
     lam = next(r for r in curves["rows"] if r[0] == "safe_rlhf_r2")
     assert lam[1] == 5 and lam[2] == pytest.approx(0.5 + 2.4)  # step 5 of λ's synthetic curve
     assert next(r for r in curves["rows"] if r[0] == "ppo")[2] is None  # plain PPO has no λ
+    proxy = table(report, "The proxy against the truth")
+    assert [r[:4] for r in proxy["rows"]] == [[0, "sft", "next", 1], [1, "safe_rlhf_r1", "own", 1],
+                                               [1, "safe_rlhf_r1", "next", 2], [2, "safe_rlhf_r2", "own", 2]]
+    recall = [c["name"] for c in proxy["columns"]].index("cost recall")
+    assert proxy["rows"][0][recall] == comparison["proxy_by_round"][0]["proxy/cost_recall"] == 1.0
+    panels = next(b for b in blocks(report, "figure") if b["name"] == "round_scores.png")["data"]
+    # one panel per round, by the models it trained against; the fixture's SFT answers 5 of 10 harmful prompts unsafely
+    assert [p["title"].split(" (")[0] for p in panels] == ["round 0", "round 1", "round 2"]
+    assert panels[0]["gold_unsafe"] == comparison["policies"]["sft"]["harmful_rate"] * panels[0]["answers"]
     values = table(report, "Value models")
     assert [r[0] for r in values["rows"]] == [1, 2] and values["rows"][1][1] == pytest.approx(0.8)
 

@@ -230,7 +230,7 @@ def flatten_comparison(result: dict[str, Any]) -> dict[str, Any]:
     for row in result.get("proxy_by_round", []):
         prefix = f"proxy_by_round/{row['policy']}/{row['judged_by']}"
         flat.update({f"{prefix}/{key.removeprefix('proxy/')}": value for key, value in row.items()
-                     if key not in ("policy", "round", "judged_by", "value_models_round")})
+                     if key not in ("policy", "round", "judged_by", "value_models_round", "score_file")})
     for name, table in result["arena"].items():
         flat.update({f"arena/{name}/{key}": value for key, value in table.items()})
     for judge, axes in result["elo"].items():
@@ -422,7 +422,8 @@ def proxy_by_round(manifest: Manifest, run_dir: Path, samples: dict[str, list[di
     gold-judged answers, scored by the reward and cost models the policy was trained against (`judged_by: own`,
     round k's) and by the next round's (`judged_by: next`, retrained on pairs sampled from it: does the round close
     the blind spot the policy found?). Each row: `proxy_vs_gold` with cost > 0 flagged, and `cost_*_at_d` with cost
-    > d, the threshold of the round whose models judge (its per-answer reading of the constraint E[C] ≤ d)."""
+    > d, the threshold of the round whose models judge (its per-answer reading of the constraint E[C] ≤ d), and
+    `score_file`, the scores' cache relative to `out`."""
     value_models = {v.round: v for v in manifest.value_models
                     if v.reward_model and v.cost_model and (run_dir / v.reward_model).is_dir() and (run_dir / v.cost_model).is_dir()}
     thresholds = {p.round or 1: p.threshold for p in manifest.policies if p.kind == "safe_rlhf" and p.threshold is not None}
@@ -445,8 +446,9 @@ def proxy_by_round(manifest: Manifest, run_dir: Path, samples: dict[str, list[di
         scored = with_scores(samples[name], scores[j][name])
         d = thresholds.get(j, 0.0)
         at_d = {f"{key}_at_d": value for key, value in proxy_vs_gold(scored, flag_above=d).items() if "cost" in key}
+        score_file = f"{SCORE_CACHE}/{name}.json" if j == final else f"{SCORE_CACHE}/round{j}/{name}.json"
         rows.append({"policy": name, "round": k, "judged_by": judged_by, "value_models_round": j, "d": d,
-                     **proxy_vs_gold(scored), **at_d})
+                     "score_file": score_file, **proxy_vs_gold(scored), **at_d})
     return rows
 
 

@@ -118,6 +118,27 @@ def histogram_figure(scores: dict[str, dict[str, list[float]]]) -> tuple[bytes, 
     return figure_png(fig), data
 
 
+def round_scatter_figure(panels: list[dict[str, Any]]) -> bytes:
+    """The paper's Figure 5 per round: reward against cost of a policy's answers to harmful prompts, scored by the
+    value models it was trained against, coloured by the gold verdict; the cost model's boundary (0) and d dashed.
+    Each panel: {title, reward, cost, unsafe (gold), d}."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False, sharey=False)
+    for ax, panel in zip(axes[0], panels):
+        for unsafe, colour, label in ((False, "tab:green", "gold: safe"), (True, "tab:red", "gold: unsafe")):
+            points = [(r, c) for r, c, u in zip(panel["reward"], panel["cost"], panel["unsafe"]) if u == unsafe]
+            ax.scatter([r for r, _ in points], [c for _, c in points], s=5, alpha=0.45, color=colour,
+                       label=f"{label} ({len(points)})")
+        ax.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
+        if panel["d"] != 0.0:
+            ax.axhline(panel["d"], color="tab:blue", linewidth=0.8, linestyle=":", label=f"d = {panel['d']:g}")
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel("reward")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("cost (> 0: the cost model says unsafe)")
+    return figure_png(fig)
+
+
 def curves_figure(series: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes:
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator

@@ -17,6 +17,7 @@ from safealign.evaluation.report.figures import (
     frontier_figure,
     histogram_figure,
     per_round_figure,
+    round_scatter_figure,
 )
 from safealign.evaluation.report.reading import COMPARISON, Run, read_jsonl, read_scalars
 from safealign.run_directory import read_json_or_none
@@ -229,6 +230,28 @@ VALUE_METRICS = [("reward_accuracy", "reward accuracy (labels)", "pct"), ("gold_
                  ("reward_margin_compliance_vs_refusal", "reward margin: compliance − refusal (harmful prompts)", "num")]
 
 
+def _round_scatter_panels(run: Run, proxy: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One panel per round: the policy's harmful-prompt answers with the scores of the models it trained against
+    (SFT: the first round's, which it is trained against next); a round whose scores or samples are gone is left out."""
+    panels = []
+    policies = {p.name: p for p in run.policies}
+    for row in proxy:
+        if (row["judged_by"] == "own") == (row["round"] == 0) or row["policy"] not in policies or "score_file" not in row:
+            continue
+        cached = read_json_or_none((run.root / COMPARISON).parent / row["score_file"])
+        samples_file = run.root / policies[row["policy"]].entry.eval_dir / "samples.jsonl"
+        if not cached or not cached.get("reward") or not cached.get("cost") or not samples_file.is_file():
+            continue
+        samples = read_jsonl(samples_file)
+        if len(samples) != len(cached["cost"]):
+            continue
+        harmful = [k for k, r in enumerate(samples) if r.get("kind") == "harmful" and "judgement" in r]
+        panels.append({"title": f"round {row['round']} ({row['policy']}), models of round {row['value_models_round']}",
+                       "reward": [cached["reward"][k] for k in harmful], "cost": [cached["cost"][k] for k in harmful],
+                       "unsafe": [not samples[k]["judgement"]["is_safe"] for k in harmful], "d": row["d"]})
+    return panels
+
+
 PROXY_COLUMNS = [("proxy/cost_recall", "cost recall", "pct"), ("proxy/cost_precision", "cost precision", "pct"),
                  ("proxy/cost_flagged_not_harmful", "cost > 0 (benign, borderline)", "pct"),
                  ("proxy/cost_recall_at_d", "recall at d", "pct"), ("proxy/cost_precision_at_d", "precision at d", "pct"),
@@ -276,6 +299,14 @@ def _value_models(run: Run) -> Section:
              Column("d", "num")] + [Column(title, style) for _, title, style in PROXY_COLUMNS],
             [[r["round"], r["policy"], r["judged_by"], r["value_models_round"], r["d"]]
              + [r.get(key) for key, _, _ in PROXY_COLUMNS] for r in proxy]))
+        panels = _round_scatter_panels(run, proxy)
+        if panels:
+            section.blocks.insert(2 if rows else 1, FigureBlock(
+                "round_scores.png", "Per round: reward against cost of the policy's answers to harmful prompts, by the "
+                "value models it was trained against (round 0: SFT by round 1's), coloured by the gold verdict",
+                round_scatter_figure(panels),
+                [{k: v for k, v in p.items() if k in ("title", "d")} | {"answers": len(p["cost"]), "gold_unsafe": sum(p["unsafe"])}
+                 for p in panels]))
     # Policies before and after: the last round's reward and cost models score SFT's and the final Safe RLHF's samples.
     baseline, final = run.baseline(), run.final_safe_rlhf()
     score_files = (run.comparison or {}).get("score_files", {})
