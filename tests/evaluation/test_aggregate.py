@@ -32,7 +32,9 @@ def claims_by_key(**kwargs) -> dict:
             "rounds": [{"harmful_rate": 0.08}, {"harmful_rate": 0.05},
                        {"harmful_rate": 0.03, "helpfulness_benign": 2.0, "over_refusal": 0.12}],
             "ppo": {"harmful_rate": 0.9}, "shaping": [{"policy": "nu1", "helpfulness_benign": 1.5, "harmful_rate": 0.01}],
-            "harmful_target": 0.03, "over_refusal_margin": 0.02, **kwargs}
+            "harmful_target": 0.03, "over_refusal_margin": 0.02,
+            "final_proxy": {"proxy/cost_recall_at_d": 0.9, "proxy/cost_precision_at_d": 0.8,
+                            "proxy/cost_flagged_not_harmful_at_d": 0.05, "d": -2.0}, **kwargs}
     return {c.key: c for c in check_claims(**args)}
 
 
@@ -43,17 +45,24 @@ def test_claims_hold_at_their_boundaries():
     assert claims["over_refusal_within_margin"].shown == "12.0% vs 10.0%"  # SFT + 2 points exactly: met
     assert claims["harmful_falls_every_round"].shown == "8.0% → 5.0% → 3.0%"
     assert claims["beyond_shaping_frontier"].shown == "not dominated by 1 ν"
+    assert claims["cost_model_sees_final_policy"].shown == "recall 90.0%, precision 80.0%, flags 5.0% (d = -2)"
 
 
 def test_claims_fail_where_the_numbers_say():
     rounds = [{"harmful_rate": 0.05}, {"harmful_rate": 0.05},
               {"harmful_rate": 0.031, "helpfulness_benign": 1.99, "over_refusal": 0.121}]
     claims = claims_by_key(rounds=rounds, ppo={"harmful_rate": 0.02},
-                           shaping=[{"policy": "nu1", "helpfulness_benign": 2.5, "harmful_rate": 0.031}])
+                           shaping=[{"policy": "nu1", "helpfulness_benign": 2.5, "harmful_rate": 0.031}],
+                           final_proxy={"proxy/cost_recall_at_d": 0.95, "proxy/cost_precision_at_d": 0.9,
+                                        "proxy/cost_flagged_not_harmful_at_d": 0.051})
     assert {k: c.met for k, c in claims.items()} == {
         "harmful_at_most_target": False, "helpfulness_at_least_sft": False, "over_refusal_within_margin": False,
         "harmful_falls_every_round": False, "harmful_never_rises": True,  # 5 → 5 → 3.1: flat, then down
-        "ppo_more_harmful": False, "beyond_shaping_frontier": False}
+        "ppo_more_harmful": False, "beyond_shaping_frontier": False,
+        "cost_model_sees_final_policy": False}  # one benign flag too many
+    for key, value in (("recall", 0.89), ("precision", 0.79)):
+        proxy = {"proxy/cost_recall_at_d": 0.9, "proxy/cost_precision_at_d": 0.8, "proxy/cost_flagged_not_harmful_at_d": 0.0}
+        assert claims_by_key(final_proxy={**proxy, f"proxy/cost_{key}_at_d": value})["cost_model_sees_final_policy"].met is False
     assert claims["beyond_shaping_frontier"].shown == "dominated by nu1"  # as helpful or more, as harmful: dominates
 
 
@@ -62,6 +71,7 @@ def test_claims_a_run_cannot_decide_are_not_counted():
     assert claims["ppo_more_harmful"].met is None and claims["ppo_more_harmful"].shown == "n/a"
     assert claims["beyond_shaping_frontier"].met is None
     assert claims["harmful_falls_every_round"].met is None  # one round: no trajectory
+    assert claims_by_key(final_proxy=None)["cost_model_sees_final_policy"].met is None  # no compare stage yet
     assert claims["harmful_at_most_target"].met is False and claims["helpfulness_at_least_sft"].met is True
     assert all(c.met is None for c in check_claims(None, [], None, [], 0.03, 0.02))
 
@@ -91,7 +101,13 @@ def make_run(root: Path, seed: int) -> Path:
     elo = {axis: {n: {"rating": 1000.0 + (10.0 * seed if n != "sft" else 0.0), "low": 0, "high": 0} for n, *_ in policies}
            for axis in ("helpfulness", "harmlessness")}
     (run_dir / "eval" / "compare").mkdir(parents=True)
-    (run_dir / "eval" / "compare" / "comparison.json").write_text(json.dumps({"elo": {"gold": elo}}))
+    # round 2's models on round 2's answers (own) and on round 1's (next); recall 0.9 + 0.05 * seed
+    proxy = [{"policy": "safe_rlhf_r2", "round": 2, "judged_by": "own", "value_models_round": 2, "d": 0.0,
+              "proxy/cost_recall_at_d": 0.9 + 0.05 * seed, "proxy/cost_precision_at_d": 0.85,
+              "proxy/cost_flagged_not_harmful_at_d": 0.01, "proxy/cost_recall": 0.9 + 0.05 * seed},
+             {"policy": "safe_rlhf_r1", "round": 1, "judged_by": "next", "value_models_round": 2, "d": 0.0,
+              "proxy/cost_recall": 0.5}]
+    (run_dir / "eval" / "compare" / "comparison.json").write_text(json.dumps({"elo": {"gold": elo}, "proxy_by_round": proxy}))
     (run_dir / "world").mkdir()  # a SafeWorld run
     return run_dir
 
@@ -121,6 +137,10 @@ def test_aggregate_counts_claims_and_summarises_every_number(tmp_path):
     assert summary["value_models"]["1"]["eval_scores/gold_agreement"]["mean"] == pytest.approx(0.86)
     assert summary["value_models"]["2"]["eval_scores/gold_sign_accuracy"]["mean"] == pytest.approx(0.99)
     assert summary["value_models"]["2"]["ppo_lag/lagrange_multiplier"]["max"] == pytest.approx(0.3)
+    assert summary["value_models"]["2"]["own/proxy/cost_recall"]["mean"] == pytest.approx(0.95)
+    assert summary["value_models"]["2"]["next/proxy/cost_recall"]["mean"] == pytest.approx(0.5)
+    assert summary["value_models"]["1"]["own/proxy/cost_recall"]["n"] == 0
+    assert (claims["cost_model_sees_final_policy"]["met"], claims["cost_model_sees_final_policy"]["runs"]) == (3, 3)
     assert summary["metrics"]["time_s/sft"]["mean"] == pytest.approx(120.0) and "note" not in summary["metrics"]
 
     # The three files: the same numbers in HTML, Markdown and JSON, the figure embedded and on disk.
