@@ -271,14 +271,14 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------
 def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfig, out: Path,
                   sources: dict[str, str], skipped: dict[str, str] | None = None,
-                  more: Callable[[dict[str, list[dict[str, Any]]]], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Compare the samples of `sample_dirs` into `out`; `more(samples)` adds entries to comparison.json."""
+                  more: Callable[[dict[str, list[dict[str, Any]]], bool], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Compare the samples of `sample_dirs` into `out`; `more(samples, gold)` adds entries to comparison.json."""
     samples = {name: read_samples(directory / "samples.jsonl") for name, directory in sample_dirs.items()}
     gold = uses_gold(cfg.gold, [row.get("kind") for rows in samples.values() for row in rows])
     if cfg.reward_model or cfg.cost_model:
         scores = score_samples(samples, cfg.reward_model, cfg.cost_model, out / SCORE_CACHE, cfg.score_max_length,
                                cfg.score_batch_size, cfg.device)
-    extra = more(samples) if more else {}  # after the scores above: it may reuse their cache
+    extra = more(samples, gold) if more else {}  # after the scores above: it may reuse their cache
     if cfg.reward_model or cfg.cost_model:
         samples = {name: with_scores(rows, scores[name]) for name, rows in samples.items()}
     result = compare_samples(samples, baseline, gold, cfg.n_bootstrap, cfg.seed, cfg.ci)
@@ -409,8 +409,7 @@ def run_comparison(cfg: RunComparisonConfig) -> dict[str, Any]:
     sources = {p.name: p.model for p in manifest.policies if p.name in evaluated}
     out = Path(compare_cfg.output_dir)
 
-    def more(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-        gold = uses_gold(cfg.gold, [row.get("kind") for rows in samples.values() for row in rows])
+    def more(samples: dict[str, list[dict[str, Any]]], gold: bool) -> dict[str, Any]:
         return {"proxy_by_round": proxy_by_round(manifest, run_dir, samples, compare_cfg, out)} if gold else {}
 
     return _compare_dirs(evaluated, baseline, compare_cfg, out, sources, skipped, more)
@@ -431,24 +430,23 @@ def proxy_by_round(manifest: Manifest, run_dir: Path, samples: dict[str, list[di
               if policy.name in samples and policy.kind in ("sft", "safe_rlhf")]
     judged = [(name, k, judged_by, j) for name, k in wanted for judged_by, j in (("own", k), ("next", k + 1))
               if j in value_models]
-    final = max(value_models, default=None)
     scores: dict[int, dict[str, dict[str, list[float] | None]]] = {}
+    score_dirs: dict[int, str] = {}
     for j in sorted({j for *_, j in judged}):
         names = [name for name, _, _, round_ in judged if round_ == j]
-        # One call per round's models (each distinct answer scored once); the last round's are the comparison's own
-        # judges, whose scores the comparison has just cached.
-        cache = out / SCORE_CACHE if j == final else out / SCORE_CACHE / f"round{j}"
-        scores[j] = score_samples({name: samples[name] for name in names}, str(run_dir / value_models[j].reward_model),
-                                  str(run_dir / value_models[j].cost_model), cache, cfg.score_max_length,
-                                  cfg.score_batch_size, cfg.device)
+        paths = str(run_dir / value_models[j].reward_model), str(run_dir / value_models[j].cost_model)
+        # One call per round's models (each distinct answer scored once); the comparison's own judges (the last
+        # round's) share the comparison's cache, which it has just filled.
+        score_dirs[j] = SCORE_CACHE if paths == (cfg.reward_model, cfg.cost_model) else f"{SCORE_CACHE}/round{j}"
+        scores[j] = score_samples({name: samples[name] for name in names}, *paths, out / score_dirs[j],
+                                  cfg.score_max_length, cfg.score_batch_size, cfg.device)
     rows = []
     for name, k, judged_by, j in judged:
         scored = with_scores(samples[name], scores[j][name])
         d = thresholds.get(j, 0.0)
         at_d = {f"{key}_at_d": value for key, value in proxy_vs_gold(scored, flag_above=d).items() if "cost" in key}
-        score_file = f"{SCORE_CACHE}/{name}.json" if j == final else f"{SCORE_CACHE}/round{j}/{name}.json"
         rows.append({"policy": name, "round": k, "judged_by": judged_by, "value_models_round": j, "d": d,
-                     "score_file": score_file, **proxy_vs_gold(scored), **at_d})
+                     "score_file": f"{score_dirs[j]}/{name}.json", **proxy_vs_gold(scored), **at_d})
     return rows
 
 

@@ -236,7 +236,8 @@ def _round_scatter_panels(run: Run, proxy: list[dict[str, Any]]) -> list[dict[st
     panels = []
     policies = {p.name: p for p in run.policies}
     for row in proxy:
-        if (row["judged_by"] == "own") == (row["round"] == 0) or row["policy"] not in policies or "score_file" not in row:
+        trained_against = row["judged_by"] == "own" or row["round"] == 0  # SFT has no own models: round 1's
+        if not trained_against or row["policy"] not in policies or "score_file" not in row:
             continue
         cached = read_json_or_none((run.root / COMPARISON).parent / row["score_file"])
         samples_file = run.root / policies[row["policy"]].entry.eval_dir / "samples.jsonl"
