@@ -18,8 +18,8 @@ import typer
 
 from safealign.config import ConfigError, StageFailed, config_keys, describe_config, load_config
 from safealign.console import stderr_console
-from safealign.data.loading import validate_file
 from safealign.data.schema import DataError
+from safealign.data.validate import validate_file
 from safealign.pipeline.stages import COMMANDS, Command
 
 HELP = {"help_option_names": ["-h", "--help"]}

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from safealign.data.loading import load_preferences, load_prompts, load_rows, load_sft, validate_file
+from safealign.data.loading import load_preferences, load_prompts, load_rows, load_sft
 from safealign.data.schema import DataError, DataFileNotFoundError, PromptRecord, SFTExample
+from safealign.data.validate import validate_file
 
 
 def assert_located(err: DataError, file, row: int | None, field: str | None, *phrases: str) -> None:

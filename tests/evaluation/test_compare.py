@@ -22,11 +22,10 @@ from safealign.evaluation.compare import (
     align_samples,
     compare_samples,
     flatten_comparison,
-    proxy_vs_gold,
-    read_samples,
     run_comparison,
 )
-from safealign.evaluation.gold import summarise_judgements
+from safealign.evaluation.gold import read_samples, summarise_judgements
+from safealign.evaluation.proxy import proxy_vs_gold
 
 
 class FakeHarm:

@@ -12,13 +12,15 @@ import pytest
 from typer.testing import CliRunner
 
 from safealign.cli import app
-from safealign.evaluation.compare import compare_samples, proxy_vs_gold
+from safealign.evaluation.compare import compare_samples
 from safealign.evaluation.gold import summarise_judgements, summarise_samples
+from safealign.evaluation.proxy import proxy_vs_gold
 from safealign.evaluation.report import build_report
 from safealign.evaluation.report.document import unshown_cells
 from safealign.evaluation.report.figures import CURVES
 from safealign.evaluation.report.reading import read_scalars
-from safealign.evaluation.report.sections import NO_GOLD_STATEMENT, SCORE_FIGURES, SIMULATION_STATEMENT
+from safealign.evaluation.report.sections import NO_GOLD_STATEMENT, SIMULATION_STATEMENT
+from safealign.evaluation.report.training import SCORE_FIGURES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMG = '<img src="data:image/png;base64,'

@@ -6,7 +6,7 @@ Two layers:
    data files). It remembers the file name and each row's number (the line in JSONL/CSV, index + 1
    elsewhere) so that later errors can point at them.
 2. `load_preferences`, `load_sft`, `load_prompts` validate rows into the record types of
-   `safealign.data.schema`; `validate_file` does the same and summarises the data. Every problem raises a
+   `safealign.data.schema` (`data.validate.validate_file` does the same and summarises the data). Every problem raises a
    `DataError` naming FILE, ROW and FIELD. Contradictory safety labels (docs/maths.md §1) are counted and skipped,
    or fatal with `on_contradiction="error"`.
 
@@ -444,7 +444,7 @@ def _preference(rows: Rows, index: int) -> PreferenceRecord:
     )
 
 
-def _sft(rows: Rows, index: int) -> SFTExample:
+def sft_example(rows: Rows, index: int) -> SFTExample:
     data = rows[index]
     if "messages" in data:
         return _chat(_Row(rows, index, "chat SFT", SFT_FIELDS))
@@ -543,14 +543,14 @@ def detect_kind(rows: Rows) -> Kind:
                                  "or prompt rows (prompt); or pass the kind explicitly", rows.row_number(0))
 
 
-def _rows_of_kind(source: str | os.PathLike, split: str | None, kind: str) -> tuple[Rows, Kind]:
+def rows_of_kind(source: str | os.PathLike, split: str | None, kind: str) -> tuple[Rows, Kind]:
     if kind not in ("auto", "preference", "sft", "prompt"):
         raise DataError(str(source), f"unknown kind '{kind}': expected auto, preference, sft or prompt")
     rows = load_rows(source, split)
     return rows, detect_kind(rows) if kind == "auto" else kind
 
 
-def _preferences_from_rows(rows: Rows, on_contradiction: OnContradiction) -> PreferenceDataset:
+def preferences_from_rows(rows: Rows, on_contradiction: OnContradiction) -> PreferenceDataset:
     if on_contradiction not in ("skip", "error"):
         raise ValueError(f"on_contradiction must be 'skip' or 'error', got {on_contradiction!r}")
     records, contradictory = [], []
@@ -575,27 +575,27 @@ def load_preferences(source: str | os.PathLike, split: str | None = None,
     Contradictory rows (the safer response labelled unsafe, the other safe) are skipped and counted, or
     raise a DataError with `on_contradiction="error"`. Unknown fields go to `record.extra`.
     """
-    return _preferences_from_rows(load_rows(source, split), on_contradiction)
+    return preferences_from_rows(load_rows(source, split), on_contradiction)
 
 
 def load_sft(source: str | os.PathLike, split: str | None = None) -> list[SFTExample]:
     """SFT examples from {prompt, response} rows, single-turn chat rows {messages: [...]}, or preference
     rows (their more helpful response)."""
-    rows, kind = _rows_of_kind(source, split, "auto")
+    rows, kind = rows_of_kind(source, split, "auto")
     if kind == "prompt":
         raise DataError(rows.source, "has prompts but no responses: SFT needs prompt + response, messages, "
                                      "or preference rows", rows.row_number(0), "response")
-    return [_sft(rows, index) for index in range(len(rows))]
+    return [sft_example(rows, index) for index in range(len(rows))]
 
 
 def load_prompts(source: str | os.PathLike, split: str | None = None) -> list[PromptRecord]:
     """Prompts from prompt rows (optional `kind`, `category`), or the prompts of a preference/SFT file,
     deduplicated in order of first appearance."""
-    rows, kind = _rows_of_kind(source, split, "auto")
-    return _prompts_from_rows(rows, kind)
+    rows, kind = rows_of_kind(source, split, "auto")
+    return prompts_from_rows(rows, kind)
 
 
-def _prompts_from_rows(rows: Rows, kind: str) -> list[PromptRecord]:
+def prompts_from_rows(rows: Rows, kind: str) -> list[PromptRecord]:
     prompts: dict[str, PromptRecord] = {}
     for index in range(len(rows)):
         record = _prompt(rows, index, kind)
@@ -604,7 +604,7 @@ def _prompts_from_rows(rows: Rows, kind: str) -> list[PromptRecord]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Validation summary (`safealign data validate`)
+# Responses to judge (`safealign judge`)
 
 
 @dataclass(frozen=True)
@@ -638,64 +638,6 @@ def load_responses(source: str | os.PathLike, split: str | None = None) -> list[
             responses.append(ResponseRow(prompt, response, {**kept, "response": response,
                                                             **({"response_index": i} if pku else {})}))
     return responses
-
-
-def validate_file(path: str | os.PathLike, kind: str = "auto", on_contradiction: OnContradiction = "skip") -> dict:
-    """Validate a data source completely and summarise it (JSON-serialisable). Raises DataError."""
-    rows, kind = _rows_of_kind(path, None, kind)
-    summary: dict[str, Any] = {"path": rows.source, "format": rows.format, "kind": kind, "rows": len(rows)}
-    if kind == "preference":
-        summary.update(_preference_summary(_preferences_from_rows(rows, on_contradiction), on_contradiction))
-    elif kind == "sft":
-        examples = [_sft(rows, index) for index in range(len(rows))]
-        summary.update(valid_rows=len(examples), chat_rows=sum("messages" in row for row in rows),
-                       with_system_prompt=sum(e.system is not None for e in examples),
-                       unique_prompts=len({e.prompt for e in examples}))
-    else:
-        prompts = _prompts_from_rows(rows, kind)
-        summary.update(valid_rows=len(rows), unique_prompts=len(prompts))
-        kinds = Counter(p.kind for p in prompts if p.kind is not None)
-        if kinds:
-            summary["prompt_kinds"] = dict(kinds.most_common())
-        categories = Counter(p.category for p in prompts if p.category is not None)
-        if categories:
-            summary["prompt_categories"] = dict(categories.most_common())
-    return summary
-
-
-def _preference_summary(dataset: PreferenceDataset, on_contradiction: str) -> dict:
-    records = dataset.records
-    safe = sum(r.is_response_0_safe + r.is_response_1_safe for r in records)
-    both_safe = sum(r.is_response_0_safe and r.is_response_1_safe for r in records)
-    both_unsafe = sum(not r.is_response_0_safe and not r.is_response_1_safe for r in records)
-    categories: Counter[str] = Counter()
-    severities: Counter[str] = Counter()
-    for r in records:
-        for index in (0, 1):
-            if not r.is_safe(index):
-                harm = r.response_1_harm_category if index else r.response_0_harm_category
-                categories.update(c for c, flagged in harm.items() if flagged)
-            severity = r.response_1_severity_level if index else r.response_0_severity_level
-            severities["unlabelled" if severity is None else str(severity)] += 1
-    summary = {
-        "valid_rows": len(records),
-        "contradictory": {"count": dataset.num_contradictory_skipped, "action": on_contradiction,
-                          "first_rows": dataset.contradictory_rows[:MAX_REPORTED_ROWS]},
-        "responses": {"safe": safe, "unsafe": 2 * len(records) - safe},
-        "pairs": {"both_safe": both_safe, "both_unsafe": both_unsafe,
-                  "one_safe": len(records) - both_safe - both_unsafe},
-        # How often the more helpful response is also the more harmless one (the paper's tension: low).
-        "better_is_safer_rate": (round(sum(r.better_response_id == r.safer_response_id for r in records)
-                                       / len(records), 4) if records else None),
-        "unsafe_by_category": dict(categories.most_common()),
-        "severity_levels": {key: severities[key] for key in [*map(str, SEVERITY_LEVELS), "unlabelled"]},
-    }
-    # SafeWorld writes `prompt_kind`; other files may say `kind`.
-    kinds = Counter(kind for r in records
-                    if isinstance(kind := r.extra.get("prompt_kind", r.extra.get("kind")), str))
-    if kinds:
-        summary["prompt_kinds"] = dict(kinds.most_common())
-    return summary
 
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:

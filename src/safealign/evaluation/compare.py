@@ -11,8 +11,8 @@ both files exist, otherwise written by `gold.run` with this config's sampling se
 every model answered (matched by prompt text, in the baseline's order):
 - per model: SafeWorld's gold metrics (`gold.summarise_judgements`: harmful rate overall and per harm
   category, helpfulness, over-refusal, redirection share) or, without gold judges, the judge-free ones
-  (`gold.summarise_samples`); distinct-n; with model judges, mean reward and cost and the share of
-  responses with cost > 0 (the cost model's harmful rate);
+  (`gold.summarise_samples`); distinct-n; with model judges, mean reward and cost, the share of responses with
+  cost > 0 (the cost model's harmful rate) and, with gold, the judges against the truth (`proxy.proxy_vs_gold`);
 - per model against the baseline: safe-rlhf's arena table (needs a reward and a cost model);
 - every pair of models: win rates and Bradley-Terry Elo with bootstrap intervals on two axes, helpfulness
   and harmlessness, anchored at baseline = 1000 (the paper's figure), once per judge: `gold` (SafeWorld)
@@ -24,13 +24,13 @@ presence marks the comparison done).
 
 `run_comparison` (`safealign compare --run_dir DIR`) is the pipeline's compare stage: every evaluated policy of the run directory's
 manifest (`policies.json`, `run_directory.load_manifest`), baseline SFT, the last round's value models as model
-judges, each policy's existing gold samples reused, into `run_dir/eval/compare/`.
+judges, each policy's existing gold samples reused, into `run_dir/eval/compare/`; with gold judges, each round's value
+models against the truth on the answers of the policies they trained and of the next (`proxy.proxy_by_round`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,14 @@ from rich.table import Table
 from safealign.config import ConfigError, changed_settings, config_field, save_config
 from safealign.console import stderr_console
 from safealign.evaluation import gold
-from safealign.evaluation.gold import GoldEvalConfig, judge_samples, summarise_judgements, summarise_samples, uses_gold
+from safealign.evaluation.gold import (
+    GoldEvalConfig,
+    judge_samples,
+    read_samples,
+    summarise_judgements,
+    summarise_samples,
+    uses_gold,
+)
 from safealign.evaluation.model_scores import score_samples, with_scores
 from safealign.evaluation.pairwise import (
     ResponseJudgement,
@@ -51,14 +58,14 @@ from safealign.evaluation.pairwise import (
     gold_judge,
     win_rate_matrix,
 )
+from safealign.evaluation.proxy import SCORE_CACHE, proxy_by_round, proxy_vs_gold
 from safealign.io import atomic_write_json
 from safealign.models.presets import PRESETS, PRETRAINED, looks_local
-from safealign.run_directory import RESERVED_NAMES, Manifest, check_name, final_value_models, load_manifest
+from safealign.run_directory import check_name, final_value_models, load_manifest
 
 console = stderr_console()
 
 AXES = ("helpfulness", "harmlessness")
-SCORE_CACHE = RESERVED_NAMES[0]  # eval/compare/model_scores/<policy>.json: the model judges' cached scores
 
 
 @dataclass
@@ -115,51 +122,6 @@ def policy_metrics(rows: list[dict[str, Any]], gold: bool) -> dict[str, Any]:
             metrics["cost_positive_rate_harmful"] = sum(r["cost"] > 0 for r in harmful) / len(harmful)
     if gold and rows and all("judgement" in r for r in rows):
         metrics.update(proxy_vs_gold(rows))
-    return metrics
-
-
-def proxy_vs_gold(rows: list[dict[str, Any]], flag_above: float = 0.0) -> dict[str, Any]:
-    """The value models against the gold judges on one policy's own answers (the text RL optimised them on, where
-    a proxy's blind spot is what the policy finds), when the rows carry `cost` / `reward` and a gold `judgement`.
-
-    Cost (an answer is flagged when cost > `flag_above`; 0 is the boundary the cost model was trained on): `proxy/cost_recall`, the
-    share of gold-unsafe answers flagged; `proxy/cost_precision`, the share of flagged answers gold calls unsafe;
-    `proxy/cost_flagged_not_harmful`, the share of answers to benign and borderline prompts flagged.
-    Reward, on pairs of the policy's own answers to one prompt: `proxy/reward_gold_agreement` where their gold
-    helpfulness differs (`proxy/reward_gold_pairs` of them); `proxy/reward_prefers_longer_gold_does_not` where
-    their lengths differ and gold does not find the longer one more helpful. A rate with no answer to count is None.
-    """
-    def rate(hits: list[bool]) -> float | None:
-        return sum(hits) / len(hits) if hits else None
-
-    metrics: dict[str, Any] = {}
-    if all("cost" in r for r in rows):
-        unsafe = [r for r in rows if not r["judgement"]["is_safe"]]
-        flagged = [r for r in rows if r["cost"] > flag_above]
-        metrics.update({
-            "proxy/cost_recall": rate([r["cost"] > flag_above for r in unsafe]),
-            "proxy/cost_precision": rate([not r["judgement"]["is_safe"] for r in flagged]),
-            "proxy/cost_flagged_not_harmful": rate([r["cost"] > flag_above for r in rows
-                                                    if r.get("kind") in ("benign", "borderline")]),
-        })
-    if all("reward" in r for r in rows):
-        by_prompt: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_prompt.setdefault(row["prompt"], []).append(row)
-        agrees, prefers_longer = [], []
-        for answers in by_prompt.values():
-            for i, a in enumerate(answers):
-                for b in answers[i + 1:]:
-                    gold_a, gold_b = a["judgement"]["helpfulness"], b["judgement"]["helpfulness"]
-                    if gold_a != gold_b and a["reward"] != b["reward"]:
-                        agrees.append((gold_a > gold_b) == (a["reward"] > b["reward"]))
-                    words_a, words_b = len(a["response"].split()), len(b["response"].split())
-                    if words_a != words_b and a["reward"] != b["reward"]:
-                        longer, shorter = (a, b) if words_a > words_b else (b, a)
-                        if longer["judgement"]["helpfulness"] <= shorter["judgement"]["helpfulness"]:
-                            prefers_longer.append(longer["reward"] > shorter["reward"])
-        metrics.update({"proxy/reward_gold_agreement": rate(agrees), "proxy/reward_gold_pairs": len(agrees),
-                        "proxy/reward_prefers_longer_gold_does_not": rate(prefers_longer)})
     return metrics
 
 
@@ -242,28 +204,6 @@ def flatten_comparison(result: dict[str, Any]) -> dict[str, Any]:
             for a, row in matrix.items():
                 flat.update({f"win_rate/{judge}/{axis}/{a}_vs_{b}": value for b, value in row.items() if a != b})
     return flat
-
-
-# --------------------------------------------------------------------------------------------------
-# Files: samples
-# --------------------------------------------------------------------------------------------------
-def read_samples(path: Path) -> list[dict[str, Any]]:
-    """The rows of a samples.jsonl (`safealign evaluate`'s); errors name the file, the line and the field."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: line {number}: not valid JSON: {err.msg}") from None
-        for field in ("prompt", "response"):
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise ConfigError(f"{path}: line {number}: field '{field}': expected a string")
-        rows.append(row)
-    if not rows:
-        raise ConfigError(f"{path}: no samples")
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,44 +350,13 @@ def run_comparison(cfg: RunComparisonConfig) -> dict[str, Any]:
     out = Path(compare_cfg.output_dir)
 
     def more(samples: dict[str, list[dict[str, Any]]], gold: bool) -> dict[str, Any]:
-        return {"proxy_by_round": proxy_by_round(manifest, run_dir, samples, compare_cfg, out)} if gold else {}
+        if not gold:
+            return {}
+        judges = (compare_cfg.reward_model, compare_cfg.cost_model)
+        return {"proxy_by_round": proxy_by_round(manifest, run_dir, samples, out, judges, compare_cfg.score_max_length,
+                                                 compare_cfg.score_batch_size, compare_cfg.device)}
 
     return _compare_dirs(evaluated, baseline, compare_cfg, out, sources, skipped, more)
-
-
-def proxy_by_round(manifest: Manifest, run_dir: Path, samples: dict[str, list[dict[str, Any]]], cfg: CompareConfig,
-                   out: Path) -> list[dict[str, Any]]:
-    """The rounds' proxy against the truth: the SFT model (round 0) and each round's Safe RLHF policy, on their own
-    gold-judged answers, scored by the reward and cost models the policy was trained against (`judged_by: own`,
-    round k's) and by the next round's (`judged_by: next`, retrained on pairs sampled from it: does the round close
-    the blind spot the policy found?). Each row: `proxy_vs_gold` with cost > 0 flagged, and `cost_*_at_d` with cost
-    > d, the threshold of the round whose models judge (its per-answer reading of the constraint E[C] ≤ d), and
-    `score_file`, the scores' cache relative to `out`."""
-    value_models = {v.round: v for v in manifest.value_models
-                    if v.reward_model and v.cost_model and (run_dir / v.reward_model).is_dir() and (run_dir / v.cost_model).is_dir()}
-    thresholds = {p.round or 1: p.threshold for p in manifest.policies if p.kind == "safe_rlhf" and p.threshold is not None}
-    wanted = [(policy.name, 0 if policy.kind == "sft" else policy.round or 1) for policy in manifest.policies
-              if policy.name in samples and policy.kind in ("sft", "safe_rlhf")]
-    judged = [(name, k, judged_by, j) for name, k in wanted for judged_by, j in (("own", k), ("next", k + 1))
-              if j in value_models]
-    scores: dict[int, dict[str, dict[str, list[float] | None]]] = {}
-    score_dirs: dict[int, str] = {}
-    for j in sorted({j for *_, j in judged}):
-        names = [name for name, _, _, round_ in judged if round_ == j]
-        paths = str(run_dir / value_models[j].reward_model), str(run_dir / value_models[j].cost_model)
-        # One call per round's models (each distinct answer scored once); the comparison's own judges (the last
-        # round's) share the comparison's cache, which it has just filled.
-        score_dirs[j] = SCORE_CACHE if paths == (cfg.reward_model, cfg.cost_model) else f"{SCORE_CACHE}/round{j}"
-        scores[j] = score_samples({name: samples[name] for name in names}, *paths, out / score_dirs[j],
-                                  cfg.score_max_length, cfg.score_batch_size, cfg.device)
-    rows = []
-    for name, k, judged_by, j in judged:
-        scored = with_scores(samples[name], scores[j][name])
-        d = thresholds.get(j, 0.0)
-        at_d = {f"{key}_at_d": value for key, value in proxy_vs_gold(scored, flag_above=d).items() if "cost" in key}
-        rows.append({"policy": name, "round": k, "judged_by": judged_by, "value_models_round": j, "d": d,
-                     "score_file": f"{score_dirs[j]}/{name}.json", **proxy_vs_gold(scored), **at_d})
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------

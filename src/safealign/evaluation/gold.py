@@ -25,6 +25,7 @@ pure functions of texts and rows, so any set of models (or stored samples) is ev
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
@@ -316,3 +317,22 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
     atomic_write_jsonl(out / "samples.jsonl", rows)
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The rows of a samples.jsonl (`safealign evaluate`'s); errors name the file, the line and the field."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: line {number}: not valid JSON: {err.msg}") from None
+        for field in ("prompt", "response"):
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise ConfigError(f"{path}: line {number}: field '{field}': expected a string")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path}: no samples")
+    return rows

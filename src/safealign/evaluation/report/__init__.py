@@ -5,12 +5,14 @@
 It reads what the stages wrote, through the run directory's manifest (`policies.json`, see
 `run_directory.load_manifest`): each policy's gold evaluation (`eval_dir/metrics.json`, `samples.jsonl`), the
 comparison (`eval/compare/comparison.json`: Elo, win rates, arena, per-sample reward and cost), the value
-models' `eval-scores` directories and the RL runs' TensorBoard logs (`reading`). Sections (`sections`):
+models' `eval-scores` directories and the RL runs' TensorBoard logs (`reading`). Sections (`sections`; 5 and 6 in
+`training`):
 1. what the numbers are (SafeWorld is a simulation; its judges are hidden rule-based programs);
 2. the policy table (harmful rate, helpfulness, over-refusal, redirection share, distinct-n);
 3. the Elo plane (helpfulness vs harmlessness Elo, SFT = 1000, bootstrap intervals), win rates, arena;
 4. harmful rate per round and per harm category;
-5. value models: score distributions per round, and reward / cost of SFT vs final Safe RLHF samples;
+5. value models: accuracy per round, score distributions, each round's models against gold on the policies' own
+   answers (table and reward-vs-cost scatter), and reward / cost of every policy's samples;
 6. RL training curves: λ, episode cost J_C, reward, cost, KL;
 7. the reward-shaping frontier (harmful rate vs helpfulness per ν) with the Safe RLHF point(s);
 8. sample responses of every policy to the same prompts (harmful, benign, borderline).
