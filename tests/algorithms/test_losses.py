@@ -158,3 +158,19 @@ def test_safety_sign_is_minus_one_for_safe_plus_one_for_unsafe():
     assert safety_sign(torch.tensor([True, False])).tolist() == [-1.0, 1.0]
     assert safety_sign(torch.tensor([1, 0])).tolist() == [-1.0, 1.0]
     assert safety_sign(torch.tensor([True])).dtype.is_floating_point
+
+
+def test_a_one_answer_row_teaches_the_cost_model_its_label_and_the_reward_model_nothing():
+    # A labelled single answer enters as a pair of one text twice (pipeline.redteam.labelled_answer_rows): both
+    # models score it once; the ranking terms are log 2 with no gradient, the sign terms pull c toward the label.
+    c = torch.tensor([0.7, -0.4], requires_grad=True)  # one unsafe-labelled answer, one safe-labelled answer
+    sign = safety_sign(torch.tensor([False, True]))
+    loss = cost_loss(c, c, sign, sign, l2_coeff=0.0)
+    expected = (math.log(2) + 2 * -math.log(torch.sigmoid(torch.tensor(0.7)).item())
+                + math.log(2) + 2 * -math.log(torch.sigmoid(torch.tensor(0.4)).item())) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert c.grad[0] < 0 and c.grad[1] > 0  # descent raises the unsafe answer's cost, lowers the safe one's
+    r = torch.tensor([1.3], requires_grad=True)
+    reward_loss(r, r, l2_coeff=0.0).backward()
+    assert r.grad.abs().item() == 0.0

@@ -18,8 +18,12 @@ from safetensors.torch import load_file
 
 import safealign
 from safealign.algorithms.losses import combined_advantage
-from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig, run
+from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig, cost_quantile, run
+from safealign.config import ConfigError
+from safealign.data.loading import load_preferences
 from safealign.models.presets import build_causal_lm
+from safealign.models.score_model import load_score_model, score_texts
+from safealign.models.tokenizer import load_tokenizer
 from safealign.training import rl
 from safealign.training.rl import Experience, RLRun
 from tiny_rl import FAST, TinySetup, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
@@ -351,3 +355,27 @@ def test_fsdp1_on_two_cpu_ranks_is_refused(tiny, tmp_path, two_ranks_env, torchr
     assert result.returncode != 0
     assert "needs FSDP2: set FSDP_VERSION=2" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "x" / "model").exists()
+
+
+def test_the_threshold_can_come_from_the_cost_models_costs_on_safe_answers(tiny, tmp_path):
+    # A cost model whose score is its head's bias plus a text-dependent part is hard to compute by hand; one with a
+    # zero head scores every text its bias, so any quantile of its costs is that bias.
+    cost_model = tiny.score_model("cost", -1.5)
+    data = tiny.root / "world" / "preferences" / "train.jsonl"
+    d, count = cost_quantile(cost_model, cost_model, str(data), 0.9)
+    records = load_preferences(data)
+    safe = {(r.prompt, r.response(i)) for r in records for i in (0, 1) if r.is_safe(i)}
+    assert d == pytest.approx(-1.5, abs=1e-5) and count == len(safe) > 0
+    # The trained model's costs vary by text: d is their 0.25-quantile (a quarter of the safe answers cost less).
+    d_trained, _ = cost_quantile(tiny.cost_model, tiny.cost_model, str(data), 0.25)
+    costs = score_texts(load_score_model(tiny.cost_model).eval(), load_tokenizer(tiny.cost_model),
+                        [p for p, _ in sorted(safe)], [r for _, r in sorted(safe)], 256)
+    assert sum(c < d_trained for c in costs) == pytest.approx(0.25 * len(costs), abs=1.0)
+    # PPO-Lag takes d from there, records it and its config says it.
+    out = tmp_path / "run"
+    metrics = run(lag_config(tiny, out, cost_model=cost_model, max_steps=1, save_steps=-1, sample_steps=0,
+                             threshold=7.0, threshold_quantile=0.9, threshold_data=str(data)))
+    assert metrics["threshold"] == pytest.approx(-1.5, abs=1e-5) and metrics["threshold_safe_responses"] == count
+    assert "threshold: -1.5" in (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="threshold_quantile"):
+        lag_config(tiny, out, threshold_quantile=0.5)  # without threshold_data

@@ -405,3 +405,19 @@ def test_eval_split_dev_evaluates_and_scores_on_the_dev_files_and_a_bad_split_is
     assert "dev.jsonl" not in default and "prompts/test.jsonl" in default
     with pytest.raises(ConfigError, match="eval_split must be 'test' or 'dev'"):
         plan(PipelineConfig(eval_split="train"), tmp_path)
+
+
+def test_a_rounds_threshold_can_come_from_its_cost_model_on_its_own_labelled_answers(tmp_path):
+    cfg = PipelineConfig(round_threshold_quantile=0.8)
+    table = plan(cfg, tmp_path)
+    assert "threshold_quantile" not in table["ppo_lag"].config_values(cfg)  # round 1 keeps ppo_lag's d (chosen on dev)
+    for k in (2, 3):
+        inputs = table[f"round{k}/ppo_lag"].config_values(cfg)
+        assert inputs["threshold_quantile"] == 0.8
+        assert inputs["threshold_data"] == str(tmp_path / f"round{k}" / "redteam" / "pairs.jsonl")
+        assert inputs["cost_model"] == str(tmp_path / f"round{k}" / "cm" / "model")
+    default = PipelineConfig()
+    assert "threshold_quantile" not in json.dumps([s.config_values(default) for s in plan(default, tmp_path).values()])
+    with pytest.raises(ConfigError, match="round_threshold_quantile"):
+        run(load_config(PipelineConfig, None, {"output_dir": str(tmp_path / "run"), "round_threshold_quantile": 0.8,
+                                               "round_thresholds": [0.0, 0.0, 0.0]}))

@@ -18,6 +18,7 @@ from safealign.data.safeworld import (
     generate_world,
     prompt_instances,
     sample_response,
+    world_annotators,
     world_texts,
     write_world,
 )
@@ -27,6 +28,7 @@ from safealign.models.tokenizer import load_tokenizer, train_tokenizer
 from safealign.pipeline.redteam import (
     RedTeamConfig,
     annotate_pairs,
+    labelled_answer_rows,
     choose_pair_prompts,
     pool_quotas,
     probe_policy,
@@ -136,6 +138,37 @@ def test_annotation_labels_like_the_worlds_crowdworkers_reproducibly_per_stream(
     assert labels("round2") == labels("round2") and labels("round2") != labels("round3")
 
 
+def test_one_answer_is_labelled_by_the_crowdworkers_majority_and_reproducibly():
+    prompt = next(iter(prompt_instances("harmful").values()))[0]
+    rng = random.Random(0)
+    compliance = sample_response(prompt["prompt"], "compliance", rng, 3)
+    refusal = sample_response(prompt["prompt"], "refusal", rng)
+    exact = world_annotators(WorldConfig(annotator_noise=0.0, label_flip_rate=0.0, severe_miss_rate=0.0,
+                                         subtle_miss_rate=0.0), "probe")
+    unsafe, safe = exact.label_safety(prompt["prompt"], compliance), exact.label_safety(prompt["prompt"], refusal)
+    assert (unsafe["is_safe"], safe["is_safe"]) == (False, True)
+    assert unsafe["harm_category"][prompt["category"]] and unsafe["severity_level"] >= 1
+    assert not any(safe["harm_category"].values()) and safe["severity_level"] == 0
+    assert len(unsafe["safe_votes"]) == len(unsafe["annotator_ids"]) == 3 and not any(unsafe["safe_votes"])
+    # Noisy crowdworkers: the majority of three flipped votes can call the compliance safe; a stream repeats itself.
+    noisy = [world_annotators(WorldConfig(label_flip_rate=0.4), "probe").label_safety(prompt["prompt"], compliance)
+             for _ in range(2)]
+    assert noisy[0] == noisy[1]
+
+
+def test_labelled_answers_become_one_answer_rows_that_only_the_sign_term_can_learn_from():
+    probed = [{"prompt": "p1", "response": "a", "kind": "harmful", "category": "violence",
+               "label": {"is_safe": False, "harm_category": {"violence": True}, "severity_level": 2,
+                         "annotator_ids": ["x"], "safe_votes": [False]}},
+              {"prompt": "p2", "response": "", "label": {"is_safe": True}},  # empty: no PKU row
+              {"prompt": "p3", "response": "b", "cost": 1.0}]  # not labelled: left out
+    rows = labelled_answer_rows(probed, "policy:test")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["response_0"] == row["response_1"] == "a" and row["prompt_pool"] == "labelled_answer"
+    assert (row["is_response_0_safe"], row["is_response_1_safe"], row["response_0_severity_level"]) == (False, False, 2)
+
+
 # --- the stage ----------------------------------------------------------------------------------------
 def test_run_writes_the_rounds_pairs_accumulates_all_pairs_and_extends_the_rl_prompts(tiny, tmp_path):
     out = tmp_path / "round2" / "redteam"
@@ -173,6 +206,28 @@ def test_run_writes_the_rounds_pairs_accumulates_all_pairs_and_extends_the_rl_pr
     other = tmp_path / "round3"
     run(config(tiny, other, stream="round3"))
     assert (other / "pairs.jsonl").read_text() != (out / "pairs.jsonl").read_text()
+
+
+def test_crowdworkers_can_judge_the_probe_and_their_labelled_answers_weigh_in_training(tiny, tmp_path):
+    out = tmp_path / "round2" / "redteam"
+    # The cost model says every answer is safe (cost -1); the crowdworkers decide instead.
+    metrics = run(config(tiny, out, cost_model=str(tiny / "cost_-1"), probe_judge="annotators", labelled_answers_weight=3,
+                         preferences_out=str(tmp_path / "round2" / "preferences.jsonl")))
+    probe = lines(out / "probe.jsonl")
+    assert all(r["unsafe"] == (not r["label"]["is_safe"]) for r in probe)
+    assert metrics["probe_cost_unsafe_rate"] == 0.0 and metrics["probe_judge"] == "annotators"
+    assert metrics["unsafe_prompts"] == sum(r["unsafe"] for r in probe[:10])
+    answers = [r for r in lines(out / "pairs.jsonl") if r["prompt_pool"] == "labelled_answer"]
+    assert len(answers) == metrics["labelled_answers"] == sum(bool(r["response"]) for r in probe)
+    assert all(r["response_0"] == r["response_1"] for r in answers)
+    train = lines(out / "train_preferences.jsonl")
+    everything = lines(tmp_path / "round2" / "preferences.jsonl")
+    previous = lines(tiny / "world" / "preferences" / "train.jsonl")
+    assert len(everything) == len(previous) + metrics["pairs"] + len(answers) == metrics["preferences_total"]
+    assert len(train) == len(previous) + metrics["pairs"] + 3 * len(answers)
+    assert len(load_preferences(out / "train_preferences.jsonl")) == len(train)  # valid PKU rows, none contradictory
+    with pytest.raises(ConfigError, match="labelled_answers_weight"):
+        config(tiny, out, labelled_answers_weight=1)  # the labels come from the crowdworkers
 
 
 def test_a_safe_policy_gives_no_unsafe_prompts_and_the_solved_pool_takes_its_share(tiny, tmp_path):

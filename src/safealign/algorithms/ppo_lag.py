@@ -18,7 +18,10 @@ What this file adds to `ppo.PPO`:
       J_C = mean of the raw episode costs C in the window (the last `episode_cost_window_size` samples of
             every process, all-gathered, so J_C and λ are identical on every rank),
       log λ ← min(log λ + α·λ·(J_C − d), log λ_max)       (`losses.lagrange_multiplier_update`),
-  not before step `lambda_update_delay_steps`.
+  not before step `lambda_update_delay_steps`;
+- optionally d from the cost model itself (`threshold_quantile`): the q-quantile of its costs on the answers
+  `threshold_data` labels safe (e.g. the policy's own answers, labelled by annotators), so that d sits where that
+  cost model puts safe answers rather than at a fixed number in units each retrained cost model sets anew.
 
 Differences from the reference implementation (safe-rlhf), on purpose:
 - λ moves once per rollout batch; the reference steps it once per micro-step with the same J_C.
@@ -29,6 +32,7 @@ Differences from the reference implementation (safe-rlhf), on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -41,6 +45,10 @@ from accelerate import Accelerator
 from safealign.algorithms.losses import combined_advantage, lagrange_multiplier_update
 from safealign.algorithms.ppo import PPO, PPOConfig
 from safealign.config import ConfigError, config_field
+from safealign.data.loading import load_preferences
+from safealign.models.presets import resolve_device
+from safealign.models.score_model import load_score_model, score_texts
+from safealign.models.tokenizer import load_tokenizer
 from safealign.training.rl import Experience, RLRun, train_rl
 
 
@@ -60,9 +68,15 @@ class PPOLagConfig(PPOConfig):
     lambda_max: float = config_field(5.0, help="λ_max: upper bound of λ (≤ 0 = none).")
     lambda_update_delay_steps: int = config_field(0, help="Steps (rollouts) before λ starts moving; costs enter the window meanwhile.")
     episode_cost_window_size: int = config_field(128, help="J_C is the mean episode cost of the last this many samples of each process.")
+    threshold_quantile: float = config_field(
+        0.0, help="In (0, 1): d = this quantile of the cost model's costs on the responses threshold_data labels safe "
+                  "(d in the cost model's own units), replacing threshold; 0 = threshold as given.")
+    threshold_data: str = config_field("", help="Preference file (PKU format) whose safe-labelled responses set d with threshold_quantile.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 <= self.threshold_quantile < 1.0 or (self.threshold_quantile > 0) != bool(self.threshold_data):
+            raise ConfigError("threshold_quantile must be in [0, 1), and > 0 exactly when threshold_data is given")
         if self.lambda_init <= 0:
             raise ConfigError(f"lambda_init must be > 0 (λ = exp(log λ)), got {self.lambda_init}")
         if self.episode_cost_window_size < 1:
@@ -143,7 +157,26 @@ class PPOLag(PPO):
         self.episode_cost_windows = state["episode_cost_windows"].float()
 
 
+def cost_quantile(cost_model: str, tokenizer: str, data: str, quantile: float, max_length: int = 256) -> tuple[float, int]:
+    """The `quantile` of the cost model's costs on the distinct (prompt, response) that `data` labels safe, and
+    their number. Deterministic: every process computes the same d."""
+    safe = list(dict.fromkeys((record.prompt, record.response(i)) for record in load_preferences(data)
+                              for i in (0, 1) if record.is_safe(i)))
+    if not safe:
+        raise ConfigError(f"{data}: no response labelled safe to set the threshold from (threshold_quantile)")
+    model = load_score_model(cost_model).to(resolve_device("auto")).eval()
+    costs = score_texts(model, load_tokenizer(tokenizer), [p for p, _ in safe], [r for _, r in safe], max_length)
+    return torch.quantile(torch.tensor(costs, dtype=torch.float64), quantile).item(), len(safe)
+
+
 def run(cfg: PPOLagConfig) -> dict[str, Any]:
     """Safe RLHF: PPO-Lagrangian on the reward and cost models; returns flat metrics (reward, cost,
-    episode_cost, lagrange_multiplier, unsafe_fraction, kl, ...)."""
-    return train_rl(cfg, PPOLag(cfg))
+    episode_cost, lagrange_multiplier, unsafe_fraction, kl, ...), and `threshold` (d)."""
+    extra: dict[str, Any] = {}
+    if cfg.threshold_quantile > 0:
+        has_tokenizer = (Path(cfg.cost_model) / "tokenizer_config.json").is_file()
+        tokenizer = cfg.cost_model if has_tokenizer else (cfg.tokenizer or cfg.actor_model)
+        threshold, count = cost_quantile(cfg.cost_model, tokenizer, cfg.threshold_data, cfg.threshold_quantile)
+        cfg = dataclasses.replace(cfg, threshold=threshold)
+        extra["threshold_safe_responses"] = count
+    return {**train_rl(cfg, PPOLag(cfg)), "threshold": cfg.threshold, **extra}

@@ -68,6 +68,9 @@ class PipelineConfig:
         0, help="Safe RLHF rounds (the paper ran 3): round 1 = the ppo_lag stage, rounds 2.. = the rounds stage; 0 = the profile's (default 3, quick 2).")
     round_thresholds: list[float] = config_field(
         [], help="d of each round's PPO-Lag, round 1 first (it replaces ppo_lag's threshold there); [] = ppo_lag's threshold every round.")
+    round_threshold_quantile: float = config_field(
+        0.0, help="In (0, 1): d of rounds >= 2 = this quantile of the round's cost model's costs on the round's new answers the "
+                  "crowdworkers labelled safe (ppo-lag's threshold_quantile on round{k}/redteam/pairs.jsonl), instead of a fixed d; 0 = off.")
     round_value_models: Literal["previous", "sft"] = config_field(
         "previous", help="Round k's reward/cost models start from round k-1's (cheap: see round_rm) or from the SFT model (the paper's retraining: give round_rm/round_cm num_epochs 2).")
     round_lambda: Literal["init", "carry"] = config_field(

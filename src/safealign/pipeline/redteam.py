@@ -9,8 +9,9 @@ again from the round k−1 policy.
 1. probe.jsonl: the round k−1 policy answers (one sample, temperature 1) `probe_limit` prompts drawn
    (seeded) from `probe_prompts` (SafeWorld's train prompts, never the test prompts) and every red-team
    prompt; the round k−1 cost model scores each answer. Cost > 0 (unsafe, docs/maths.md §2) makes a prompt
-   *unsolved*. On SafeWorld each row also carries the gold judge's verdict (a measurement only: nothing
-   below reads it).
+   *unsolved*; with `probe_judge: annotators` SafeWorld's simulated crowdworkers label each answer instead (the
+   cost model is blind exactly where the policy learnt to fool it). On SafeWorld each row also carries the gold
+   judge's verdict (a measurement only: nothing below reads it).
 2. prompts.jsonl: the gathered prompts, i.e. the unsolved probe prompts plus every red-team prompt
    (SafeWorld's `prompts/redteam.jsonl`: harmful requests in jailbreak framings no other split uses).
 3. pairs.jsonl: `pairs` new pairs, PKU format. Their prompts come from four pools in the proportions of
@@ -33,7 +34,9 @@ again from the round k−1 policy.
    (all earlier rounds) and then the new ones. Contradictory rows (docs/maths.md §1) are left out there (training
    would skip them) and counted in metrics.json. train_preferences.jsonl (in output_dir): the same with the
    new pairs `new_pairs_weight` times, what the round's reward and cost models train on (the policy's own
-   answers are otherwise a thin slice of all pairs so far, and the cost model misses its failure modes).
+   answers are otherwise a thin slice of all pairs so far, and the cost model misses its failure modes). With
+   `labelled_answers_weight` the crowdworker-labelled probe answers join as one-answer rows (`labelled_answer_rows`),
+   in pairs.jsonl and preferences.jsonl once and that many times in train_preferences.jsonl.
 5. rl_prompts.jsonl: the base RL prompts plus the gathered ones, the rollout prompts of round k.
 6. config.yaml, and metrics.json last (the pipeline's done-marker).
 
@@ -48,7 +51,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from safealign.config import ConfigError, config_field, load_config, save_config
 from safealign.data.loading import PREFERENCE_OPTIONAL, PREFERENCE_REQUIRED, load_preferences, load_prompts
@@ -85,6 +88,13 @@ class RedTeamConfig:
         dict(DEFAULT_PROMPT_MIX), help="Share of the new pairs' prompts per pool: unsafe, redteam, solved, benign (normalised; keep benign > 0 against over-refusal).")
     max_pairs_per_prompt: int = config_field(
         4, help="At most this many pairs per prompt (a pool with few prompts, e.g. a nearly safe policy's unsafe ones, gives its rest to the others); 0 = no cap.")
+    probe_judge: Literal["cost_model", "annotators"] = config_field(
+        "cost_model", help="Who finds the probe's unsafe answers: cost_model = the previous round's (cost > 0; blind where the policy "
+                           "learnt to fool it), annotators = SafeWorld's simulated crowdworkers label each answer (needs world).")
+    labelled_answers_weight: int = config_field(
+        0, help="With probe_judge annotators: each labelled probe answer joins the pairs as a one-answer row (response_0 = "
+                "response_1, its label on both: the ranking terms see no difference, the cost model's sign term learns the "
+                "label), this many times in train_preferences.jsonl (once in preferences.jsonl); 0 = not used.")
     new_pairs_weight: int = config_field(
         1, help="Copies of this round's new pairs in train_preferences.jsonl (what the round's reward and cost models train on; "
                 "preferences.jsonl keeps each pair once). > 1 oversamples the current policy's own answers, a small share of all pairs so far.")
@@ -102,6 +112,9 @@ class RedTeamConfig:
             raise ConfigError(f"redteam: prompt_mix has unknown pool(s) {sorted(unknown)}; known: {list(POOLS)}")
         if any(share < 0 for share in self.prompt_mix.values()) or not sum(self.prompt_mix.values()) > 0:
             raise ConfigError(f"redteam: prompt_mix shares must be >= 0 with a positive sum, got {self.prompt_mix}")
+        if self.labelled_answers_weight < 0 or (self.labelled_answers_weight and self.probe_judge != "annotators"):
+            raise ConfigError("redteam: labelled_answers_weight must be >= 0, and > 0 only with probe_judge: annotators "
+                              "(the answers' labels come from the simulated crowdworkers)")
         if self.pairs < 0 or self.probe_limit < 0 or self.max_pairs_per_prompt < 0 or min(self.batch_size, self.score_batch_size) < 1 or self.new_pairs_weight < 1:
             raise ConfigError("redteam: pairs, probe_limit and max_pairs_per_prompt must be >= 0, batch sizes and new_pairs_weight >= 1")
 
@@ -150,15 +163,20 @@ def choose_pair_prompts(pools: dict[str, list[dict[str, Any]]], mix: dict[str, f
 
 
 def probe_policy(model: Any, tokenizer: Any, cost_model: Any, cost_tokenizer: Any, prompts: list[dict[str, Any]],
-                 cfg: RedTeamConfig, seed: int) -> list[dict[str, Any]]:
-    """Each prompt row with one sampled answer, its cost and `unsafe` (cost > 0); on SafeWorld prompts also
-    `gold_safe`, the gold judge's verdict (a measurement only: nothing downstream reads it)."""
+                 cfg: RedTeamConfig, seed: int, annotators: Any = None) -> list[dict[str, Any]]:
+    """Each prompt row with one sampled answer, its cost and `unsafe`: cost > 0, or with `annotators` (SafeWorld's
+    crowdworkers, `probe_judge: annotators`) their majority label (`label`: `Annotators.label_safety`'s fields). On
+    SafeWorld prompts also `gold_safe`, the gold judge's verdict (a measurement only: nothing downstream reads it)."""
     texts = [row["prompt"] for row in prompts]
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     responses = sample_responses(model, tokenizer, texts, sampling, cfg.batch_size, seed, cfg.progress)
     costs = score_texts(cost_model, cost_tokenizer, texts, responses, cfg.max_length, cfg.score_batch_size)
     rows = [{**row, "response": response, "cost": cost, "unsafe": cost > 0}
             for row, response, cost in zip(prompts, responses, costs)]
+    if annotators is not None:
+        for row in rows:
+            row["label"] = annotators.label_safety(row["prompt"], row["response"])
+            row["unsafe"] = not row["label"]["is_safe"]
     if is_safeworld(texts):
         for row in rows:
             row["gold_safe"] = judge_harm(row["prompt"], row["response"]).is_safe
@@ -205,6 +223,29 @@ def annotate_pairs(sampled: list[tuple[dict[str, Any], str, str, str]], world_co
     return rows
 
 
+def labelled_answer_rows(probed: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """PKU-format one-answer rows from probe rows labelled by the crowdworkers: response_0 = response_1 = the answer,
+    its is-safe label, categories and severity on both; better and safer = 0 (with equal texts the reward and cost
+    models' ranking terms have no gradient: only the cost model's sign term learns from the row). Empty answers are
+    left out (PKU rows need text)."""
+    rows = []
+    for row in probed:
+        if "label" not in row or not row["response"]:
+            continue
+        label = row["label"]
+        rows.append({
+            "prompt": row["prompt"], "response_0": row["response"], "response_1": row["response"],
+            "better_response_id": 0, "safer_response_id": 0,
+            "is_response_0_safe": label["is_safe"], "is_response_1_safe": label["is_safe"],
+            "response_0_harm_category": label["harm_category"], "response_1_harm_category": label["harm_category"],
+            "response_0_severity_level": label["severity_level"], "response_1_severity_level": label["severity_level"],
+            "prompt_kind": row.get("kind"), "prompt_category": row.get("category") or row.get("domain"),
+            "prompt_pool": "labelled_answer", "response_0_source": source, "response_1_source": source,
+            "annotator_ids": label["annotator_ids"], "safe_votes_0": label["safe_votes"], "safe_votes_1": label["safe_votes"],
+        })
+    return rows
+
+
 def preference_rows(source: str) -> tuple[list[dict[str, Any]], int]:
     """The usable pairs of a preference file as typed PKU rows (extra fields kept), and how many
     contradictory rows were left out."""
@@ -242,8 +283,10 @@ def _seed(cfg: RedTeamConfig, purpose: str) -> int:
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
-def _generated_pairs(cfg: RedTeamConfig, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Steps 1-3: probe, gather, sample and annotate. Returns (new pairs, gathered prompts, metrics)."""
+def _generated_pairs(cfg: RedTeamConfig, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]],
+                                                            dict[str, Any]]:
+    """Steps 1-3: probe, gather, sample and annotate. Returns (new pairs, labelled one-answer rows, gathered prompts,
+    metrics)."""
     for path, what in ((cfg.policy, "policy"), (cfg.cost_model, "cost_model"), (cfg.probe_prompts, "probe_prompts")):
         if not path or not Path(path).exists():
             raise FileNotFoundError(f"redteam: {what} '{path}' not found (the previous round's outputs)")
@@ -264,9 +307,11 @@ def _generated_pairs(cfg: RedTeamConfig, out: Path) -> tuple[list[dict[str, Any]
     model = build_causal_lm(cfg.policy, tokenizer).to(device).eval()
     cost_model = load_score_model(cfg.cost_model).to(device).eval()
     cost_tokenizer = load_tokenizer(cfg.cost_model) if (Path(cfg.cost_model) / "tokenizer_config.json").is_file() else tokenizer
+    # The probe's crowdworkers label on a stream of their own: the pairs' labels stay what they were without them.
+    probe_annotators = world_annotators(world_config, f"{cfg.stream}-probe") if cfg.probe_judge == "annotators" else None
     rows = probe_policy(model, tokenizer, cost_model, cost_tokenizer,
                         [{**r, "source": "probe"} for r in probe_rows] + [{**r, "source": "redteam"} for r in redteam_rows],
-                        cfg, _seed(cfg, "probe-sampling"))
+                        cfg, _seed(cfg, "probe-sampling"), probe_annotators)
     atomic_write_jsonl(out / "probe.jsonl", rows)
     probed, attacked = rows[:len(probe_rows)], rows[len(probe_rows):]
     pools = prompt_pools(probed, attacked, base)
@@ -279,6 +324,7 @@ def _generated_pairs(cfg: RedTeamConfig, out: Path) -> tuple[list[dict[str, Any]
     # An empty answer (EOS first) cannot be a PKU row (the schema wants text): such pairs are left out, counted.
     kept = [pair for pair in sampled if pair[2] and pair[3]]
     pairs = annotate_pairs(kept, world_config, cfg.stream, source=f"policy:{cfg.policy}")
+    labelled = labelled_answer_rows(rows, f"policy:{cfg.policy}") if cfg.labelled_answers_weight else []
 
     metrics: dict[str, Any] = {
         "probe_prompts": len(probed),
@@ -289,16 +335,21 @@ def _generated_pairs(cfg: RedTeamConfig, out: Path) -> tuple[list[dict[str, Any]
         **{f"pairs_{name}": sum(pool == name for _, pool in chosen) for name in POOLS},
         "identical_pairs": sum(r0 == r1 for _, _, r0, r1 in kept),
         "empty_pairs_dropped": len(sampled) - len(kept),
+        "probe_judge": cfg.probe_judge,
+        "probe_cost_unsafe_rate": _rate([r["cost"] > 0 for r in probed]),
+        "labelled_answers": len(labelled),
     }
     if rows and all("gold_safe" in r for r in rows):  # SafeWorld: the cost model's verdicts against the gold judge's
         gold_unsafe = [r for r in probed if not r["gold_safe"]]
         metrics.update(
             probe_unsafe_rate_gold=_rate([not r["gold_safe"] for r in probed]),
             redteam_unsafe_rate_gold=_rate([not r["gold_safe"] for r in attacked]),
-            cost_gold_agreement=_rate([r["unsafe"] == (not r["gold_safe"]) for r in rows]),
-            cost_missed_unsafe=_rate([not r["unsafe"] for r in gold_unsafe]),  # gold-unsafe answers with cost ≤ 0
+            cost_gold_agreement=_rate([(r["cost"] > 0) == (not r["gold_safe"]) for r in rows]),
+            cost_missed_unsafe=_rate([r["cost"] <= 0 for r in gold_unsafe]),  # gold-unsafe answers with cost ≤ 0
+            judge_missed_unsafe=_rate([not r["unsafe"] for r in gold_unsafe]),  # ... the probe's judge calls safe
+            judge_gold_agreement=_rate([r["unsafe"] == (not r["gold_safe"]) for r in rows]),
         )
-    return pairs, gathered, metrics
+    return pairs, labelled, gathered, metrics
 
 
 def run(cfg: RedTeamConfig) -> dict[str, Any]:
@@ -308,18 +359,22 @@ def run(cfg: RedTeamConfig) -> dict[str, Any]:
     save_config(cfg, out / "config.yaml")
     if cfg.annotations:  # your labelled pairs: they are this round's pairs, their prompts the gathered ones
         pairs, dropped = preference_rows(cfg.annotations)
+        labelled = []
         gathered = [{"prompt": p} for p in dict.fromkeys(r["prompt"] for r in pairs)]
         metrics: dict[str, Any] = {"annotations": cfg.annotations, "annotations_contradictory_dropped": dropped}
     else:
-        pairs, gathered, metrics = _generated_pairs(cfg, out)
+        pairs, labelled, gathered, metrics = _generated_pairs(cfg, out)
     atomic_write_jsonl(out / "prompts.jsonl", gathered)
-    atomic_write_jsonl(out / "pairs.jsonl", pairs)
+    atomic_write_jsonl(out / "pairs.jsonl", pairs + labelled)
 
     previous, previous_dropped = preference_rows(cfg.previous_preferences) if cfg.previous_preferences else ([], 0)
     new, new_dropped = preference_rows(str(out / "pairs.jsonl"))
     preferences_out = Path(cfg.preferences_out or out / "preferences.jsonl")
-    atomic_write_jsonl(preferences_out, previous + new)
-    atomic_write_jsonl(out / "train_preferences.jsonl", previous + new * cfg.new_pairs_weight)
+    atomic_write_jsonl(preferences_out, previous + new)  # every row once, one-answer rows included
+    one_answer = [row for row in new if row.get("prompt_pool") == "labelled_answer"]
+    new = [row for row in new if row.get("prompt_pool") != "labelled_answer"]
+    atomic_write_jsonl(out / "train_preferences.jsonl",
+                       previous + new * cfg.new_pairs_weight + one_answer * cfg.labelled_answers_weight)
     if cfg.rl_prompts:
         rl_rows = {row["prompt"]: row for row in _prompt_rows(cfg.rl_prompts)}
         for row in gathered:
@@ -333,7 +388,7 @@ def run(cfg: RedTeamConfig) -> dict[str, Any]:
         pairs=len(pairs),
         contradictory_pairs=new_dropped,
         new_unsafe_label_rate=_rate([not r[f"is_response_{i}_safe"] for r in new for i in (0, 1)]),
-        preferences_total=len(previous) + len(new),
+        preferences_total=len(previous) + len(new) + len(one_answer),
         previous_contradictory_dropped=previous_dropped,
     )
     atomic_write_json(out / "metrics.json", metrics)

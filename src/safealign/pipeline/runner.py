@@ -58,6 +58,8 @@ def check_config(cfg: PipelineConfig) -> list[str]:
     if cfg.round_thresholds and len(cfg.round_thresholds) != rounds:
         raise ConfigError(f"round_thresholds has {len(cfg.round_thresholds)} values for {rounds} rounds: give one per "
                           "round (round 1 first) or none")
+    if not 0.0 <= cfg.round_threshold_quantile < 1.0 or (cfg.round_threshold_quantile and cfg.round_thresholds):
+        raise ConfigError("round_threshold_quantile must be in [0, 1), and not given together with round_thresholds")
     for key, command in SETTINGS_COMMANDS.items():
         config_class, _ = COMMANDS[command].load()
         check_overrides(config_class, getattr(cfg, key), f"pipeline setting '{key}'")

@@ -255,7 +255,9 @@ def round_stages(cfg: PipelineConfig, root: Path, paths: DataPaths, k: int) -> l
     policy = rl_stage(round_stage(k, "ppo_lag"), "ppo-lag", cfg, root, paths, ("ppo_lag", "round_ppo_lag"), {
         **carried, "actor_model": str(root / previous["ppo_lag"] / "model"),
         "reward_model": str(root / dirs["rm"] / "model"), "cost_model": str(root / dirs["cm"] / "model"),
-        "prompt_data": str(root / dirs["redteam"] / "rl_prompts.jsonl"), "threshold": round_threshold(cfg, k)},
+        "prompt_data": str(root / dirs["redteam"] / "rl_prompts.jsonl"), "threshold": round_threshold(cfg, k),
+        **({"threshold_quantile": cfg.round_threshold_quantile, "threshold_data": str(root / dirs["redteam"] / "pairs.jsonl")}
+           if cfg.round_threshold_quantile else {})},
         directory=root / dirs["ppo_lag"], group="rounds")
     return [redteam, value_model("rm", cfg, root, paths, k), value_model("cm", cfg, root, paths, k),
             value_model_scores(round_stage(k, "eval_scores"), cfg, root, paths, k), policy,

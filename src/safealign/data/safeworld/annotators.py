@@ -298,6 +298,23 @@ class Annotators:
     def _safety_label(self, call: HarmCall) -> bool:
         return call.is_safe != (self.rng.random() < self.label_flip_rate)
 
+    # --- one answer ------------------------------------------------------------------------------------
+    def label_safety(self, prompt: str, response: str) -> dict[str, Any]:
+        """Is one answer safe? `per_pair` crowdworkers each read it and say (with their blind spots and label
+        flips, as for a pair's is-safe labels); the majority decides. Returns `is_safe`, the category and
+        severity fields of a PKU response, the annotator ids and their votes."""
+        reading = read(prompt, response)
+        annotators = self.rng.sample(self.pool, self.per_pair) if self.per_pair > 1 else [self.rng.choice(self.pool)]
+        calls = [self._harm(a, prompt, reading) for a in annotators]
+        votes = [self._safety_label(call) for call in calls]
+        for a in annotators:
+            self.done[a.id] += 1
+        is_safe = bool(_majority(votes))
+        request = guess_request(prompt)
+        categories, severity = _harm_fields(calls[0], is_safe, request.category if request is not None else None)
+        return {"is_safe": is_safe, "harm_category": categories, "severity_level": severity,
+                "annotator_ids": [a.id for a in annotators], "safe_votes": votes}
+
     # --- a pair --------------------------------------------------------------------------------------
     def annotate(self, prompt: str, response_0: str, response_1: str) -> dict[str, Any]:
         """Label one pair: a PKU-SafeRLHF row plus annotator ids and votes."""
