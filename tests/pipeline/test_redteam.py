@@ -28,8 +28,8 @@ from safealign.models.tokenizer import load_tokenizer, train_tokenizer
 from safealign.pipeline.redteam import (
     RedTeamConfig,
     annotate_pairs,
-    labelled_answer_rows,
     choose_pair_prompts,
+    labelled_answer_rows,
     pool_quotas,
     probe_policy,
     prompt_pools,
