@@ -16,6 +16,7 @@ from safealign.data.loading import load_preferences, load_prompts
 from safealign.data.safeworld import (
     WorldConfig,
     generate_world,
+    judge_harm,
     prompt_instances,
     sample_response,
     world_annotators,
@@ -25,16 +26,8 @@ from safealign.data.safeworld import (
 from safealign.models.presets import build_causal_lm
 from safealign.models.score_model import build_score_model, load_score_model, save_score_model
 from safealign.models.tokenizer import load_tokenizer, train_tokenizer
-from safealign.pipeline.redteam import (
-    RedTeamConfig,
-    annotate_pairs,
-    choose_pair_prompts,
-    labelled_answer_rows,
-    pool_quotas,
-    probe_policy,
-    prompt_pools,
-    run,
-)
+from safealign.pipeline.prompt_pools import choose_pair_prompts, pool_quotas, prompt_pools
+from safealign.pipeline.redteam import RedTeamConfig, annotate_pairs, labelled_answer_rows, probe_policy, run
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +219,14 @@ def test_crowdworkers_can_judge_the_probe_and_their_labelled_answers_weigh_in_tr
     assert len(everything) == len(previous) + metrics["pairs"] + len(answers) == metrics["preferences_total"]
     assert len(train) == len(previous) + metrics["pairs"] + 3 * len(answers)
     assert len(load_preferences(out / "train_preferences.jsonl")) == len(train)  # valid PKU rows, none contradictory
+    # The crowdworkers' labels of the round's answers against the gold judge (each one-answer row counted once).
+    rows = lines(out / "pairs.jsonl")
+    answers = [(r["prompt"], r[f"response_{i}"], not r[f"is_response_{i}_safe"])
+               for r in rows for i in ((0,) if r["prompt_pool"] == "labelled_answer" else (0, 1))]
+    gold = [not judge_harm(p, a).is_safe for p, a, _ in answers]
+    assert metrics["new_answers_unsafe_rate_gold"] == pytest.approx(sum(gold) / len(gold))
+    flagged = [g for (_, _, label), g in zip(answers, gold) if label]
+    assert metrics["label_unsafe_precision_gold"] == (pytest.approx(sum(flagged) / len(flagged)) if flagged else None)
     with pytest.raises(ConfigError, match="labelled_answers_weight"):
         config(tiny, out, labelled_answers_weight=1)  # the labels come from the crowdworkers
 

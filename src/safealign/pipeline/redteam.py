@@ -61,9 +61,7 @@ from safealign.models.generation import SamplingConfig, sample_responses
 from safealign.models.presets import build_causal_lm, resolve_device
 from safealign.models.score_model import load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
-
-POOLS = ("unsafe", "redteam", "solved", "benign")
-DEFAULT_PROMPT_MIX = {"unsafe": 0.3, "redteam": 0.2, "solved": 0.2, "benign": 0.3}
+from safealign.pipeline.prompt_pools import DEFAULT_PROMPT_MIX, POOLS, choose_pair_prompts, prompt_pools
 
 
 @dataclass
@@ -122,46 +120,6 @@ class RedTeamConfig:
 # --------------------------------------------------------------------------------------------------
 # The steps, each a function of its inputs (tested one by one)
 # --------------------------------------------------------------------------------------------------
-def _split(count: int, weights: dict[str, float]) -> dict[str, int]:
-    """`count` split in proportion to `weights`, rounded by largest remainders (ties: POOLS order)."""
-    total = sum(weights.values())
-    exact = {name: count * weight / total for name, weight in weights.items()}
-    shares = {name: int(value) for name, value in exact.items()}
-    by_remainder = sorted(exact, key=lambda name: (exact[name] - shares[name], -POOLS.index(name)), reverse=True)
-    for name in by_remainder[:count - sum(shares.values())]:
-        shares[name] += 1
-    return shares
-
-
-def pool_quotas(sizes: dict[str, int], mix: dict[str, float], count: int, max_per_prompt: int = 0) -> dict[str, int]:
-    """Pairs per pool: `count` split by `mix` over the non-empty pools. A pool gives at most
-    `max_per_prompt` pairs per prompt (0 = no cap); what it cannot take goes to the others in proportion
-    (fewer than `count` only when every pool is full)."""
-    active = {name: mix.get(name, 0.0) for name in POOLS if sizes.get(name, 0) > 0 and mix.get(name, 0.0) > 0}
-    if count and not active:
-        raise ConfigError("redteam: no prompts to sample pairs on (every pool with a share in prompt_mix is empty)")
-    capacity = {name: sizes[name] * max_per_prompt if max_per_prompt > 0 else count for name in active}
-    quotas = dict.fromkeys(active, 0)
-    while active and sum(quotas.values()) < count:
-        for name, share in _split(count - sum(quotas.values()), active).items():
-            quotas[name] += min(share, capacity[name] - quotas[name])
-        active = {name: weight for name, weight in active.items() if quotas[name] < capacity[name]}
-    return quotas
-
-
-def choose_pair_prompts(pools: dict[str, list[dict[str, Any]]], mix: dict[str, float], count: int,
-                        rng: random.Random, max_per_prompt: int = 0) -> list[tuple[dict[str, Any], str]]:
-    """(prompt row, pool) of each new pair: `pool_quotas` per pool; within a pool, every prompt once in a
-    seeded order before any prompt twice."""
-    chosen: list[tuple[dict[str, Any], str]] = []
-    for name, quota in pool_quotas({k: len(v) for k, v in pools.items()}, mix, count, max_per_prompt).items():
-        order: list[dict[str, Any]] = []
-        while len(order) < quota:
-            order += rng.sample(pools[name], len(pools[name]))
-        chosen += [(row, name) for row in order[:quota]]
-    return chosen
-
-
 def probe_policy(model: Any, tokenizer: Any, cost_model: Any, cost_tokenizer: Any, prompts: list[dict[str, Any]],
                  cfg: RedTeamConfig, seed: int, annotators: Any = None) -> list[dict[str, Any]]:
     """Each prompt row with one sampled answer, its cost and `unsafe`: cost > 0, or with `annotators` (SafeWorld's
@@ -181,18 +139,6 @@ def probe_policy(model: Any, tokenizer: Any, cost_model: Any, cost_tokenizer: An
         for row in rows:
             row["gold_safe"] = judge_harm(row["prompt"], row["response"]).is_safe
     return rows
-
-
-def prompt_pools(probed: list[dict[str, Any]], redteam: list[dict[str, Any]],
-                 probe_prompts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The four pools of the new pairs' prompts (module docstring, step 3) from the probed rows (with
-    `unsafe`), the probed red-team rows and all probe prompts (with `kind`)."""
-    return {
-        "unsafe": [row for row in probed if row["unsafe"]],
-        "redteam": list(redteam),
-        "solved": [row for row in probed if not row["unsafe"] and row.get("kind") == "harmful"],
-        "benign": [row for row in probe_prompts if row.get("kind") in ("benign", "borderline")],
-    }
 
 
 def sample_pairs(model: Any, tokenizer: Any, chosen: list[tuple[dict[str, Any], str]], cfg: RedTeamConfig,
@@ -275,6 +221,17 @@ def _rate(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
+def _labels_against_gold(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The crowdworkers' is-safe labels of the round's answers (each distinct answer of a row once) against the gold
+    judge: what a cost model retrained on them can at best learn about the policy's own harm (a measurement only)."""
+    answers = [(row["prompt"], row[f"response_{i}"], not row[f"is_response_{i}_safe"])
+               for row in rows for i in ((0,) if row["response_0"] == row["response_1"] else (0, 1))]
+    gold = [not judge_harm(prompt, response).is_safe for prompt, response, _ in answers]
+    return {"new_answers_unsafe_rate_gold": _rate(gold),
+            "label_unsafe_recall_gold": _rate([label for (_, _, label), g in zip(answers, gold) if g]),
+            "label_unsafe_precision_gold": _rate([g for (_, _, label), g in zip(answers, gold) if label])}
+
+
 def _seed(cfg: RedTeamConfig, purpose: str) -> int:
     """A seed for one purpose of this round (probe subset, probe sampling, pools, pair sampling)."""
     return random.Random(f"redteam:{cfg.seed}:{cfg.stream}:{purpose}").randrange(2**31)
@@ -348,6 +305,7 @@ def _generated_pairs(cfg: RedTeamConfig, out: Path) -> tuple[list[dict[str, Any]
             cost_missed_unsafe=_rate([r["cost"] <= 0 for r in gold_unsafe]),  # gold-unsafe answers with cost ≤ 0
             judge_missed_unsafe=_rate([not r["unsafe"] for r in gold_unsafe]),  # ... the probe's judge calls safe
             judge_gold_agreement=_rate([r["unsafe"] == (not r["gold_safe"]) for r in rows]),
+            **_labels_against_gold(pairs + labelled),
         )
     return pairs, labelled, gathered, metrics
 
