@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from safealign.algorithms.losses import cost_loss, reward_loss, safety_sign, sft_loss
+from safealign.algorithms.losses import cost_loss, dpo_loss, reward_loss, safety_sign, sequence_log_probs, sft_loss
 from safealign.data.formatting import IGNORE_INDEX
 
 
@@ -174,3 +174,33 @@ def test_a_one_answer_row_teaches_the_cost_model_its_label_and_the_reward_model_
     r = torch.tensor([1.3], requires_grad=True)
     reward_loss(r, r, l2_coeff=0.0).backward()
     assert r.grad.abs().item() == 0.0
+
+
+def _nls(x: float) -> float:
+    """−log σ(x), by hand."""
+    return math.log(1.0 + math.exp(-x))
+
+
+def test_dpo_losses_match_their_formulas_by_hand():
+    # h = (−1.0 − −1.5) − (−2.0 − −1.0) = 0.5 + 1.0 = 1.5; β = 0.5 → z = 0.75
+    chosen, rejected = torch.tensor([-1.0 - -1.5]), torch.tensor([-2.0 - -1.0])
+    assert dpo_loss(chosen, rejected, 0.5).item() == pytest.approx(_nls(0.75), rel=1e-6)
+    eps = 0.1
+    assert dpo_loss(chosen, rejected, 0.5, eps).item() == pytest.approx(0.9 * _nls(0.75) + 0.1 * _nls(-0.75), rel=1e-6)
+    assert dpo_loss(chosen, rejected, 0.5, eps, "robust").item() == pytest.approx(
+        (0.9 * _nls(0.75) - 0.1 * _nls(-0.75)) / 0.8, rel=1e-6)
+    assert dpo_loss(chosen, rejected, 0.5, 0.0, "ipo").item() == pytest.approx((1.5 - 1.0) ** 2, rel=1e-6)  # 1/(2β) = 1
+    # SafeDPO's margin m enters as σ(βh − m): with m = 10 the same pair is far from done.
+    margin = dpo_loss(chosen, rejected, 0.5, margins=torch.tensor([10.0])).item()
+    assert margin == pytest.approx(_nls(0.75 - 10.0), rel=1e-6) and margin > 9.0
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(chosen, rejected, 0.5, loss_type="hinge")
+
+
+def test_sequence_log_probs_sum_exactly_the_response_tokens():
+    # One row: prompt token 0, response tokens 1, 2 (labels), vocabulary 3. Position t predicts token t + 1.
+    logits = torch.log(torch.tensor([[[0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]]]))  # (1, 3, 3), rows sum to 1
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2]])
+    expected = math.log(0.5) + math.log(0.8)  # p(1 | pos 0) · p(2 | pos 1); the last position predicts nothing
+    assert sequence_log_probs(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert sequence_log_probs(logits, labels, average=True).item() == pytest.approx(expected / 2, rel=1e-6)

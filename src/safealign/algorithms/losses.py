@@ -93,6 +93,45 @@ def safety_sign(is_safe: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# Direct preference optimisation: DPO, its noisy-label forms, IPO, SafeDPO's margin (docs/maths.md §6)
+# --------------------------------------------------------------------------------------------------
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """log π(y|x) of each row's response: the sum (or, `average`, the mean) over its label tokens.
+
+    logits: (B, L, V) of the rows prompt + response; labels: (B, L), IGNORE_INDEX off the response. -> (B,).
+    Position t's logits predict token t + 1, so the response slice is exactly the labelled tokens.
+    """
+    targets = labels[:, 1:]  # size = (B, L-1)
+    keep = targets != IGNORE_INDEX  # size = (B, L-1)
+    token_log_probs = gather_log_probs(logits[:, :-1], targets.clamp(min=0)) * keep  # size = (B, L-1)
+    total = token_log_probs.sum(dim=1)  # size = (B,)
+    return total / keep.sum(dim=1).clamp(min=1) if average else total
+
+
+def dpo_loss(chosen_log_ratios: torch.Tensor, rejected_log_ratios: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid", margins: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair losses of DPO (Rafailov et al. 2023) and its variants. -> (B,).
+
+        h = [log π_θ(y_w) − log π_ref(y_w)] − [log π_θ(y_l) − log π_ref(y_l)]      (chosen_log_ratios − rejected_log_ratios)
+        z = β·h − m                                                                 (m: `margins`, SafeDPO's (h̃_l − h̃_w)·Δ; 0 if None)
+        sigmoid (DPO; cDPO with ε = label_smoothing): (1 − ε)·(−log σ(z)) + ε·(−log σ(−z))
+        robust  (rDPO, Ray Chowdhury et al. 2024):   [(1 − ε)·(−log σ(z)) − ε·(−log σ(−z))] / (1 − 2ε)
+        ipo     (Azar et al. 2023, τ = β):           (h − 1/(2β))²   (the caller passes per-token mean log-ratios, as TRL)
+
+    chosen_log_ratios, rejected_log_ratios: (B,); margins: (B,) or None.
+    """
+    h = chosen_log_ratios - rejected_log_ratios  # size = (B,)
+    if loss_type == "ipo":
+        return (h - 1.0 / (2.0 * beta)).square()
+    z = beta * h - (margins if margins is not None else 0.0)  # size = (B,)
+    if loss_type == "sigmoid":
+        return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    if loss_type == "robust":
+        return (-(1.0 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1.0 - 2.0 * label_smoothing)
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}: sigmoid, robust or ipo")
+
+
+# --------------------------------------------------------------------------------------------------
 # Reinforcement learning: PPO, PPO-Lagrangian, reward shaping (docs/maths.md §3–§5)
 # Shapes: B rollout rows, T response tokens. `mask` is the response mask: 1 on response tokens up to
 # and including EOS, 0 on the padding after it. Tensors returned for the loop are detached where the

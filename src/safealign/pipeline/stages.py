@@ -55,6 +55,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("evaluate", "safealign.evaluation.compare", "CompareConfig",
             "Generate with a policy (--model) and judge it, or compare a set of models (--models): gold and model "
             "judges, Elo, win rates, arena."),
+    Command("dpo", "safealign.algorithms.dpo", "DPOConfig",
+            "DPO of the policy on one preference column (helpful or harmless), or SafeDPO; no reward model, no rollouts."),
     Command("ppo", "safealign.algorithms.ppo", "PPOConfig", "RLHF: PPO of the policy on the reward model."),
     Command("ppo-lag", "safealign.algorithms.ppo_lag", "PPOLagConfig", "Safe RLHF: PPO-Lagrangian on the reward and cost models."),
     Command("shaping", "safealign.algorithms.reward_shaping", "RewardShapingConfig",

@@ -1,0 +1,107 @@
+"""DPO and SafeDPO (algorithms/dpo.py): SafeDPO's transform, the stored reference log-probs, and a tiny policy trained a
+few steps moving what each must move. The losses themselves are pinned in test_losses.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from safealign.algorithms import dpo
+from safealign.algorithms.dpo import DPOConfig, collate_dpo, dpo_examples, policy_log_probs, run, safedpo_pair
+from safealign.config import ConfigError
+from safealign.data.formatting import tokenize_examples
+from safealign.data.loading import load_preferences
+from safealign.models.presets import build_causal_lm
+from safealign.models.tokenizer import load_tokenizer
+from tiny_rl import TinySetup  # noqa: E402  (tests/algorithms is on sys.path)
+
+
+def config(tiny: TinySetup, out: Path, **overrides) -> DPOConfig:
+    return DPOConfig(**{**dict(model=tiny.actor, train_data=str(tiny.root / "world" / "preferences" / "train.jsonl"),
+                               eval_data=str(tiny.root / "world" / "preferences" / "test.jsonl"), output_dir=str(out),
+                               max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
+                               logging_steps=1, save_steps=-1, mixed_precision="no", beta=0.5), **overrides})
+
+
+def test_safedpo_keeps_a_safe_winner_swaps_an_unsafe_one_and_drops_two_unsafe():
+    assert safedpo_pair(0, (True, True)) == (0, 1, 0.0)  # both safe: plain DPO, no margin
+    assert safedpo_pair(1, (False, True)) == (1, 0, 1.0)  # safe winner over an unsafe loser: the margin applies
+    assert safedpo_pair(0, (False, True)) == (1, 0, 1.0)  # only the winner unsafe: swapped
+    assert safedpo_pair(1, (False, False)) is None  # both unsafe: dropped
+
+
+def _log_ratios(cfg: DPOConfig, tiny: TinySetup, model_dir: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """log π(y) − log π_ref(y) of every training pair's chosen and rejected response under the model in model_dir."""
+    tokenizer = load_tokenizer(tiny.actor)
+    examples = dpo_examples(list(load_preferences(cfg.train_data)), tokenizer, cfg)
+    batch = collate_dpo(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        now = policy_log_probs(build_causal_lm(model_dir).eval(), batch, average=False)
+        ref = policy_log_probs(build_causal_lm(tiny.actor).eval(), batch, average=False)
+    return now[0] - ref[0], now[1] - ref[1], examples
+
+
+def test_dpo_raises_the_chosen_log_ratio_over_the_rejected(tiny, tmp_path):
+    cfg = config(tiny, tmp_path / "dpo")
+    metrics = run(cfg)
+    chosen, rejected, _ = _log_ratios(cfg, tiny, str(tmp_path / "dpo" / "model"))
+    assert (chosen - rejected).mean() > 0.5  # from 0 at the start (the policy is the reference)
+    assert metrics["global_step"] == 12 and metrics["pairs"] == len(load_preferences(cfg.train_data))
+    assert 0.0 <= metrics["eval_reward_accuracy"] <= 1.0 and "eval_reward_margin" in metrics
+    assert (tmp_path / "dpo" / dpo.REFERENCE_FILE).is_file()
+
+
+def test_dpo_on_the_harmlessness_column_chooses_the_safer_response(tiny, tmp_path):
+    cfg = config(tiny, tmp_path / "x", preference="safer")
+    records = list(load_preferences(cfg.train_data))
+    tokenizer = load_tokenizer(tiny.actor)
+    examples = dpo_examples(records, tokenizer, cfg)
+    safer = tokenize_examples(tokenizer, [r.prompt for r in records], [r.response(r.safer_response_id) for r in records], 256)
+    other = tokenize_examples(tokenizer, [r.prompt for r in records], [r.response(1 - r.safer_response_id) for r in records], 256)
+    assert [e.chosen for e in examples] == safer and [e.rejected for e in examples] == other
+    assert any(r.safer_response_id != r.better_response_id for r in records)  # the two columns do differ here
+    assert all(e.margin == 0.0 for e in examples)
+
+
+def test_safedpo_takes_probability_from_unsafe_responses(tiny, tmp_path):
+    cfg = config(tiny, tmp_path / "safedpo", variant="safedpo", safety_margin=2.0)
+    records = list(load_preferences(cfg.train_data))
+    both_unsafe = sum(not r.is_safe(0) and not r.is_safe(1) for r in records)
+    metrics = run(cfg)
+    assert metrics["pairs_dropped"] == both_unsafe and metrics["pairs"] == len(records) - both_unsafe
+    chosen, rejected, examples = _log_ratios(cfg, tiny, str(tmp_path / "safedpo" / "model"))
+    unsafe_loser = torch.tensor([e.margin > 0 for e in examples])
+    assert unsafe_loser.any()
+    assert rejected[unsafe_loser].mean() < 0  # the unsafe responses lost probability against the reference
+    assert (chosen - rejected)[unsafe_loser].mean() > 0
+
+
+def test_the_reference_log_probs_are_computed_once_and_read_back(tiny, tmp_path, monkeypatch):
+    cfg = config(tiny, tmp_path / "ref", max_steps=1)
+    run(cfg)
+    stored = (tmp_path / "ref" / dpo.REFERENCE_FILE).read_bytes()
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the stored reference log-probs were not reused")
+
+    monkeypatch.setattr(dpo, "reference_log_probs", no_recompute)
+    run(config(tiny, tmp_path / "ref", max_steps=2, resume="latest"))
+    assert (tmp_path / "ref" / dpo.REFERENCE_FILE).read_bytes() == stored
+    # Other data: other reference log-probs (the fingerprint differs), so they are computed again.
+    with pytest.raises(AssertionError, match="not reused"):
+        run(config(tiny, tmp_path / "ref", max_steps=1, preference="safer"))
+
+
+def test_bad_settings_are_refused(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="beta"):
+        config(tiny, tmp_path, beta=0.0)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        config(tiny, tmp_path, label_smoothing=0.5)
+    with pytest.raises(ConfigError, match="safedpo"):
+        config(tiny, tmp_path, variant="safedpo", preference="safer")
+    with pytest.raises(ConfigError, match="train_data"):
+        run(config(tiny, tmp_path, train_data=""))
+    json.dumps(vars(config(tiny, tmp_path)))  # the config is plain data
