@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from rich.progress import track
 from safetensors.torch import load_file, save_file
 
 from safealign.algorithms.losses import dpo_loss, sequence_log_probs
 from safealign.config import ConfigError, config_field
+from safealign.console import stderr_console
 from safealign.data.collate import collate_sft, padding_mask_for_causal
 from safealign.data.formatting import TokenizedExample, tokenize_examples
 from safealign.data.loading import load_preferences, split_eval
@@ -200,8 +202,10 @@ def reference_log_probs(model: torch.nn.Module, examples: list[DPOExample], pad_
     model.eval()
     out = torch.zeros(len(examples), 2)
     device = next(model.parameters()).device
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+    ordered = sorted(examples, key=lambda e: max(len(e.chosen), len(e.rejected)))  # similar lengths together: little padding
+    starts = range(0, len(ordered), batch_size)
+    for start in track(starts, description="reference log-probs", total=len(starts), transient=True, console=stderr_console()):
+        chunk = ordered[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_token_id).items()}
         chosen, rejected = policy_log_probs(model, batch, average)
         out[[e.index for e in chunk]] = torch.stack([chosen, rejected], dim=1).float().cpu()
