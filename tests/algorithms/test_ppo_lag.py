@@ -377,5 +377,6 @@ def test_the_threshold_can_come_from_the_cost_models_costs_on_safe_answers(tiny,
                              threshold=7.0, threshold_quantile=0.9, threshold_data=str(data)))
     assert metrics["threshold"] == pytest.approx(-1.5, abs=1e-5) and metrics["threshold_safe_responses"] == count
     assert "threshold: -1.5" in (out / "config.yaml").read_text()
+    assert json.loads((out / "metrics.json").read_text())["threshold"] == pytest.approx(-1.5, abs=1e-5)
     with pytest.raises(ConfigError, match="threshold_quantile"):
         lag_config(tiny, out, threshold_quantile=0.5)  # without threshold_data

@@ -137,7 +137,8 @@ class PPOLag(PPO):
             with open(Path(cfg.output_dir) / f"lagrange_multiplier_rank{rank}.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": step + 1, "lagrange_multiplier": self.lagrange_multiplier,
                                          "episode_cost": episode_cost}) + "\n")
-        return {"episode_cost": episode_cost, "lagrange_multiplier": self.lagrange_multiplier, "log_lambda": self.log_lambda}
+        return {"episode_cost": episode_cost, "lagrange_multiplier": self.lagrange_multiplier, "log_lambda": self.log_lambda,
+                "threshold": cfg.threshold}  # d in the logs and metrics.json (with threshold_quantile it is computed)
 
     def _own_window(self, rank: int, processes: int) -> torch.Tensor:
         windows = self.episode_cost_windows
