@@ -22,6 +22,7 @@ from safealign.evaluation.report.document import unshown_cells
 from safealign.pipeline.config import PipelineConfig
 from safealign.pipeline.runner import run
 from safealign.pipeline.stages import expand_stages, plan, prerequisites
+from safealign.pipeline.summary import summarise
 
 ALL_STAGES = ["world", "sft", "evaluate_sft", "rm", "cm", "eval_scores", "ppo_lag", "evaluate_ppo_lag", "rounds", "ppo",
               "evaluate_ppo", "shaping", "evaluate_shaping", "compare", "report"]
@@ -421,3 +422,11 @@ def test_a_rounds_threshold_can_come_from_its_cost_model_on_its_own_labelled_ans
     with pytest.raises(ConfigError, match="round_threshold_quantile"):
         run(load_config(PipelineConfig, None, {"output_dir": str(tmp_path / "run"), "round_threshold_quantile": 0.8,
                                                "round_thresholds": [0.0, 0.0, 0.0]}))
+
+
+def test_the_summary_reports_the_threshold_a_round_used():
+    cfg = PipelineConfig(round_threshold_quantile=0.9)
+    results = {"ppo_lag": {"global_step": 3, "threshold": -2.0}, "round2/ppo_lag": {"global_step": 3, "threshold": -3.1},
+               "round3/ppo_lag": {"global_step": 3}}  # a run from before d was logged: the planned d
+    flat = summarise(cfg, results, {}, {})
+    assert (flat["round1/threshold"], flat["round2/threshold"], flat["round3/threshold"]) == (-2.0, -3.1, 0.0)

@@ -31,6 +31,7 @@ ROUND_COLUMNS = [("d", None, "threshold"), ("harmful", "evaluate", "harmful_rate
                  ("helpful", "evaluate", "helpfulness_benign"), ("over-refusal", "evaluate", "over_refusal"),
                  ("λ", "ppo_lag", "lagrange_multiplier"), ("J_C", "ppo_lag", "episode_cost"),
                  ("new pairs", "redteam", "pairs"), ("red-team unsafe", "redteam", "redteam_unsafe_rate"),
+                 ("labels' precision (gold)", "redteam", "label_unsafe_precision_gold"),
                  ("RM gold", "eval_scores", "gold_agreement"), ("CM gold sign", "eval_scores", "gold_sign_accuracy")]
 
 
@@ -58,8 +59,8 @@ def _round_headlines(cfg: PipelineConfig, summary: dict[str, Any]) -> dict[str, 
         for step, keys in ROUND_HEADLINE.items():
             flat.update({f"round{k}/{key}": summary[f"{round_stage(k, step)}/{key}"] for key in keys
                          if f"{round_stage(k, step)}/{key}" in summary})
-        if f"{round_stage(k, 'ppo_lag')}/global_step" in summary:
-            flat[f"round{k}/threshold"] = round_threshold(cfg, k)
+        if f"{round_stage(k, 'ppo_lag')}/global_step" in summary:  # d as the stage used it (threshold_quantile computes it)
+            flat[f"round{k}/threshold"] = summary.get(f"{round_stage(k, 'ppo_lag')}/threshold", round_threshold(cfg, k))
     return flat
 
 
