@@ -3,7 +3,6 @@ few steps moving what each must move. The losses themselves are pinned in test_l
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -104,4 +103,3 @@ def test_bad_settings_are_refused(tiny, tmp_path):
         config(tiny, tmp_path, variant="safedpo", preference="safer")
     with pytest.raises(ConfigError, match="train_data"):
         run(config(tiny, tmp_path, train_data=""))
-    json.dumps(vars(config(tiny, tmp_path)))  # the config is plain data
