@@ -147,13 +147,14 @@ class StepClock:
                 "tokens": sum(m[2] for m in timed), "rows": sum(m[3] for m in timed)}
 
 
-def recording_first_loss(base: type, method: str, store: list[float]) -> type:
+def recording_first_loss(base: type, method: str, store: list[float], count: int = 1) -> type:
     """A subclass of `base` whose `method` (a Step's `loss`, a Trainer's `compute_loss`) appends the first
-    loss it returns to `store`: with the same weights, batch and labels both frameworks must agree on it."""
+    `count` losses it returns to `store`: with the same weights, batches and labels both frameworks must agree
+    on them."""
 
     def wrapped(self, *args, **kwargs):
         out = getattr(super(subclass, self), method)(*args, **kwargs)
-        if not store:
+        if len(store) < count:
             store.append(float((out[0] if isinstance(out, tuple) else out).detach()))
         return out
 
@@ -205,14 +206,17 @@ def run_in_child(script: str, trial: Trial, timeout: float = 1800) -> dict[str, 
 # --------------------------------------------------------------------------------------------------
 # The A/B runner and the table
 # --------------------------------------------------------------------------------------------------
-def common_args(description: str, steps: str, batch_size: int, presets: str) -> argparse.ArgumentParser:
+def common_args(description: str, steps: str, batch_size: int | str, presets: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes. A `batch_size` given as a string ("tiny=16,small=8") makes --batch-size
+    per preset too, read with `steps_per_preset` as --steps is."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", default=presets, help="Comma-separated model presets (tiny, small).")
     parser.add_argument("--steps", default=steps,
                         help="Optimizer steps per run, warm-up included: one number, or preset=N pairs (tiny=40,small=8).")
     parser.add_argument("--warmup", type=int, default=2, help="First steps left out of the timing.")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help="Examples (SFT) or pairs (RM) per optimizer step.")
+    parser.add_argument("--batch-size", type=type(batch_size), default=batch_size,
+                        help="Examples (SFT) or pairs (RM, DPO) per optimizer step"
+                             + (": one number, or preset=N pairs." if isinstance(batch_size, str) else "."))
     parser.add_argument("--max-length", type=int, default=256, help="Tokens per sequence at most.")
     parser.add_argument("--bf16", action="store_true", help="Also run with bf16 autocast (when the CPU/GPU runs it fast).")
     parser.add_argument("--repeats", type=int, default=3, help="Runs of each framework per configuration (interleaved).")
@@ -241,9 +245,10 @@ def precisions(args: argparse.Namespace) -> list[str]:
 
 
 def run_interleaved(script: str, configs: list[Trial], repeats: int, item: str,
-                    rows_per_item: int = 1) -> list[dict[str, Any]]:
+                    rows_per_item: int = 1, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """For each configuration, run safealign and TRL alternately `repeats` times; return the table rows.
-    An item (example, pair) is `rows_per_item` rows of the model's batch."""
+    An item (example, pair) is `rows_per_item` rows of the model's batch. `extra`: further result keys whose
+    medians go into the rows (`first_losses` too, when the runs report them)."""
     rows = []
     for base in configs:
         results: dict[str, list[dict]] = {"safealign": [], "trl": []}
@@ -269,6 +274,8 @@ def run_interleaved(script: str, configs: list[Trial], repeats: int, item: str,
                 "peak_rss_mib": statistics.median(x["peak_rss_mib"] for x in runs),
                 "train_rss_mib": statistics.median(x["peak_rss_mib"] - x["rss_before_mib"] for x in runs),
                 "first_loss": runs[0]["first_loss"],
+                **({"first_losses": runs[0]["first_losses"]} if "first_losses" in runs[0] else {}),
+                **{key: statistics.median(x[key] for x in runs) for key in extra},
                 "ratio": (statistics.median(b["seconds"] / a["seconds"] for a, b in pairs)
                           if framework == "safealign" else None),
                 "cpu_ratio": (statistics.median(b["cpu_seconds"] / a["cpu_seconds"] for a, b in pairs)

@@ -15,7 +15,7 @@ from safealign.pipeline.stages import COMMANDS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMMAND_OF_FILE = {"sft.yaml": "sft", "rm.yaml": "rm", "cm.yaml": "cm", "ppo.yaml": "ppo", "ppo_lag.yaml": "ppo-lag",
-                   "shaping.yaml": "shaping", "pipeline.yaml": "pipeline"}
+                   "shaping.yaml": "shaping", "pipeline.yaml": "pipeline", "methods.yaml": "pipeline"}
 
 
 def test_every_config_file_has_a_command():
@@ -32,3 +32,10 @@ def test_the_main_jobs_config_passes_the_pipeline_checks_and_loads_for_seeds():
     stages = check_config(load_config(PipelineConfig, CONFIGS / "pipeline.yaml"))
     assert "round3/ppo_lag" in stages and stages[-1] == "report"
     assert load_config(SeedsConfig, CONFIGS / "pipeline.yaml", {"seeds": [0, 1]}).seeds == [0, 1]
+
+
+def test_the_methods_profile_runs_every_method_of_the_family_with_one_round_of_safe_rlhf():
+    stages = check_config(load_config(PipelineConfig, CONFIGS / "methods.yaml"))
+    for name in ("dpo_helpful", "dpo_harmless", "safedpo", "bfpo", "modpo", "sacpo", "psacpo", "cdpo"):
+        assert name in stages and f"evaluate_{name}" in stages, name
+    assert {"bon", "safe_bon", "ppo_lag", "ppo"} <= set(stages) and not any(s.startswith("round") for s in stages)

@@ -103,3 +103,64 @@ def test_bad_settings_are_refused(tiny, tmp_path):
         config(tiny, tmp_path, variant="safedpo", preference="safer")
     with pytest.raises(ConfigError, match="train_data"):
         run(config(tiny, tmp_path, train_data=""))
+
+
+def test_bfpo_reverses_pairs_whose_helpful_winner_is_unsafe(tiny, tmp_path):
+    cfg = config(tiny, tmp_path / "bfpo", variant="bfpo")  # β = 0.5: targets −2 (only y_w unsafe) and +2 (only y_l)
+    run(cfg)
+    chosen, rejected, examples = _log_ratios(cfg, tiny, str(tmp_path / "bfpo" / "model"))
+    gap = chosen - rejected  # size = (N,): log-ratio of y_w over y_l, 0 at the start
+    safe = torch.tensor([e.safe for e in examples])  # size = (N, 2): 1 = safe (BFPO's convention)
+    only_winner_unsafe = (safe[:, 0] == 0) & (safe[:, 1] == 1)
+    only_loser_unsafe = (safe[:, 0] == 1) & (safe[:, 1] == 0)
+    assert only_winner_unsafe.any() and only_loser_unsafe.any()
+    both_safe = (safe[:, 0] == 1) & (safe[:, 1] == 1)  # target +1
+    assert gap[only_winner_unsafe].mean() < 0 < gap[both_safe].mean() < gap[only_loser_unsafe].mean()
+
+
+def _pair_scores(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / dpo.PAIR_SCORES_FILE))
+
+
+def test_modpo_takes_its_margin_from_the_cost_model_and_follows_the_combined_reward(tiny, tmp_path):
+    from safealign.models.score_model import load_score_model, score_texts
+
+    cfg = config(tiny, tmp_path / "modpo", variant="modpo", margin_model=tiny.cost_model, modpo_weight=0.2, beta=1.0)
+    run(cfg)
+    margins = _pair_scores(tmp_path / "modpo")["margin_rewards"]  # size = (N_train + N_eval, 2)
+    chosen, rejected, examples = _log_ratios(cfg, tiny, str(tmp_path / "modpo" / "model"))
+    costs = score_texts(load_score_model(tiny.cost_model), load_tokenizer(tiny.cost_model), [e.texts[0] for e in examples],
+                        [e.texts[1] for e in examples], cfg.max_length)
+    assert torch.allclose(margins[: len(examples), 0], -torch.tensor(costs), atol=1e-5)  # m = −cost, pair by pair
+    # the optimum's log-ratio gap is w·Δr + (1 − w)·Δm: pairs whose winner is also the safer by m move further
+    safer_winner = margins[: len(examples), 0] > margins[: len(examples), 1]
+    assert safer_winner.any() and (~safer_winner).any()
+    gap = chosen - rejected
+    assert gap[safer_winner].mean() > gap[~safer_winner].mean()
+
+
+def test_cdpo_labels_pairs_by_the_lagrangian_reward(tiny, tmp_path):
+    cfg = config(tiny, tmp_path / "cdpo", variant="cdpo", reward_model=tiny.reward_model, cost_model=tiny.cost_model,
+                 lagrange=5.0)
+    run(cfg)
+    scores = _pair_scores(tmp_path / "cdpo")
+    chosen, rejected, examples = _log_ratios(cfg, tiny, str(tmp_path / "cdpo" / "model"))
+    n = len(examples)
+    lagrangian = scores["rewards"][:n] - 5.0 * scores["costs"][:n]  # size = (N, 2)
+    preferred = lagrangian[:, 0] > lagrangian[:, 1]  # p = σ(r_λ(y_w) − r_λ(y_l)) > 1/2
+    assert preferred.any() and (~preferred).any()
+    gap = chosen - rejected
+    assert gap[preferred].mean() > 0 > gap[~preferred].mean()  # the soft labels, not the helpfulness column, decide
+
+
+def test_the_family_refuses_missing_models(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="margin_model"):
+        config(tiny, tmp_path, variant="modpo")
+    with pytest.raises(ConfigError, match="reward_model, cost_model"):
+        config(tiny, tmp_path, variant="cdpo", reward_model=tiny.reward_model)
+    with pytest.raises(ConfigError, match="bfpo_b1"):
+        config(tiny, tmp_path, variant="bfpo", bfpo_b1=1.0)
+    with pytest.raises(ConfigError, match="own loss"):
+        config(tiny, tmp_path, variant="bfpo", loss_type="ipo")

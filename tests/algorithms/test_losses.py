@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from safealign.algorithms.losses import cost_loss, dpo_loss, reward_loss, safety_sign, sequence_log_probs, sft_loss
+from safealign.algorithms.losses import (bfpo_loss, cost_loss, dpo_loss, modpo_loss, reward_loss, safety_sign,
+                                         sequence_log_probs, sft_loss, soft_label_dpo_loss)
 from safealign.data.formatting import IGNORE_INDEX
 
 
@@ -195,6 +196,27 @@ def test_dpo_losses_match_their_formulas_by_hand():
     assert margin == pytest.approx(_nls(0.75 - 10.0), rel=1e-6) and margin > 9.0
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(chosen, rejected, 0.5, loss_type="hinge")
+
+
+def test_soft_label_modpo_and_bfpo_losses_match_their_formulas_by_hand():
+    chosen, rejected = torch.tensor([0.5]), torch.tensor([-1.0])  # h = 1.5
+    # soft labels: p = 0.8, β = 0.5 → z = 0.75
+    assert soft_label_dpo_loss(chosen, rejected, 0.5, torch.tensor([0.8])).item() == pytest.approx(
+        0.8 * _nls(0.75) + 0.2 * _nls(-0.75), rel=1e-6)
+    assert soft_label_dpo_loss(chosen, rejected, 0.5, torch.tensor([0.9])).item() == pytest.approx(
+        dpo_loss(chosen, rejected, 0.5, 0.1).item(), rel=1e-6)  # p = 1 − ε is cDPO
+    # MODPO, β = 0.5, w = 0.25: R(y_w) = (0.25 − 0.75·(−1)) / 0.25 = 4, R(y_l) = (−0.5 − 0.75·2) / 0.25 = −8
+    value = modpo_loss(chosen, rejected, torch.tensor([-1.0]), torch.tensor([2.0]), 0.5, 0.25).item()
+    assert value == pytest.approx(_nls(12.0), rel=1e-5)
+    # when y_w is already the safer by m, the policy's own log-ratio must exceed (1 − w)·Δm before helpfulness counts:
+    # R(y_w) − R(y_l) = (0.25 − 0.75·3 − (−0.5)) / 0.25 = −6
+    assert modpo_loss(chosen, rejected, torch.tensor([3.0]), torch.tensor([0.0]), 0.5, 0.25).item() == pytest.approx(_nls(-6.0), rel=1e-6)
+    # BFPO, β = 0.1, B1 = 3 (B3 = 0.5), α = 0.5; h = 1.5. Targets: both safe 1.5 − 0.5 − 0.5 = 0.5 → (1.5 − 5)²;
+    # only y_w safe 1.5 − 0.5 = 1 → (1.5 − 10)²; only y_l safe −0.5 − 0.5 = −1 → (1.5 + 10)²; none −0.5 → (1.5 + 5)²
+    cases = {(1, 1): (1.5 - 5.0) ** 2, (1, 0): (1.5 - 10.0) ** 2, (0, 1): (1.5 + 10.0) ** 2, (0, 0): (1.5 + 5.0) ** 2}
+    for (w_safe, l_safe), expected in cases.items():
+        value = bfpo_loss(chosen, rejected, torch.tensor([float(w_safe)]), torch.tensor([float(l_safe)]), 0.1).item()
+        assert value == pytest.approx(expected, rel=1e-6), (w_safe, l_safe)
 
 
 def test_sequence_log_probs_sum_exactly_the_response_tokens():

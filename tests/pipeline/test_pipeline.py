@@ -430,3 +430,45 @@ def test_the_summary_reports_the_threshold_a_round_used():
                "round3/ppo_lag": {"global_step": 3}}  # a run from before d was logged: the planned d
     flat = summarise(cfg, results, {}, {})
     assert (flat["round1/threshold"], flat["round2/threshold"], flat["round3/threshold"]) == (-2.0, -3.1, 0.0)
+
+
+FAMILY_TINY = {"dpo": {"max_steps": 2, "per_device_train_batch_size": 4, "mixed_precision": "no", "save_steps": -1},
+               "cdpo": {"iterations": 2, "num_prompts": 4, "max_new_tokens": 8},
+               "bon": {"n": 2, "progress": False}}
+
+
+def test_the_family_runs_as_stages_and_the_report_sets_them_side_by_side(tmp_path):
+    root = tmp_path / "methods"
+    stages = ["world", "sft", "evaluate_sft", "rm", "cm", "dpo_helpful", "sacpo", "psacpo", "evaluate_psacpo", "modpo",
+              "evaluate_modpo", "cdpo", "evaluate_cdpo", "safe_bon", "compare", "report"]
+    cfg = load_config(PipelineConfig, None, {"output_dir": str(root), "profile": "quick", "stages": stages,
+                                             "rounds": 1, **TINY, **FAMILY_TINY})
+    summary = run(cfg)
+    sacpo = yaml.safe_load((root / "sacpo" / "config.yaml").read_text())
+    assert sacpo["model"] == str(root / "dpo_helpful" / "model") and sacpo["preference"] == "safer" and sacpo["beta"] == 0.05
+    assert yaml.safe_load((root / "modpo" / "config.yaml").read_text())["margin_model"] == str(root / "cm" / "model")
+    assert yaml.safe_load((root / "psacpo" / "config.yaml").read_text())["weights"] == [0.5, 0.5]
+    assert len(json.loads((root / "cdpo" / "dual.json").read_text())) == 2
+    for key in ("evaluate_psacpo/harmful_rate", "evaluate_modpo/harmful_rate", "evaluate_cdpo/harmful_rate",
+                "safe_bon/harmful_rate", "cdpo/final_lambda"):
+        assert key in summary, key
+    names = [p["name"] for p in json.loads((root / "policies.json").read_text())["policies"]]
+    assert names == ["sft", "dpo_helpful", "modpo", "sacpo", "psacpo", "cdpo", "safe_bon"]
+    report = json.loads((root / "report.json").read_text())
+    family = next(s for s in report["sections"] if s["key"] == "family")
+    table = next(b for b in family["blocks"] if b.get("title") == "Every method")
+    assert {row[0] for row in table["rows"]} == {"sft", "psacpo", "modpo", "cdpo", "safe_bon"}  # the evaluated ones
+    assert all(row[7] is not None for row in table["rows"] if row[0] != "sft")  # each method's CPU seconds
+
+
+def test_the_family_stages_wait_for_what_they_read():
+    root = Path("/runs/m")
+    cfg = PipelineConfig(output_dir=str(root))
+    table = plan(cfg, root)
+    assert prerequisites(cfg, table, "sacpo") == ["world", "dpo_helpful"]
+    assert prerequisites(cfg, table, "psacpo") == ["dpo_helpful", "sacpo"]  # lists of inputs count too
+    assert sorted(prerequisites(cfg, table, "modpo")) == ["cm", "sft", "world"]
+    assert sorted(prerequisites(cfg, table, "safe_bon")) == ["cm", "rm", "sft", "world"]
+    # C-DPO bounds the mean cost where Safe RLHF does
+    bounded = PipelineConfig(output_dir=str(root), ppo_lag={"threshold": -1.5})
+    assert plan(bounded, root)["cdpo"].config_values(bounded)["threshold"] == -1.5

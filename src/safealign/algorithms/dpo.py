@@ -1,7 +1,12 @@
-"""DPO and SafeDPO: preference optimisation without a reward model or rollouts (docs/maths.md §6).
+"""DPO and its safety-aware family: preference optimisation without rollouts (docs/maths.md §6).
 
     safealign dpo --model runs/sft/model --train_data runs/world/preferences/train.jsonl --preference better
     safealign dpo --model runs/sft/model --train_data ... --variant safedpo
+    safealign dpo --model runs/sft/model --train_data ... --variant bfpo
+    safealign dpo --model runs/sft/model --train_data ... --variant modpo --margin_model runs/cm/model
+    safealign dpo --model runs/sft/model --train_data ... --variant cdpo --reward_model runs/rm/model --cost_model runs/cm/model --lagrange 1
+    SACPO: safealign dpo --model runs/dpo-helpful/model --preference safer --beta 0.01   (β/λ; the reference is the
+           helpful model), then P-SACPO: safealign merge --models [runs/dpo-helpful/model, runs/sacpo/model] --weights [0.75, 0.25]
 
 The policy starts from `model` (the SFT model), which is also the frozen reference π_ref. On each PKU-format pair
 the chosen response y_w and the rejected y_l come from one preference column:
@@ -11,13 +16,25 @@ the chosen response y_w and the rejected y_l come from one preference column:
   y_w from `better_response_id`, then the transform by the safety labels (h = 1 unsafe): keep the pair when y_w is
   safe, swap it when only y_w is unsafe, drop it when both are unsafe (`safedpo_pair`); the loss gets the margin
   m = (h̃_l − h̃_w)·Δ inside the sigmoid (Δ = `safety_margin`, 10 in the paper), so a safe winner over an unsafe
-  loser must win by more.
+  loser must win by more;
+- `variant: bfpo` (Zhang et al. 2024, reference code wx-zhang/bfpo): y_w from `better_response_id`, IPO's squared
+  loss toward a target set by both responses' safety labels (`losses.bfpo_loss`: unsafe winners are pushed below
+  their losers);
+- `variant: modpo` (Zhou et al. 2023, reference code ZHZisZZ/modpo): DPO on helpfulness with the safety objective as
+  a margin m(y), weight w on helpfulness (`losses.modpo_loss`); m from `margin_model`: a cost model (m = −cost,
+  explicit) or a policy trained by DPO on `safer` (m = margin_beta·log π_m/π_ref, MODPO's implicit reward);
+- `variant: cdpo` (C-DPO's inner step, Liu et al. 2024, from the paper's summary: no public code): DPO on soft
+  labels p = σ(r_λ(y_w) − r_λ(y_l)), r_λ = r − λ·c from the trained reward and cost models at a fixed λ
+  (`losses.soft_label_dpo_loss`); C-DPO's dual ascent on λ reruns it with λ ← max(0, λ + η(E_π[c] − d));
+- SACPO (Wachi et al. 2024) is two runs of `dpo`: helpfulness from SFT, then harmlessness from (and with the
+  reference) the helpful model at β/λ; P-SACPO merges their weights (`safealign merge`).
 Then the loss of `losses.dpo_loss` (DPO, cDPO label smoothing, rDPO, IPO) on log π(y|x) summed over the response
 tokens (IPO: their mean, as TRL).
 
 The reference log-probs are computed once, before training, with the initial model in eval mode, and stored with
 the run (`output_dir/reference_log_probs.safetensors`, keyed by a hash of the reference's weights files and the
-tokenized data): no reference model is held in memory while training, and a resumed run reads them back. Every
+tokenized data): no reference model is held in memory while training, and a resumed run reads them back. The same
+holds for MODPO's margins and C-DPO's rewards and costs (`output_dir/pair_scores.safetensors`). Every
 other piece (Accelerate, LoRA, checkpoints and exact resume, logging) is the supervised loop's.
 """
 
@@ -25,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,7 +52,7 @@ import torch
 from rich.progress import track
 from safetensors.torch import load_file, save_file
 
-from safealign.algorithms.losses import dpo_loss, sequence_log_probs
+from safealign.algorithms.losses import bfpo_loss, dpo_loss, modpo_loss, sequence_log_probs, soft_label_dpo_loss
 from safealign.config import ConfigError, config_field
 from safealign.console import stderr_console
 from safealign.data.collate import collate_sft, padding_mask_for_causal
@@ -44,10 +62,13 @@ from safealign.data.schema import PreferenceRecord
 from safealign.io import atomic_path
 from safealign.models.lora import require_pretrained_base
 from safealign.models.presets import build_causal_lm
+from safealign.models.score_model import load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training.supervised import Step, SupervisedConfig, train
 
 REFERENCE_FILE = "reference_log_probs.safetensors"
+PAIR_SCORES_FILE = "pair_scores.safetensors"
+Variant = Literal["dpo", "safedpo", "bfpo", "modpo", "cdpo"]
 
 
 @dataclass
@@ -60,14 +81,22 @@ class DPOConfig(SupervisedConfig):
     train_data: str = config_field("", help="Preference pairs (PKU-SafeRLHF format): a JSONL/JSON/Parquet/CSV file or a datasets directory.")
     eval_data: str = config_field("", help="Held-out pairs; '' = hold out eval_fraction of train_data.")
     eval_fraction: float = config_field(0.05, help="Fraction of train_data held out for evaluation when eval_data is empty (0 = none).")
-    variant: Literal["dpo", "safedpo"] = config_field("dpo", help="dpo: one preference column; safedpo: helpfulness with SafeDPO's safety transform and margin.")
+    variant: Variant = config_field("dpo", help="dpo: one preference column; safedpo: helpfulness with SafeDPO's safety transform and margin; bfpo: helpfulness with BFPO's safety-set targets; modpo: helpfulness with margin_model's safety margin; cdpo: soft labels from reward_model − lagrange·cost_model.")
     preference: Literal["better", "safer"] = config_field("better", help="dpo: the chosen response is better_response_id's (helpfulness) or safer_response_id's (harmlessness).")
     beta: float = config_field(0.1, help="β: the strength of the KL to the reference (the paper's 0.1); IPO's τ.")
     loss_type: Literal["sigmoid", "robust", "ipo"] = config_field("sigmoid", help="sigmoid (DPO, cDPO with label_smoothing), robust (rDPO), ipo (squared loss on per-token mean log-ratios).")
     label_smoothing: float = config_field(0.0, help="ε: the share of labels assumed flipped (cDPO, rDPO); 0 = plain DPO.")
     safety_margin: float = config_field(10.0, help="safedpo: Δ, the margin a safe winner must reach over an unsafe loser (the paper's 10).")
+    bfpo_b1: float = config_field(3.0, help="bfpo: B1 (> 1) of the target B1·B3·I_safe(y_w) − B3·I_safe(y_l) − α, B3 = 1/(B1 − 1) (the paper's 3).")
+    bfpo_alpha: float = config_field(0.5, help="bfpo: α, the target's offset (the paper's 0.5).")
+    margin_model: str = config_field("", help="modpo: the safety objective: a cost model directory (m = −cost) or a policy trained by `dpo --preference safer` (m = margin_beta·log π_m/π_ref).")
+    margin_beta: float = config_field(0.1, help="modpo with a policy as margin_model: the β it was trained with (its implicit reward's scale).")
+    modpo_weight: float = config_field(0.5, help="modpo: w, the weight of helpfulness; 1 − w that of the margin objective (the paper's BeaverTails recipe: 0.5).")
+    reward_model: str = config_field("", help="cdpo: the reward model directory (r).")
+    cost_model: str = config_field("", help="cdpo: the cost model directory (c).")
+    lagrange: float = config_field(1.0, help="cdpo: λ of r_λ = r − λ·c, the soft labels' reward.")
     max_length: int = config_field(256, help="Tokens per text (prompt + response + EOS); longer ones lose the response's end.")
-    learning_rate: float = config_field(1e-4, help="Peak learning rate of AdamW (tiny model on SafeWorld; ~5e-7 for a pretrained 1B+ model).")
+    learning_rate: float = config_field(1e-5, help="Peak learning rate of AdamW (chosen for the tiny preset on SafeWorld's dev split; ~5e-7 for a pretrained 1B+ model).")
     num_epochs: float = config_field(1.0, help="Passes over the pairs (fractions allowed); ignored when max_steps > 0.")
     per_device_train_batch_size: int = config_field(16, help="Pairs per micro-batch on each process (2× that many texts per forward).")
     per_device_eval_batch_size: int = config_field(32, help="Pairs per evaluation batch on each process.")
@@ -77,8 +106,16 @@ class DPOConfig(SupervisedConfig):
             raise ConfigError(f"dpo: beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo: label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.variant == "safedpo" and self.preference != "better":
-            raise ConfigError("dpo: variant safedpo takes the winner from better_response_id (preference: better)")
+        if self.variant in ("safedpo", "bfpo", "modpo", "cdpo") and self.preference != "better":
+            raise ConfigError(f"dpo: variant {self.variant} takes the winner from better_response_id (preference: better)")
+        if self.variant == "bfpo" and self.bfpo_b1 <= 1:
+            raise ConfigError(f"dpo: bfpo_b1 must be > 1, got {self.bfpo_b1}")
+        if self.variant == "modpo" and (not self.margin_model or not 0 < self.modpo_weight <= 1):
+            raise ConfigError("dpo: variant modpo needs margin_model (a cost model or a DPO policy) and 0 < modpo_weight <= 1")
+        if self.variant == "cdpo" and (not self.reward_model or not self.cost_model or self.lagrange < 0):
+            raise ConfigError("dpo: variant cdpo needs reward_model, cost_model and lagrange >= 0")
+        if self.variant in ("bfpo", "modpo", "cdpo") and self.loss_type != "sigmoid":
+            raise ConfigError(f"dpo: variant {self.variant} has its own loss; loss_type applies to dpo and safedpo only")
 
 
 def safedpo_pair(better: int, is_safe: tuple[bool, bool]) -> tuple[int, int, float] | None:
@@ -99,13 +136,15 @@ class DPOExample:
     chosen: TokenizedExample
     rejected: TokenizedExample
     margin: float  # (h̃_l − h̃_w)·Δ; 0 for plain DPO
-    index: int  # into the reference log-probs
+    index: int  # into the reference log-probs and pair scores
+    texts: tuple[str, str, str]  # prompt, chosen response, rejected response (for the score models)
+    safe: tuple[float, float]  # I_safe(y_w), I_safe(y_l): 1 = safe (BFPO's convention, converted here)
 
 
 def dpo_examples(records: list[PreferenceRecord], tokenizer: Any, cfg: DPOConfig) -> list[DPOExample]:
     """Chosen and rejected responses of each pair by `cfg.variant` / `cfg.preference`, tokenized; SafeDPO's dropped
     pairs left out."""
-    chosen, rejected, margins = [], [], []
+    chosen, rejected, margins, safe = [], [], [], []
     for record in records:
         if cfg.variant == "safedpo":
             picked = safedpo_pair(record.better_response_id, (record.is_safe(0), record.is_safe(1)))
@@ -119,18 +158,25 @@ def dpo_examples(records: list[PreferenceRecord], tokenizer: Any, cfg: DPOConfig
         chosen.append((record.prompt, record.response(winner)))
         rejected.append((record.prompt, record.response(loser)))
         margins.append(margin)
+        safe.append((float(record.is_safe(winner)), float(record.is_safe(loser))))
     tokenized = tokenize_examples(tokenizer, [p for p, _ in chosen + rejected], [r for _, r in chosen + rejected], cfg.max_length)
     n = len(chosen)
-    return [DPOExample(tokenized[i], tokenized[n + i], margins[i], i) for i in range(n)]
+    return [DPOExample(tokenized[i], tokenized[n + i], margins[i], i, (chosen[i][0], chosen[i][1], rejected[i][1]), safe[i])
+            for i in range(n)]
 
 
-def collate_dpo(examples: list[DPOExample], pad_token_id: int, reference: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """2B right-padded rows (the chosen responses, then the rejected), their labels, the margins and, once computed,
-    the reference log-probs (B, 2) of the rows (chosen, rejected)."""
+def collate_dpo(examples: list[DPOExample], pad_token_id: int, reference: torch.Tensor | None = None,
+                pair_scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """2B right-padded rows (the chosen responses, then the rejected), their labels, the margins, the safety labels
+    and, once computed, the reference log-probs (B, 2) and pair scores (B, 2) of the rows (chosen, rejected)."""
     batch = collate_sft([e.chosen for e in examples] + [e.rejected for e in examples], pad_token_id)  # (2B, L) each
     batch["margins"] = torch.tensor([e.margin for e in examples], dtype=torch.float32)  # size = (B,)
+    batch["safe"] = torch.tensor([e.safe for e in examples], dtype=torch.float32)  # size = (B, 2)
+    rows = [e.index for e in examples]
     if reference is not None:
-        batch["reference_log_probs"] = reference[[e.index for e in examples]]  # size = (B, 2)
+        batch["reference_log_probs"] = reference[rows]  # size = (B, 2)
+    for name, values in (pair_scores or {}).items():
+        batch[name] = values[rows]  # size = (B, 2)
     return batch
 
 
@@ -159,9 +205,19 @@ class DPOStep(Step):
         chosen, rejected = policy_log_probs(model, batch, average=self.cfg.loss_type == "ipo")
         reference = batch["reference_log_probs"]  # size = (B, 2)
         chosen_ratio, rejected_ratio = chosen - reference[:, 0], rejected - reference[:, 1]  # size = (B,)
-        losses = dpo_loss(chosen_ratio, rejected_ratio, self.cfg.beta, self.cfg.label_smoothing, self.cfg.loss_type,
-                          batch["margins"])
-        return losses, self.cfg.beta * chosen_ratio.detach(), self.cfg.beta * rejected_ratio.detach()
+        cfg = self.cfg
+        if cfg.variant == "bfpo":
+            losses = bfpo_loss(chosen_ratio, rejected_ratio, batch["safe"][:, 0], batch["safe"][:, 1], cfg.beta,
+                               cfg.bfpo_b1, cfg.bfpo_alpha)
+        elif cfg.variant == "modpo":
+            margin = batch["margin_rewards"]  # size = (B, 2)
+            losses = modpo_loss(chosen_ratio, rejected_ratio, margin[:, 0], margin[:, 1], cfg.beta, cfg.modpo_weight)
+        elif cfg.variant == "cdpo":
+            lagrangian = batch["rewards"] - cfg.lagrange * batch["costs"]  # size = (B, 2): r_λ of (y_w, y_l)
+            losses = soft_label_dpo_loss(chosen_ratio, rejected_ratio, cfg.beta, torch.sigmoid(lagrangian[:, 0] - lagrangian[:, 1]))
+        else:
+            losses = dpo_loss(chosen_ratio, rejected_ratio, cfg.beta, cfg.label_smoothing, cfg.loss_type, batch["margins"])
+        return losses, cfg.beta * chosen_ratio.detach(), cfg.beta * rejected_ratio.detach()
 
     def loss(self, model, batch, num_items):
         losses, chosen_reward, rejected_reward = self._losses(model, batch)
@@ -184,11 +240,12 @@ class DPOStep(Step):
         return {"loss": loss / count, "reward_accuracy": accuracy / count, "reward_margin": margin / count}
 
 
-def _fingerprint(model_dir: str, examples: list[DPOExample], average: bool) -> str:
-    """What the reference log-probs depend on: the reference's weights files, the tokenized rows, the averaging."""
-    digest = hashlib.sha256(json.dumps({"average": average}).encode())
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+def _fingerprint(model_dirs: list[str], examples: list[DPOExample], settings: dict[str, Any]) -> str:
+    """What precomputed values depend on: the models' weights files, the tokenized rows, the settings."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for model_dir in model_dirs:
+        for path in sorted(Path(model_dir).glob("*.safetensors")):
+            digest.update(f"{model_dir}/{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
     for e in examples:
         digest.update(json.dumps([e.chosen.input_ids, e.chosen.labels, e.rejected.input_ids, e.rejected.labels]).encode())
     return digest.hexdigest()
@@ -213,22 +270,63 @@ def reference_log_probs(model: torch.nn.Module, examples: list[DPOExample], pad_
     return out
 
 
-def _stored_reference(cfg: DPOConfig, model: torch.nn.Module, examples: list[DPOExample], pad_token_id: int) -> torch.Tensor:
-    """The reference log-probs of `examples`: read from output_dir when their fingerprint matches, else computed and
-    written there (atomically)."""
-    average = cfg.loss_type == "ipo"
-    fingerprint = _fingerprint(cfg.model, examples, average)
-    path = Path(cfg.output_dir) / REFERENCE_FILE
+def _stored(path: Path, fingerprint: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Tensors read from `path` when its fingerprint matches, else computed and written there (atomically)."""
     if path.is_file():
         stored = load_file(str(path))
-        if "fingerprint" in stored and bytes(stored["fingerprint"].tolist()).decode() == fingerprint:
-            return stored["log_probs"]
-    values = reference_log_probs(model, examples, pad_token_id, average, cfg.per_device_eval_batch_size)
+        if "fingerprint" in stored and bytes(stored.pop("fingerprint").tolist()).decode() == fingerprint:
+            return stored
+    values = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({"log_probs": values.contiguous(), "fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)},
-                  str(tmp))
+        save_file({**{k: v.contiguous() for k, v in values.items()},
+                   "fingerprint": torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)}, str(tmp))
     return values
+
+
+def _score_pairs(model_dir: str, examples: list[DPOExample], cfg: DPOConfig) -> torch.Tensor:
+    """A reward or cost model's end scores of every example's (chosen, rejected) responses: (N, 2)."""
+    model, tokenizer = load_score_model(model_dir), load_tokenizer(model_dir)
+    prompts = [e.texts[0] for e in examples] * 2
+    responses = [e.texts[1] for e in examples] + [e.texts[2] for e in examples]
+    scores = torch.tensor(score_texts(model, tokenizer, prompts, responses, cfg.max_length, cfg.per_device_eval_batch_size))
+    return scores.view(2, len(examples)).T.contiguous()  # size = (N, 2)
+
+
+def _margin_rewards(cfg: DPOConfig, examples: list[DPOExample], reference: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """MODPO's margin m(y) of every example's (chosen, rejected) responses, (N, 2): −cost (or +reward) from a score
+    model, or the implicit reward margin_beta·(log π_m − log π_ref) of a policy."""
+    config = json.loads((Path(cfg.margin_model) / "config.json").read_text(encoding="utf-8"))
+    score_type = config.get("score_type")
+    if score_type is not None:
+        scores = _score_pairs(cfg.margin_model, examples, cfg)
+        return -scores if score_type == "cost" else scores
+    margin_policy = build_causal_lm(cfg.margin_model)
+    log_probs = reference_log_probs(margin_policy, examples, pad_token_id, False, cfg.per_device_eval_batch_size)
+    return cfg.margin_beta * (log_probs - reference)
+
+
+def _pair_scores(cfg: DPOConfig, examples: list[DPOExample], reference: torch.Tensor, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The per-pair values a variant needs beyond the reference: MODPO's margins, C-DPO's rewards and costs."""
+    path = Path(cfg.output_dir) / PAIR_SCORES_FILE
+    if cfg.variant == "modpo":
+        fingerprint = _fingerprint([cfg.model, cfg.margin_model], examples, {"margin_beta": cfg.margin_beta, "what": "modpo"})
+        return _stored(path, fingerprint, lambda: {"margin_rewards": _margin_rewards(cfg, examples, reference, pad_token_id)})
+    if cfg.variant == "cdpo":
+        fingerprint = _fingerprint([cfg.reward_model, cfg.cost_model], examples, {"what": "cdpo"})
+        return _stored(path, fingerprint, lambda: {"rewards": _score_pairs(cfg.reward_model, examples, cfg),
+                                                   "costs": _score_pairs(cfg.cost_model, examples, cfg)})
+    return {}
+
+
+def _stored_reference(cfg: DPOConfig, model: torch.nn.Module, examples: list[DPOExample], pad_token_id: int) -> torch.Tensor:
+    """The reference log-probs of `examples`, (N, 2): read from output_dir when their fingerprint matches, else computed
+    and written there."""
+    average = cfg.loss_type == "ipo"
+    fingerprint = _fingerprint([cfg.model], examples, {"average": average})
+    stored = _stored(Path(cfg.output_dir) / REFERENCE_FILE, fingerprint, lambda: {
+        "log_probs": reference_log_probs(model, examples, pad_token_id, average, cfg.per_device_eval_batch_size)})
+    return stored["log_probs"]
 
 
 def run(cfg: DPOConfig) -> dict[str, Any]:
@@ -252,6 +350,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     for offset, example in enumerate(eval_set, start=len(train_set)):
         example.index = offset
     reference = _stored_reference(cfg, model, train_set + eval_set, tokenizer.pad_token_id)
-    collate = partial(collate_dpo, pad_token_id=tokenizer.pad_token_id, reference=reference)
+    pair_scores = _pair_scores(cfg, train_set + eval_set, reference, tokenizer.pad_token_id)
+    collate = partial(collate_dpo, pad_token_id=tokenizer.pad_token_id, reference=reference, pair_scores=pair_scores)
     metrics = train(cfg, model, DPOStep(cfg), train_set, collate, eval_set or None, tokenizer)
     return {**metrics, "pairs": len(train_set), "pairs_dropped": len(train_records) - len(train_set)}

@@ -131,6 +131,53 @@ def dpo_loss(chosen_log_ratios: torch.Tensor, rejected_log_ratios: torch.Tensor,
     raise ValueError(f"unknown DPO loss_type {loss_type!r}: sigmoid, robust or ipo")
 
 
+def soft_label_dpo_loss(chosen_log_ratios: torch.Tensor, rejected_log_ratios: torch.Tensor, beta: float,
+                        preference_probs: torch.Tensor) -> torch.Tensor:
+    """DPO on soft labels (C-DPO's step at a fixed λ, Liu et al. 2024, from the paper's summary). -> (B,).
+
+        L = −p·log σ(β·h) − (1 − p)·log σ(−β·h),   p = P(y_w ≻ y_l) = σ(r_λ(y_w) − r_λ(y_l)),  r_λ = r − λ·c
+
+    h as in `dpo_loss`; preference_probs: (B,) in [0, 1] (p = 1 − ε for every pair is cDPO).
+    """
+    z = beta * (chosen_log_ratios - rejected_log_ratios)  # size = (B,)
+    return -preference_probs * F.logsigmoid(z) - (1.0 - preference_probs) * F.logsigmoid(-z)
+
+
+def modpo_loss(chosen_log_ratios: torch.Tensor, rejected_log_ratios: torch.Tensor, chosen_margins: torch.Tensor,
+               rejected_margins: torch.Tensor, beta: float, weight: float) -> torch.Tensor:
+    """MODPO with one margin objective (Zhou et al. 2023; reference code ZHZisZZ/modpo, `MODPOTrainer.modpo_loss`). -> (B,).
+
+        R(y) = (β·[log π_θ(y) − log π_ref(y)] − (1 − w)·m(y)) / w
+        L    = −log σ(R(y_w) − R(y_l))
+
+    The policy is trained on one preference (here helpfulness, weight w = `weight`) while the other objective, whose
+    reward m(y) is already known (higher = better: the safety reward −cost, or a DPO model's implicit reward), enters
+    as a margin: the optimum is the policy of the combined reward w·r + (1 − w)·m.
+    chosen_log_ratios, rejected_log_ratios, chosen_margins, rejected_margins: (B,).
+    """
+    chosen = beta * chosen_log_ratios - (1.0 - weight) * chosen_margins  # size = (B,)
+    rejected = beta * rejected_log_ratios - (1.0 - weight) * rejected_margins  # size = (B,)
+    return -F.logsigmoid((chosen - rejected) / weight)
+
+
+def bfpo_loss(chosen_log_ratios: torch.Tensor, rejected_log_ratios: torch.Tensor, chosen_safe: torch.Tensor,
+              rejected_safe: torch.Tensor, beta: float, b1: float = 3.0, alpha: float = 0.5) -> torch.Tensor:
+    """BFPO (Zhang et al. 2024; reference code wx-zhang/bfpo, `BFPOTrainer.bfpo`): IPO's squared loss toward a target
+    set by the pair's safety labels. -> (B,).
+
+        h      = [log π_θ(y_w) − log π_ref(y_w)] − [log π_θ(y_l) − log π_ref(y_l)]     (log-probs summed, as the code)
+        target = B1·B3·I_safe(y_w) − B3·I_safe(y_l) − α,   B3 = 1 / (B1 − 1)
+        L      = (h − target / β)²
+
+    y_w is the helpfulness-preferred response; I_safe = 1 for a safe response (BFPO's convention, the opposite of
+    SafeDPO's h). With B1 = 3, α = 0.5 the target is +0.5 (both safe), +1 (only y_w safe), −1 (only y_l safe: the
+    pair is reversed), −0.5 (both unsafe). chosen_safe, rejected_safe: (B,) of 0/1.
+    """
+    b3 = 1.0 / (b1 - 1.0)
+    target = b1 * b3 * chosen_safe - b3 * rejected_safe - alpha  # size = (B,)
+    return (chosen_log_ratios - rejected_log_ratios - target / beta).square()
+
+
 # --------------------------------------------------------------------------------------------------
 # Reinforcement learning: PPO, PPO-Lagrangian, reward shaping (docs/maths.md §3–§5)
 # Shapes: B rollout rows, T response tokens. `mask` is the response mask: 1 on response tokens up to

@@ -33,11 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from safealign.config import ConfigError, config_field, save_config
 from safealign.data import safeworld
 from safealign.data.loading import load_prompts
 from safealign.io import atomic_write_json, atomic_write_jsonl
-from safealign.models.generation import SamplingConfig, generate_samples
+from safealign.models.generation import Sample, SamplingConfig, generate_samples
 from safealign.models.presets import build_causal_lm, resolve_device, resolve_pretrained
 from safealign.models.tokenizer import load_tokenizer
 
@@ -269,11 +271,59 @@ def _request_of(record: Any) -> dict[str, str]:
     return {"request": request} if isinstance(request, str) and request else {}
 
 
-def _select(records: list, limit: int, seed: int) -> list:
+def select_prompts(records: list, limit: int, seed: int) -> list:
+    """A seeded random subset of `limit` prompts, in file order (all of them when limit is 0 or covers the file)."""
     if limit <= 0 or limit >= len(records):
         return records
     keep = sorted(random.Random(seed).sample(range(len(records)), limit))
     return [records[i] for i in keep]
+
+
+def sampling_config(command: str, cfg: Any, num_samples: int, greedy: bool = False) -> SamplingConfig:
+    """The sampler's settings from an evaluation config (max_new_tokens, temperature, top_p, top_k), with its
+    batch_size and limit checked; errors name `command`."""
+    try:
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  top_k=cfg.top_k, greedy=greedy, num_samples=num_samples)
+    except ValueError as err:
+        raise ConfigError(f"{command}: {err}") from None
+    if cfg.batch_size < 1:
+        raise ConfigError(f"{command}: batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.limit < 0:
+        raise ConfigError(f"{command}: limit must be >= 0 (0 = every prompt), got {cfg.limit}")
+    return sampling
+
+
+def load_policy(model: str, tokenizer: str, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The policy to sample (in eval mode, on `device`) and its tokenizer (`tokenizer`, or the model's own when empty)."""
+    loaded_tokenizer = load_tokenizer(resolve_pretrained(tokenizer or model))
+    return build_causal_lm(model, loaded_tokenizer).to(resolve_device(device)).eval(), loaded_tokenizer
+
+
+def sample_row(record: Any, sample: int, generated: Sample) -> dict[str, Any]:
+    """One row of samples.jsonl before judging: the prompt's fields, the sample's index and the generated answer."""
+    return {"prompt": record.prompt, "sample": sample, "kind": record.kind, "category": record.category,
+            **_request_of(record), "response": generated.text, "response_tokens": generated.num_tokens,
+            "ended_with_eos": generated.ended_with_eos}
+
+
+def judge_and_summarise(rows: list[dict[str, Any]], gold: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """With `gold`, the rows judged by SafeWorld's gold judges and their metrics (`summarise_judgements`); without,
+    the rows as they are and the judge-free metrics (`summarise_samples`)."""
+    if not gold:
+        return rows, summarise_samples(rows)
+    judged = judge_samples(rows)
+    return judged, summarise_judgements(judged)
+
+
+def write_evaluation(cfg: Any, rows: list[dict[str, Any]], metrics: dict[str, Any]) -> Path:
+    """Into cfg.output_dir: config.yaml, samples.jsonl and metrics.json (each written atomically); returns the folder."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    atomic_write_jsonl(out / "samples.jsonl", rows)
+    atomic_write_json(out / "metrics.json", metrics)
+    return out
 
 
 def run(cfg: GoldEvalConfig) -> dict[str, Any]:
@@ -284,38 +334,18 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
         raise ConfigError(f"evaluate: samples_per_prompt must be >= 1, got {cfg.samples_per_prompt}")
     if cfg.greedy and cfg.samples_per_prompt > 1:
         raise ConfigError("evaluate: greedy decoding gives one answer per prompt: set samples_per_prompt 1, or sample")
-    try:
-        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  top_k=cfg.top_k, greedy=cfg.greedy, num_samples=cfg.samples_per_prompt)
-    except ValueError as err:
-        raise ConfigError(f"evaluate: {err}") from None
-    if cfg.batch_size < 1:
-        raise ConfigError(f"evaluate: batch_size must be >= 1, got {cfg.batch_size}")
-    if cfg.limit < 0:
-        raise ConfigError(f"evaluate: limit must be >= 0 (0 = every prompt), got {cfg.limit}")
-    records = _select(load_prompts(cfg.prompts), cfg.limit, cfg.seed)
+    sampling = sampling_config("evaluate", cfg, cfg.samples_per_prompt, cfg.greedy)
+    records = select_prompts(load_prompts(cfg.prompts), cfg.limit, cfg.seed)
     gold = uses_gold(cfg.gold, [r.kind for r in records])
-    judges = safeworld if gold else None
 
-    tokenizer = load_tokenizer(resolve_pretrained(cfg.tokenizer or cfg.model))
-    model = build_causal_lm(cfg.model, tokenizer).to(resolve_device(cfg.device)).eval()
+    model, tokenizer = load_policy(cfg.model, cfg.tokenizer, cfg.device)
     generated = generate_samples(model, tokenizer, [r.prompt for r in records], sampling,
                                  batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
     per_prompt = cfg.samples_per_prompt
-    samples = [  # generated is prompt-major: response i answers prompt i // per_prompt
-        {"prompt": records[i // per_prompt].prompt, "sample": i % per_prompt, "kind": records[i // per_prompt].kind,
-         "category": records[i // per_prompt].category, **_request_of(records[i // per_prompt]), "response": g.text, "response_tokens": g.num_tokens,
-         "ended_with_eos": g.ended_with_eos}
-        for i, g in enumerate(generated)
-    ]
-    rows = judge_samples(samples, judges) if gold else samples
-    metrics = summarise_judgements(rows) if gold else summarise_samples(rows)
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    atomic_write_jsonl(out / "samples.jsonl", rows)
-    atomic_write_json(out / "metrics.json", metrics)
+    # generated is prompt-major: response i answers prompt i // per_prompt
+    samples = [sample_row(records[i // per_prompt], i % per_prompt, g) for i, g in enumerate(generated)]
+    rows, metrics = judge_and_summarise(samples, gold)
+    write_evaluation(cfg, rows, metrics)
     return metrics
 
 

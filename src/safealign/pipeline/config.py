@@ -62,7 +62,9 @@ class PipelineConfig:
          "evaluate_ppo", "shaping", "evaluate_shaping", "compare", "report"],
         help="Stages to run, in order (skipped when their metrics.json exists; compare and report always run, they are "
              "cheap and must see every policy). `rounds` = rounds 2.. (round{k}/redteam, /rm, /cm, /eval_scores, "
-             "/ppo_lag, /evaluate), `shaping` and `evaluate_shaping` = one stage per ν (shaping/nu=ν); each also a stage name.",
+             "/ppo_lag, /evaluate), `shaping` and `evaluate_shaping` = one stage per ν (shaping/nu=ν); each also a stage name. "
+             "The DPO family and best-of-n (configs/methods.yaml): dpo_helpful, dpo_harmless, safedpo, bfpo, modpo, sacpo, "
+             "psacpo, cdpo (each with evaluate_<name>), bon, safe_bon.",
     )
     rounds: int = config_field(
         0, help="Safe RLHF rounds (the paper ran 3): round 1 = the ppo_lag stage, rounds 2.. = the rounds stage; 0 = the profile's (default 3, quick 2).")
@@ -102,6 +104,11 @@ class PipelineConfig:
     round_cm: dict = config_field({}, help="CostConfig overrides of rounds >= 2, over cm's (e.g. num_epochs).")
     round_ppo_lag: dict = config_field({}, help="PPOLagConfig overrides of rounds >= 2, over ppo_lag's (e.g. max_steps).")
     compare: dict = config_field({}, help="CompareConfig overrides of the compare stage (safealign evaluate --help): n_bootstrap, seed, ...")
+    dpo: dict = config_field({}, help="DPOConfig overrides of every DPO-family stage (dpo_helpful, dpo_harmless, safedpo, bfpo, modpo, sacpo, cdpo; safealign dpo --help).")
+    sacpo: dict = config_field({}, help="DPOConfig overrides of SACPO's second step, over dpo's (default beta 0.05: β/λ).")
+    psacpo: dict = config_field({}, help="MergeConfig overrides of P-SACPO's merge (default weights [0.5, 0.5]: q = 0.5).")
+    cdpo: dict = config_field({}, help="CDPOConfig overrides of C-DPO, over dpo's (safealign cdpo --help): iterations, lambda_lr, threshold, ...")
+    bon: dict = config_field({}, help="BestOfNConfig overrides of the bon and safe_bon stages (safealign bon --help): n, threshold, ... (samples_per_prompt and limit follow evaluate's).")
     parallel_baselines: bool = config_field(
         False, help="Run the baselines (evaluate_sft, eval_scores, ppo, shaping and their evaluations) in a second process beside "
                     "the Safe RLHF lane (ppo_lag, rounds), the CPU threads split between the two: faster on a CPU "

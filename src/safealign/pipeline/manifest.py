@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from safealign.pipeline.config import PipelineConfig, num_rounds, shaping_nus
-from safealign.pipeline.stages import round_stage, round_threshold
+from safealign.pipeline.stages import BEST_OF_N, FAMILY_POLICIES, round_stage, round_threshold
 from safealign.run_directory import Manifest, PolicyEntry, ValueModelEntry, round_dirs
 
 
@@ -29,6 +29,8 @@ def policies_manifest(cfg: PipelineConfig, root: Path, stages: set[str]) -> Mani
     for nu in shaping_nus(cfg):
         candidates.append((f"shaping/nu={nu:g}", PolicyEntry(
             f"shaping_nu{nu:g}", "shaping", f"shaping/nu-{nu:g}/model", f"shaping/nu-{nu:g}", f"eval/shaping/nu-{nu:g}", nu=nu)))
+    for name in FAMILY_POLICIES:
+        candidates.append((name, PolicyEntry(name, name, f"{name}/model", name, f"eval/{name}")))
     value_models = []
     for k in range(1, num_rounds(cfg) + 1):
         dirs = round_dirs(k)
@@ -36,4 +38,7 @@ def policies_manifest(cfg: PipelineConfig, root: Path, stages: set[str]) -> Mani
         if wanted(round_stage(k, "rm"), entry.reward_model) or wanted(round_stage(k, "cm"), entry.cost_model):
             value_models.append(entry)
     policies = [entry for stage, entry in candidates if wanted(stage, entry.model)]
+    # best-of-n of the SFT model: a policy with no model of its own, there once its evaluation is planned or done
+    policies += [PolicyEntry(name, name, "sft/model", "", f"eval/{name}") for name in BEST_OF_N
+                 if wanted(name, f"eval/{name}/metrics.json")]
     return Manifest(policies, value_models, "policies.json")

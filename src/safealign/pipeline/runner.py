@@ -40,7 +40,7 @@ from safealign.pipeline.manifest import policies_manifest
 from safealign.pipeline.stage_runner import StageRunner
 from safealign.pipeline.stages import ALWAYS_RUN, COMMANDS, SETTINGS_COMMANDS, expand_stages
 
-EVALUATIONS = ("evaluate-policy", "eval-scores")  # commands whose outputs only the comparison and the report read
+EVALUATIONS = ("evaluate-policy", "eval-scores", "bon")  # commands whose outputs only the comparison and the report read
 from safealign.pipeline.summary import print_summary, summarise
 from safealign.run_directory import write_manifest, write_metrics, write_progress
 
@@ -109,19 +109,23 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     side = baselines + evaluations
     main = [s for s in stages if s not in {*head, *side, *tail}]
     both_lanes_busy = any(not runner.done(s) for s in side) and any(not runner.done(s) for s in main)
-    if cfg.parallel_baselines and both_lanes_busy and enough_threads():
-        runner.run_all(head)
-        run_beside(runner, main=main, side=side)
-        runner.run_all(tail)
-    else:
-        runner.run_all(stages)
-    write_progress(root, None, len(stages), len(stages))
-
     def in_order(values: dict[str, Any]) -> dict[str, Any]:  # the lanes finish their stages out of order
         return {name: values[name] for name in stages if name in values}
 
-    summary = summarise(cfg, in_order(runner.results), in_order(runner.timings), in_order(runner.cpu_timings))
-    write_metrics(root, summary)
+    def write_summary() -> dict[str, Any]:
+        summary = summarise(cfg, in_order(runner.results), in_order(runner.timings), in_order(runner.cpu_timings))
+        write_metrics(root, summary)
+        return summary
+
+    if cfg.parallel_baselines and both_lanes_busy and enough_threads():
+        runner.run_all(head)
+        run_beside(runner, main=main, side=side)
+    else:
+        runner.run_all([s for s in stages if s not in tail])
+    write_summary()  # the report reads every stage's time from it
+    runner.run_all(tail)
+    write_progress(root, None, len(stages), len(stages))
+    summary = write_summary()
     print_summary(summary, num_rounds(cfg))
     if "report" in stages:
         console.print(f"report: {root / 'report.html'} (and report.md, report.json)", highlight=False)

@@ -55,8 +55,16 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("evaluate", "safealign.evaluation.compare", "CompareConfig",
             "Generate with a policy (--model) and judge it, or compare a set of models (--models): gold and model "
             "judges, Elo, win rates, arena."),
+    Command("bon", "safealign.evaluation.best_of_n", "BestOfNConfig",
+            "Best-of-n at inference: sample n answers, let the reward (and cost) model choose one (reward, safe or "
+            "lagrangian), judge the chosen answers; KL bound and estimate over n."),
     Command("dpo", "safealign.algorithms.dpo", "DPOConfig",
-            "DPO of the policy on one preference column (helpful or harmless), or SafeDPO; no reward model, no rollouts."),
+            "DPO of the policy on one preference column (helpful or harmless), or a safety-aware variant (SafeDPO, BFPO, "
+            "MODPO, C-DPO's step); no rollouts. SACPO: two dpo runs."),
+    Command("cdpo", "safealign.algorithms.cdpo", "CDPOConfig",
+            "C-DPO: DPO on soft labels from reward − λ·cost, λ updated by dual ascent on the policy's sampled cost."),
+    Command("merge", "safealign.models.merge", "MergeConfig",
+            "Linear merge of policies' weights (P-SACPO: the helpful and the SACPO policy, ratio q)."),
     Command("ppo", "safealign.algorithms.ppo", "PPOConfig", "RLHF: PPO of the policy on the reward model."),
     Command("ppo-lag", "safealign.algorithms.ppo_lag", "PPOLagConfig", "Safe RLHF: PPO-Lagrangian on the reward and cost models."),
     Command("shaping", "safealign.algorithms.reward_shaping", "RewardShapingConfig",
@@ -82,7 +90,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
 SETTINGS_COMMANDS = {"world": "world generate", "sft": "sft", "rm": "rm", "cm": "cm", "evaluate": "evaluate-policy",
                      "eval_scores": "eval-scores", "ppo_lag": "ppo-lag", "ppo": "ppo", "shaping": "shaping",
                      "redteam": "redteam", "round_rm": "rm", "round_cm": "cm", "round_ppo_lag": "ppo-lag",
-                     "compare": "compare"}
+                     "compare": "compare", "dpo": "dpo", "sacpo": "dpo", "psacpo": "merge", "cdpo": "cdpo", "bon": "bon"}
 ROUND_STEPS = ("redteam", "rm", "cm", "eval_scores", "ppo_lag", "evaluate")  # the stages of round k >= 2, in order
 ALWAYS_RUN = ("compare", "report")  # cheap summaries of the whole run directory: re-done so they see every policy
 
@@ -183,11 +191,53 @@ def plan(cfg: PipelineConfig, root: Path) -> dict[str, Stage]:
                         directory=root / "shaping" / f"nu-{nu:g}", group="shaping") for nu in nus]
     stages += [evaluation(f"evaluate_shaping/nu={nu:g}", cfg, root, paths, root / "shaping" / f"nu-{nu:g}" / "model",
                           root / "eval" / "shaping" / f"nu-{nu:g}", group="evaluate_shaping") for nu in nus]
+    stages += family_stages(cfg, root, paths)
     stages += [
         Stage("compare", "compare", root / "eval" / "compare", settings=("compare",), fixed={"run_dir": str(root)}),
         Stage("report", "report", root / "report", fixed={"run_dir": str(root)}),
     ]
     return {stage.name: stage for stage in stages}
+
+
+# The DPO family from the SFT model: stage -> the dpo settings that make the method (no pipeline setting changes them).
+DPO_FAMILY: dict[str, dict[str, Any]] = {
+    "dpo_helpful": {"variant": "dpo", "preference": "better"},
+    "dpo_harmless": {"variant": "dpo", "preference": "safer"},
+    "safedpo": {"variant": "safedpo", "preference": "better"},
+    "bfpo": {"variant": "bfpo", "preference": "better"},
+    "modpo": {"variant": "modpo", "preference": "better"},  # the margin: round 1's cost model (m = −cost)
+}
+FAMILY_POLICIES = (*DPO_FAMILY, "sacpo", "psacpo", "cdpo")  # each with its evaluate_<name> stage
+BEST_OF_N = {"bon": "reward", "safe_bon": "safe"}  # stage -> selection mode; evaluations of the SFT model
+
+
+def family_stages(cfg: PipelineConfig, root: Path, paths: DataPaths) -> list[Stage]:
+    """The DPO family, SACPO (its second step from dpo_helpful's policy) and P-SACPO (their merge), C-DPO, each with
+    its evaluation, and best-of-n of the SFT model with round 1's value models (an evaluation itself)."""
+    sft, reward, cost = str(root / "sft" / "model"), str(root / "rm" / "model"), str(root / "cm" / "model")
+    pairs = {"train_data": paths.preferences, "eval_data": paths.preference_eval, "seed": cfg.seed}
+    stages = []
+    for name, method in DPO_FAMILY.items():
+        inputs = {"model": sft, **pairs, **({"margin_model": cost} if name == "modpo" else {})}
+        stages.append(Stage(name, "dpo", root / name, inputs, ("dpo",), {**method, "output_dir": str(root / name)},
+                            resumable=True))
+    stages += [
+        Stage("sacpo", "dpo", root / "sacpo", {"model": str(root / "dpo_helpful" / "model"), **pairs, "beta": 0.05},
+              ("dpo", "sacpo"), {"variant": "dpo", "preference": "safer", "output_dir": str(root / "sacpo")}, resumable=True),
+        Stage("psacpo", "merge", root / "psacpo", {"models": [str(root / "dpo_helpful" / "model"), str(root / "sacpo" / "model")],
+                                                  "weights": [0.5, 0.5]}, ("psacpo",), {"output_dir": str(root / "psacpo")}),
+        # C-DPO's bound on the policy's mean cost is Safe RLHF's: round 1's d (the same constrained problem)
+        Stage("cdpo", "cdpo", root / "cdpo", {"model": sft, **pairs, "reward_model": reward, "cost_model": cost,
+                                               "prompts": paths.rl_prompts, "threshold": round_threshold(cfg, 1)}, ("dpo", "cdpo"),
+              {"output_dir": str(root / "cdpo")}),
+    ]
+    stages += [evaluation(f"evaluate_{name}", cfg, root, paths, root / name / "model", root / "eval" / name)
+               for name in FAMILY_POLICIES]
+    sizes = {k: v for k, v in stage_settings(cfg, "evaluate").items() if k in ("samples_per_prompt", "limit", "max_new_tokens")}
+    stages += [Stage(name, "bon", root / "eval" / name, {"model": sft, "reward_model": reward, "cost_model": cost,
+                                                          "prompts": paths.eval_prompts, "seed": cfg.seed, **sizes},
+                     ("bon",), {"mode": mode, "output_dir": str(root / "eval" / name)}) for name, mode in BEST_OF_N.items()]
+    return stages
 
 
 def evaluation(name: str, cfg: PipelineConfig, root: Path, paths: DataPaths, model: Path, out: Path,
@@ -272,8 +322,8 @@ def prerequisites(cfg: PipelineConfig, table: dict[str, Stage], name: str) -> li
     directory, which may lie inside another stage's, is not an input)."""
     stage = table[name]
     own = str(stage.directory)
-    paths = [v for v in stage.config_values(cfg).values()
-             if isinstance(v, str) and v and v != own and not v.startswith(f"{own}/")]
+    values = [v for value in stage.config_values(cfg).values() for v in (value if isinstance(value, list) else [value])]
+    paths = [v for v in values if isinstance(v, str) and v and v != own and not v.startswith(f"{own}/")]
     return [other.name for other in table.values() if other.name != name and other.name not in ALWAYS_RUN
             and any(path == str(other.directory) or path.startswith(f"{other.directory}/") for path in paths)]
 

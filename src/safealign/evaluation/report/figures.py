@@ -183,3 +183,19 @@ def frontier_figure(points: list[dict[str, Any]]) -> bytes:
         ax.legend(fontsize=8)
     return figure_png(fig)
 
+
+
+def family_figure(points: list[dict[str, Any]]) -> bytes:
+    """Harmful rate (with its interval) against helpfulness, one point per policy: the methods side by side."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
+    for p in points:
+        low, high = p.get("harmful_rate_low"), p.get("harmful_rate_high")
+        errors = [[p["harmful_rate"] - low], [high - p["harmful_rate"]]] if low is not None and high is not None else None
+        ax.errorbar(p["helpfulness_benign"], p["harmful_rate"], yerr=errors, fmt="o", capsize=3, markersize=5)
+        ax.annotate(p["policy"], (p["helpfulness_benign"], p["harmful_rate"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    ax.set_xlabel("helpfulness on benign prompts (gold)")
+    ax.set_ylabel("harmful rate on harmful prompts (gold, 95% interval)")
+    ax.set_title("every method: helpfulness vs harmfulness (lower right is better)")
+    return figure_png(fig)
