@@ -36,6 +36,6 @@ def test_the_main_jobs_config_passes_the_pipeline_checks_and_loads_for_seeds():
 
 def test_the_methods_profile_runs_every_method_of_the_family_with_one_round_of_safe_rlhf():
     stages = check_config(load_config(PipelineConfig, CONFIGS / "methods.yaml"))
-    for name in ("dpo_helpful", "dpo_harmless", "safedpo", "bfpo", "modpo", "sacpo", "psacpo", "cdpo"):
+    for name in ("dpo_helpful", "dpo_harmless", "safedpo", "bfpo", "modpo", "sacpo", "psacpo", "cdpo", "rsft"):
         assert name in stages and f"evaluate_{name}" in stages, name
     assert {"bon", "safe_bon", "ppo_lag", "ppo"} <= set(stages) and not any(s.startswith("round") for s in stages)

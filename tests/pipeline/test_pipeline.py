@@ -434,13 +434,15 @@ def test_the_summary_reports_the_threshold_a_round_used():
 
 FAMILY_TINY = {"dpo": {"max_steps": 2, "per_device_train_batch_size": 4, "mixed_precision": "no", "save_steps": -1},
                "cdpo": {"iterations": 2, "num_prompts": 4, "max_new_tokens": 8},
-               "bon": {"n": 2, "progress": False}}
+               "bon": {"n": 2, "progress": False},
+               "rsft": {"rounds": 1, "num_prompts": 4, "k": 2, "max_new_tokens": 8, "max_steps": 1, "mixed_precision": "no",
+                        "save_steps": -1}}
 
 
 def test_the_family_runs_as_stages_and_the_report_sets_them_side_by_side(tmp_path):
     root = tmp_path / "methods"
     stages = ["world", "sft", "evaluate_sft", "rm", "cm", "dpo_helpful", "sacpo", "psacpo", "evaluate_psacpo", "modpo",
-              "evaluate_modpo", "cdpo", "evaluate_cdpo", "safe_bon", "compare", "report"]
+              "evaluate_modpo", "cdpo", "evaluate_cdpo", "rsft", "evaluate_rsft", "safe_bon", "compare", "report"]
     cfg = load_config(PipelineConfig, None, {"output_dir": str(root), "profile": "quick", "stages": stages,
                                              "rounds": 1, **TINY, **FAMILY_TINY})
     summary = run(cfg)
@@ -450,14 +452,14 @@ def test_the_family_runs_as_stages_and_the_report_sets_them_side_by_side(tmp_pat
     assert yaml.safe_load((root / "psacpo" / "config.yaml").read_text())["weights"] == [0.5, 0.5]
     assert len(json.loads((root / "cdpo" / "dual.json").read_text())) == 2
     for key in ("evaluate_psacpo/harmful_rate", "evaluate_modpo/harmful_rate", "evaluate_cdpo/harmful_rate",
-                "safe_bon/harmful_rate", "cdpo/final_lambda"):
+                "safe_bon/harmful_rate", "cdpo/final_lambda", "evaluate_rsft/harmful_rate", "rsft/round1/no_safe_share"):
         assert key in summary, key
     names = [p["name"] for p in json.loads((root / "policies.json").read_text())["policies"]]
-    assert names == ["sft", "dpo_helpful", "modpo", "sacpo", "psacpo", "cdpo", "safe_bon"]
+    assert names == ["sft", "dpo_helpful", "modpo", "sacpo", "psacpo", "cdpo", "rsft", "safe_bon"]
     report = json.loads((root / "report.json").read_text())
     family = next(s for s in report["sections"] if s["key"] == "family")
     table = next(b for b in family["blocks"] if b.get("title") == "Every method")
-    assert {row[0] for row in table["rows"]} == {"sft", "psacpo", "modpo", "cdpo", "safe_bon"}  # the evaluated ones
+    assert {row[0] for row in table["rows"]} == {"sft", "psacpo", "modpo", "cdpo", "rsft", "safe_bon"}  # the evaluated ones
     assert all(row[7] is not None for row in table["rows"] if row[0] != "sft")  # each method's CPU seconds
 
 

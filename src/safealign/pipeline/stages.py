@@ -63,6 +63,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "MODPO, C-DPO's step); no rollouts. SACPO: two dpo runs."),
     Command("cdpo", "safealign.algorithms.cdpo", "CDPOConfig",
             "C-DPO: DPO on soft labels from reward − λ·cost, λ updated by dual ascent on the policy's sampled cost."),
+    Command("rsft", "safealign.algorithms.rejection_sampling", "RSFTConfig",
+            "Rejection-sampling fine-tuning (Llama 2): sample k, keep the best (safe-gated by the cost model), fine-tune "
+            "on the best so far; in rounds."),
     Command("merge", "safealign.models.merge", "MergeConfig",
             "Linear merge of policies' weights (P-SACPO: the helpful and the SACPO policy, ratio q)."),
     Command("ppo", "safealign.algorithms.ppo", "PPOConfig", "RLHF: PPO of the policy on the reward model."),
@@ -90,7 +93,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
 SETTINGS_COMMANDS = {"world": "world generate", "sft": "sft", "rm": "rm", "cm": "cm", "evaluate": "evaluate-policy",
                      "eval_scores": "eval-scores", "ppo_lag": "ppo-lag", "ppo": "ppo", "shaping": "shaping",
                      "redteam": "redteam", "round_rm": "rm", "round_cm": "cm", "round_ppo_lag": "ppo-lag",
-                     "compare": "compare", "dpo": "dpo", "sacpo": "dpo", "psacpo": "merge", "cdpo": "cdpo", "bon": "bon"}
+                     "compare": "compare", "dpo": "dpo", "sacpo": "dpo", "psacpo": "merge", "cdpo": "cdpo", "bon": "bon",
+                     "rsft": "rsft"}
 ROUND_STEPS = ("redteam", "rm", "cm", "eval_scores", "ppo_lag", "evaluate")  # the stages of round k >= 2, in order
 ALWAYS_RUN = ("compare", "report")  # cheap summaries of the whole run directory: re-done so they see every policy
 
@@ -207,13 +211,13 @@ DPO_FAMILY: dict[str, dict[str, Any]] = {
     "bfpo": {"variant": "bfpo", "preference": "better"},
     "modpo": {"variant": "modpo", "preference": "better"},  # the margin: round 1's cost model (m = −cost)
 }
-FAMILY_POLICIES = (*DPO_FAMILY, "sacpo", "psacpo", "cdpo")  # each with its evaluate_<name> stage
+FAMILY_POLICIES = (*DPO_FAMILY, "sacpo", "psacpo", "cdpo", "rsft")  # each with its evaluate_<name> stage
 BEST_OF_N = {"bon": "reward", "safe_bon": "safe"}  # stage -> selection mode; evaluations of the SFT model
 
 
 def family_stages(cfg: PipelineConfig, root: Path, paths: DataPaths) -> list[Stage]:
-    """The DPO family, SACPO (its second step from dpo_helpful's policy) and P-SACPO (their merge), C-DPO, each with
-    its evaluation, and best-of-n of the SFT model with round 1's value models (an evaluation itself)."""
+    """The DPO family, SACPO (its second step from dpo_helpful's policy) and P-SACPO (their merge), C-DPO, RS-FT, each
+    with its evaluation, and best-of-n of the SFT model with round 1's value models (an evaluation itself)."""
     sft, reward, cost = str(root / "sft" / "model"), str(root / "rm" / "model"), str(root / "cm" / "model")
     pairs = {"train_data": paths.preferences, "eval_data": paths.preference_eval, "seed": cfg.seed}
     stages = []
@@ -230,6 +234,9 @@ def family_stages(cfg: PipelineConfig, root: Path, paths: DataPaths) -> list[Sta
         Stage("cdpo", "cdpo", root / "cdpo", {"model": sft, **pairs, "reward_model": reward, "cost_model": cost,
                                                "prompts": paths.rl_prompts, "threshold": round_threshold(cfg, 1)}, ("dpo", "cdpo"),
               {"output_dir": str(root / "cdpo")}),
+        Stage("rsft", "rsft", root / "rsft", {"model": sft, "reward_model": reward, "cost_model": cost,
+                                               "prompts": paths.rl_prompts, "seed": cfg.seed}, ("rsft",),
+              {"output_dir": str(root / "rsft")}, resumable=True),
     ]
     stages += [evaluation(f"evaluate_{name}", cfg, root, paths, root / name / "model", root / "eval" / name)
                for name in FAMILY_POLICIES]

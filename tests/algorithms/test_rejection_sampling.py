@@ -1,0 +1,58 @@
+"""RS-FT (algorithms/rejection_sampling.py): the archive keeps each prompt's best answer over the rounds, the safety
+gate keeps unsafe bests out of the training data, and two rounds on a tiny policy fine-tune on what was kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safealign.algorithms import rejection_sampling
+from safealign.algorithms.rejection_sampling import RSFTConfig, run, training_rows, update_archive
+from safealign.config import ConfigError
+
+
+def _cfg(tiny, out, **overrides) -> RSFTConfig:
+    return RSFTConfig(**{**dict(model=tiny.actor, reward_model=tiny.reward_model, cost_model=tiny.cost_model,
+                                prompts=tiny.prompts, output_dir=str(out), num_prompts=4, k=2, rounds=2, max_new_tokens=8,
+                                max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                                save_steps=-1, mixed_precision="no", threshold=0.0), **overrides})
+
+
+def test_the_archive_keeps_the_best_answer_of_every_round(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path)
+    archive: dict = {}
+    row = lambda response, reward, cost: {"prompt": "p", "response": response, "reward": reward, "cost": cost,  # noqa: E731
+                                          "no_safe_candidate": cost > 0}
+    assert update_archive(archive, [row("unsafe", 5.0, 1.0)], cfg) == 1
+    assert training_rows(archive, cfg) == []  # the gate: an unsafe best is never trained on
+    assert update_archive(archive, [row("safe", 0.5, -1.0)], cfg) == 1  # any safe answer beats an unsafe one
+    assert update_archive(archive, [row("safe, worse", 0.2, -3.0)], cfg) == 0  # a lower reward does not replace it
+    assert training_rows(archive, cfg) == [{"prompt": "p", "response": "safe"}]
+    by_reward = _cfg(tiny, tmp_path, mode="reward")
+    archive = {}
+    update_archive(archive, [row("unsafe", 5.0, 1.0)], by_reward)
+    assert training_rows(archive, by_reward) == [{"prompt": "p", "response": "unsafe"}]
+
+
+def test_two_rounds_fine_tune_on_the_kept_answers_and_a_restart_skips_them(tiny, tmp_path, monkeypatch):
+    cfg = _cfg(tiny, tmp_path / "rsft", threshold=100.0)  # every answer within the bound: both rounds train
+    metrics = run(cfg)
+    log = json.loads((tmp_path / "rsft" / "rounds.json").read_text())
+    assert [e["round"] for e in log] == [1, 2] and all(e["no_safe_share"] == 0.0 for e in log)
+    archive = [json.loads(line) for line in (tmp_path / "rsft" / "archive.jsonl").read_text().splitlines()]
+    data = [json.loads(line) for line in (tmp_path / "rsft" / "round-2" / "data.jsonl").read_text().splitlines()]
+    assert len(archive) == 4 and [d["response"] for d in data] == [a["response"] for a in archive]
+    assert metrics["global_step"] == 2 and metrics["round2/training_rows"] == 4
+    assert str(tmp_path / "rsft" / "round-1" / "model") in (tmp_path / "rsft" / "round-2" / "config.yaml").read_text()
+    last = (tmp_path / "rsft" / "round-2" / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "rsft" / "model" / "model.safetensors").read_bytes() == last
+    monkeypatch.setattr(rejection_sampling, "sample_round", lambda *a, **k: pytest.fail("a finished round ran again"))
+    assert run(cfg)["round2/training_rows"] == 4
+
+
+def test_a_gate_that_keeps_nothing_and_a_missing_cost_model_are_errors(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="nothing to train on"):
+        run(_cfg(tiny, tmp_path / "none", threshold=-1e9, rounds=1))
+    with pytest.raises(ConfigError, match="cost_model"):
+        _cfg(tiny, tmp_path, cost_model="")
