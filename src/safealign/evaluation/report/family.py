@@ -20,12 +20,14 @@ def _stage_of(kind: str, name: str, round_: int | None) -> str:
     return name
 
 
+def has_family(run: Run) -> bool:
+    """Whether the run evaluated a method beyond the main job's (the section is left out of the report otherwise)."""
+    return any(p.entry.kind not in (*BASELINE_KINDS, "shaping") for p in run.evaluated())
+
+
 def family_section(run: Run) -> Section:
     section = Section("family", "The family side by side")
     evaluated = run.evaluated()
-    if not any(p.entry.kind not in (*BASELINE_KINDS, "shaping") for p in evaluated):
-        section.notes.append("No DPO-family or best-of-n policy in this run (configs/methods.yaml runs them).")
-        return section
     times = read_json_or_none(run.root / METRICS) or {}
     points: list[dict[str, Any]] = []
     for p in evaluated:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from safealign.evaluation.report.document import Column, FigureBlock, Section, TableBlock, guarded_section
 from safealign.evaluation.report.figures import category_figure, elo_plane_figure, frontier_figure, per_round_figure
 from safealign.evaluation.report.reading import Run, read_jsonl
-from safealign.evaluation.report.family import family_section
+from safealign.evaluation.report.family import family_section, has_family
 from safealign.evaluation.report.training import training_section, value_models_section
 
 SIMULATION_STATEMENT = (
@@ -317,7 +317,7 @@ def report_sections(run: Run, notes: list[str], samples_per_kind: int) -> list[S
         ("value_models", "Reward and cost models", lambda: value_models_section(run)),
         ("training", "RL training curves", lambda: training_section(run)),
         ("frontier", "Reward shaping vs Safe RLHF", lambda: _frontier(run)),
-        ("family", "The family side by side", lambda: family_section(run)),
+        *([("family", "The family side by side", lambda: family_section(run))] if has_family(run) else []),
         ("samples", "Sample responses, side by side", lambda: _samples(run, samples_per_kind)),
     ]
     return [guarded_section(key, title, build) for key, title, build in builders]
