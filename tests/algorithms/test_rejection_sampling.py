@@ -29,6 +29,7 @@ def test_the_archive_keeps_the_best_answer_of_every_round(tiny, tmp_path):
     assert update_archive(archive, [row("safe", 0.5, -1.0)], cfg) == 1  # any safe answer beats an unsafe one
     assert update_archive(archive, [row("safe, worse", 0.2, -3.0)], cfg) == 0  # a lower reward does not replace it
     assert training_rows(archive, cfg) == [{"prompt": "p", "response": "safe"}]
+    assert update_archive(archive, [row("  ", 9.0, -9.0)], cfg) == 0  # an empty answer is never kept (SFT refuses it)
     by_reward = _cfg(tiny, tmp_path, mode="reward")
     archive = {}
     update_archive(archive, [row("unsafe", 5.0, 1.0)], by_reward)

@@ -99,9 +99,11 @@ def sample_round(cfg: RSFTConfig, policy_dir: str, prompts: list[str], round_: i
 
 
 def update_archive(archive: dict[str, dict[str, Any]], best: list[dict[str, Any]], cfg: RSFTConfig) -> int:
-    """Keep each prompt's best answer over the rounds; returns how many prompts this round improved."""
+    """Keep each prompt's best non-empty answer over the rounds; returns how many prompts this round improved."""
     improved = 0
     for row in best:
+        if not row["response"].strip():  # an empty answer is no example to learn from, whatever its scores
+            continue
         kept = archive.get(row["prompt"])
         if kept is None or rank_key(row["reward"], row["cost"], cfg) > rank_key(kept["reward"], kept["cost"], cfg):
             archive[row["prompt"]] = row
