@@ -57,3 +57,5 @@ def test_a_gate_that_keeps_nothing_and_a_missing_cost_model_are_errors(tiny, tmp
         run(_cfg(tiny, tmp_path / "none", threshold=-1e9, rounds=1))
     with pytest.raises(ConfigError, match="cost_model"):
         _cfg(tiny, tmp_path, cost_model="")
+    with pytest.raises(ConfigError, match="not read"):  # an SFT key that would be silently ignored
+        run(_cfg(tiny, tmp_path / "sft_data", train_data=tiny.prompts))

@@ -121,6 +121,8 @@ def run(cfg: RSFTConfig) -> dict[str, Any]:
     """The rounds; returns the last round's SFT metrics with each round's selection statistics."""
     if not cfg.prompts:
         raise ConfigError("rsft: prompts is required (a prompt file to sample from)")
+    if cfg.train_data or cfg.eval_data:  # inherited from sft: each round's data is the policy's own kept answers
+        raise ConfigError("rsft: train_data and eval_data are not read (each round trains on the kept answers); give prompts")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
