@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import safealign
 from safealign.algorithms.losses import combined_advantage
-from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig, cost_quantile, run
+from safealign.algorithms.lagrangian import cost_quantile
+from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig, run
 from safealign.config import ConfigError
 from safealign.data.loading import load_preferences
 from safealign.models.presets import build_causal_lm
@@ -45,15 +46,15 @@ def test_lambda_update_uses_the_window_and_the_actor_gets_the_combined_advantage
                            "cost_advantages": torch.tensor([[0.5, -1.0, 0.0], [2.0, 0.0, 0.0], [1.0, 1.0, 1.0]])}, 1)
     # Step 0 is inside the delay: the window fills, λ stays λ_0 = 1.
     first = batch([1.0, 2.0, 3.0])
-    logs = step.update_lagrange_multiplier(first, single, 0)
+    logs = step.lagrangian.update(first["scores_cost"], single, 0)
     first["advantages"] = step.actor_advantages(first)
     assert logs["lagrange_multiplier"] == 1.0 and logs["episode_cost"] == pytest.approx(2.0)
     torch.testing.assert_close(first["advantages"], combined_advantage(first["reward_advantages"], first["cost_advantages"], 1.0))
     # Step 1: the window keeps the last 5 costs [2, 3, 4, 5, 6] -> J_C = 4 > d: λ rises, once.
     second = batch([4.0, 5.0, 6.0])
-    logs = step.update_lagrange_multiplier(second, single, 1)
+    logs = step.lagrangian.update(second["scores_cost"], single, 1)
     second["advantages"] = step.actor_advantages(second)
-    assert step.episode_cost_windows.tolist() == [[2.0, 3.0, 4.0, 5.0, 6.0]]
+    assert step.lagrangian.episode_cost_windows.tolist() == [[2.0, 3.0, 4.0, 5.0, 6.0]]
     assert logs["episode_cost"] == pytest.approx(4.0)
     assert logs["log_lambda"] == pytest.approx(0.1 * 1.0 * (4.0 - 0.5))
     lam = math.exp(0.35)
@@ -64,7 +65,8 @@ def test_lambda_update_uses_the_window_and_the_actor_gets_the_combined_advantage
     # The state round-trips.
     restored = PPOLag(cfg)
     restored.load_state_dict(step.state_dict())
-    assert restored.log_lambda == step.log_lambda and torch.equal(restored.episode_cost_windows, step.episode_cost_windows)
+    assert restored.lagrangian.log_lambda == step.lagrangian.log_lambda
+    assert torch.equal(restored.lagrangian.episode_cost_windows, step.lagrangian.episode_cost_windows)
 
 
 @pytest.mark.parametrize("bias, direction", [(5.0, "rises"), (-5.0, "falls")])

@@ -436,15 +436,17 @@ FAMILY_TINY = {"dpo": {"max_steps": 2, "per_device_train_batch_size": 4, "mixed_
                "cdpo": {"iterations": 2, "num_prompts": 4, "max_new_tokens": 8},
                "bon": {"n": 2, "progress": False},
                "rsft": {"rounds": 1, "num_prompts": 4, "k": 2, "max_new_tokens": 8, "max_steps": 1, "mixed_precision": "no",
-                        "save_steps": -1}}
+                        "save_steps": -1},
+               "grpo_lag": {**RL, "samples_per_prompt": 2, "per_device_train_batch_size": 4}}
 
 
 def test_the_family_runs_as_stages_and_the_report_sets_them_side_by_side(tmp_path):
     root = tmp_path / "methods"
     stages = ["world", "sft", "evaluate_sft", "rm", "cm", "dpo_helpful", "sacpo", "psacpo", "evaluate_psacpo", "modpo",
-              "evaluate_modpo", "cdpo", "evaluate_cdpo", "rsft", "evaluate_rsft", "safe_bon", "compare", "report"]
+              "evaluate_modpo", "cdpo", "evaluate_cdpo", "rsft", "evaluate_rsft", "safe_bon", "grpo_lag", "evaluate_grpo_lag",
+              "compare", "report"]
     cfg = load_config(PipelineConfig, None, {"output_dir": str(root), "profile": "quick", "stages": stages,
-                                             "rounds": 1, **TINY, **FAMILY_TINY})
+                                             "rounds": 1, **TINY, **FAMILY_TINY, "ppo_lag": {**RL, "threshold": -1.5}})
     summary = run(cfg)
     sacpo = yaml.safe_load((root / "sacpo" / "config.yaml").read_text())
     assert sacpo["model"] == str(root / "dpo_helpful" / "model") and sacpo["preference"] == "safer" and sacpo["beta"] == 0.05
@@ -452,14 +454,17 @@ def test_the_family_runs_as_stages_and_the_report_sets_them_side_by_side(tmp_pat
     assert yaml.safe_load((root / "psacpo" / "config.yaml").read_text())["weights"] == [0.5, 0.5]
     assert len(json.loads((root / "cdpo" / "dual.json").read_text())) == 2
     for key in ("evaluate_psacpo/harmful_rate", "evaluate_modpo/harmful_rate", "evaluate_cdpo/harmful_rate",
-                "safe_bon/harmful_rate", "cdpo/final_lambda", "evaluate_rsft/harmful_rate", "rsft/round1/no_safe_share"):
+                "safe_bon/harmful_rate", "cdpo/final_lambda", "evaluate_rsft/harmful_rate", "rsft/round1/no_safe_share",
+                "evaluate_grpo_lag/harmful_rate", "grpo_lag/lagrange_multiplier"):
         assert key in summary, key
+    grpo_lag = yaml.safe_load((root / "grpo_lag" / "config.yaml").read_text())
+    assert grpo_lag["threshold"] == -1.5 and grpo_lag["cost_model"] == str(root / "cm" / "model")  # round 1's constraint
     names = [p["name"] for p in json.loads((root / "policies.json").read_text())["policies"]]
-    assert names == ["sft", "dpo_helpful", "modpo", "sacpo", "psacpo", "cdpo", "rsft", "safe_bon"]
+    assert names == ["sft", "dpo_helpful", "modpo", "sacpo", "psacpo", "cdpo", "rsft", "grpo_lag", "safe_bon"]
     report = json.loads((root / "report.json").read_text())
     family = next(s for s in report["sections"] if s["key"] == "family")
     table = next(b for b in family["blocks"] if b.get("title") == "Every method")
-    assert {row[0] for row in table["rows"]} == {"sft", "psacpo", "modpo", "cdpo", "rsft", "safe_bon"}  # the evaluated ones
+    assert {row[0] for row in table["rows"]} == {"sft", "psacpo", "modpo", "cdpo", "rsft", "safe_bon", "grpo_lag"}  # evaluated
     assert all(row[7] is not None for row in table["rows"] if row[0] != "sft")  # each method's CPU seconds
 
 
@@ -471,6 +476,8 @@ def test_the_family_stages_wait_for_what_they_read():
     assert prerequisites(cfg, table, "psacpo") == ["dpo_helpful", "sacpo"]  # lists of inputs count too
     assert sorted(prerequisites(cfg, table, "modpo")) == ["cm", "sft", "world"]
     assert sorted(prerequisites(cfg, table, "safe_bon")) == ["cm", "rm", "sft", "world"]
+    assert sorted(prerequisites(cfg, table, "grpo_lag")) == ["cm", "rm", "sft", "world"]
+    assert sorted(prerequisites(cfg, table, "grpo")) == ["rm", "sft", "world"]  # the reward alone
     # C-DPO bounds the mean cost where Safe RLHF does
     bounded = PipelineConfig(output_dir=str(root), ppo_lag={"threshold": -1.5})
     assert plan(bounded, root)["cdpo"].config_values(bounded)["threshold"] == -1.5

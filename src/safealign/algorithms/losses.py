@@ -298,6 +298,46 @@ def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.T
     return (reward_advantages - lagrange_multiplier * cost_advantages) / (1.0 + lagrange_multiplier)
 
 
+# --------------------------------------------------------------------------------------------------
+# Critic-free RL: advantages from a group of samples of the same prompt (docs/maths.md §8)
+# --------------------------------------------------------------------------------------------------
+def group_advantages(scores: torch.Tensor, group_size: int, estimator: str = "grpo", scale: bool = True,
+                     eps: float = 1e-8) -> torch.Tensor:
+    """Each sample's advantage against the other samples of its prompt. scores (B,), rows in groups of `group_size`
+    consecutive samples of one prompt -> (B,).
+
+        grpo:  A_i = (s_i − mean_g s) / (std_g s + eps)      (Shao et al. 2024; std unbiased, as TRL's GRPOTrainer;
+               `scale` False: A_i = s_i − mean_g s, Dr. GRPO's unscaled form)
+        rloo:  A_i = s_i − (Σ_{j≠i} s_j) / (k − 1) = k/(k − 1) · (s_i − mean_g s)     (Ahmadian et al. 2024)
+
+    A group whose scores do not vary gets exactly 0: it says nothing about which sample is better (without the
+    explicit zero, rounding in the mean would be divided by eps). Each stream (reward, cost) is normalised on its
+    own before they are combined (Constrained GRPO, arXiv 2602.05863: scalarise advantages, not rewards).
+    """
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"group_advantages: {scores.numel()} scores do not split into groups of {group_size} (>= 2)")
+    groups = scores.double().view(-1, group_size)  # size = (G, k)
+    centred = groups - groups.mean(dim=1, keepdim=True)  # size = (G, k)
+    if estimator == "rloo":
+        advantages = centred * (group_size / (group_size - 1))
+    elif estimator == "grpo":
+        advantages = centred / (groups.std(dim=1, keepdim=True) + eps) if scale else centred
+    else:
+        raise ValueError(f"unknown group advantage {estimator!r}: use 'grpo' or 'rloo'")
+    constant = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)  # size = (G, 1)
+    return advantages.masked_fill(constant, 0.0).view(-1).to(scores.dtype)
+
+
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The KL to the reference as a loss term (GRPO), k3 on the sampled tokens with gradient through log π:
+
+        L_KL = masked_mean( exp(log π_ref − log π) − (log π_ref − log π) − 1 )
+
+    log_probs (B, T) with grad; ref_log_probs, mask (B, T) -> (). ≥ 0, and 0 exactly where π = π_ref.
+    """
+    return masked_mean(kl_estimate(log_probs, ref_log_probs.detach(), "k3"), mask)
+
+
 def ppo_actor_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                    mask: torch.Tensor, clip_range: float = 0.2) -> torch.Tensor:
     """Clipped surrogate (docs/maths.md §5): ρ_t = exp(log π_new − log π_old),

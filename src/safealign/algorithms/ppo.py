@@ -37,12 +37,17 @@ from safealign.algorithms.losses import (
     masked_whiten,
     ppo_actor_loss,
     ppo_critic_loss,
-    sft_loss,
     token_signal,
 )
-from safealign.algorithms.rollout import critic_values, end_scores, policy_and_values, response_values, token_log_probs
+from safealign.algorithms.rollout import (
+    critic_values,
+    end_scores,
+    policy_and_values,
+    ptx_loss,
+    response_values,
+    token_log_probs,
+)
 from safealign.config import ConfigError, config_field
-from safealign.data.collate import padding_mask_for_causal
 from safealign.models.actor_critic import ridge_solution
 from safealign.training.rl import Experience, RLAlgorithm, RLRun, train_rl
 from safealign.training.rl_setup import RLConfig, RLModels
@@ -160,12 +165,7 @@ class PPO(RLAlgorithm):
             for stream, critic in models.critics.items():
                 yield self._critic_loss(stream, critic_values(critic, batch), batch, metrics)  # values (B, T), with grad
         if ptx_batch is not None:
-            logits = models.actor(input_ids=ptx_batch["input_ids"],
-                                  attention_mask=padding_mask_for_causal(ptx_batch["attention_mask"]),
-                                  use_cache=False).logits  # size = (b, L, V)
-            ptx_loss = sft_loss(logits, ptx_batch["labels"])
-            metrics["ptx_loss"] = ptx_loss.detach()
-            yield self.cfg.ptx_coeff * ptx_loss
+            yield self.cfg.ptx_coeff * ptx_loss(models.actor, ptx_batch, metrics)
 
     def _actor_loss(self, log_probs: torch.Tensor, batch: Experience, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg, mask = self.cfg, batch["response_mask"]

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from safealign.algorithms.losses import gather_log_probs
+from safealign.algorithms.losses import gather_log_probs, sft_loss
+from safealign.data.collate import padding_mask_for_causal
 from safealign.training.rl import Experience
 from safealign.training.rl_setup import RLModels
 
@@ -60,3 +61,13 @@ def response_values(scores: torch.Tensor, batch: Experience) -> torch.Tensor:
 def end_scores(score_model: Any, batch: Experience) -> torch.Tensor:
     """Score of prompt + response (+ EOS when generated) at its last token: (B,)."""
     return score_model(batch["sequences"], batch["attention_mask"], batch["position_ids"]).end_scores
+
+
+def ptx_loss(actor: nn.Module, ptx_batch: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L_PTX: the actor's language-modelling loss on a micro-batch of SFT data (the InstructGPT-style term that keeps
+    the actor a language model of that data), with grad; its value goes into `metrics`."""
+    logits = actor(input_ids=ptx_batch["input_ids"], attention_mask=padding_mask_for_causal(ptx_batch["attention_mask"]),
+                   use_cache=False).logits  # size = (b, L, V)
+    loss = sft_loss(logits, ptx_batch["labels"])
+    metrics["ptx_loss"] = loss.detach()
+    return loss

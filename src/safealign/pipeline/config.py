@@ -18,6 +18,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "evaluate": {"limit": 200},
         "ppo_lag": {"max_steps": 8, "per_device_prompt_batch_size": 16},
         "ppo": {"max_steps": 8, "per_device_prompt_batch_size": 16},
+        "grpo_lag": {"max_steps": 2, "per_device_prompt_batch_size": 16},
+        "grpo": {"max_steps": 2, "per_device_prompt_batch_size": 16},
         "shaping": {"max_steps": 4, "per_device_prompt_batch_size": 16, "nus": [1.0]},
         # Round 2 at smoke-test size: it exercises every round stage, it does not train much.
         "redteam": {"probe_limit": 64, "pairs": 100},
@@ -34,6 +36,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "evaluate": {"samples_per_prompt": 4},
         "ppo_lag": {"max_steps": 60},
         "ppo": {"max_steps": 60},
+        # Critic-free RL: PPO-Lag's 32 prompts per step, mini-batches and epochs, 4 answers per prompt; 12 steps cost
+        # about half of PPO-Lag's 60 in CPU time (a step of 128 rows is 2.2× PPO-Lag's of 32: docs/results.md).
+        "grpo_lag": {"max_steps": 12},
+        "grpo": {"max_steps": 12},
         "shaping": {"max_steps": 40},
         # Rounds 2 and 3 must be cheap: the value models warm start from the previous round's and see a quarter
         # epoch of all the pairs so far.
@@ -64,7 +70,8 @@ class PipelineConfig:
              "cheap and must see every policy). `rounds` = rounds 2.. (round{k}/redteam, /rm, /cm, /eval_scores, "
              "/ppo_lag, /evaluate), `shaping` and `evaluate_shaping` = one stage per ν (shaping/nu=ν); each also a stage name. "
              "The DPO family and best-of-n (configs/methods.yaml): dpo_helpful, dpo_harmless, safedpo, bfpo, modpo, sacpo, "
-             "psacpo, cdpo, rsft (each with evaluate_<name>), bon, safe_bon.",
+             "psacpo, cdpo, rsft (each with evaluate_<name>), bon, safe_bon. Critic-free RL: grpo_lag, grpo (each with "
+             "evaluate_<name>).",
     )
     rounds: int = config_field(
         0, help="Safe RLHF rounds (the paper ran 3): round 1 = the ppo_lag stage, rounds 2.. = the rounds stage; 0 = the profile's (default 3, quick 2).")
@@ -109,6 +116,8 @@ class PipelineConfig:
     psacpo: dict = config_field({}, help="MergeConfig overrides of P-SACPO's merge (default weights [0.5, 0.5]: q = 0.5).")
     cdpo: dict = config_field({}, help="CDPOConfig overrides of C-DPO, over dpo's (safealign cdpo --help): iterations, lambda_lr, threshold, ...")
     rsft: dict = config_field({}, help="RSFTConfig overrides of rejection-sampling fine-tuning (safealign rsft --help): rounds, k, num_prompts, mode, threshold, ...")
+    grpo_lag: dict = config_field({}, help="GRPOLagConfig overrides of the grpo_lag stage (safealign grpo-lag --help); its d is round 1's.")
+    grpo: dict = config_field({}, help="GRPOConfig overrides of the grpo stage (safealign grpo --help), plain GRPO: the λ = 0 baseline.")
     bon: dict = config_field({}, help="BestOfNConfig overrides of the bon and safe_bon stages (safealign bon --help): n, threshold, ... (samples_per_prompt and limit follow evaluate's).")
     parallel_baselines: bool = config_field(
         False, help="Run the baselines (evaluate_sft, eval_scores, ppo, shaping and their evaluations) in a second process beside "

@@ -37,7 +37,7 @@ console = stderr_console()
 
 LANE_HEAD = ("world", "sft", "rm", "cm")  # every baseline stage needs these; they run first, with all threads
 BASELINE_LANE = ("evaluate_sft", "eval_scores", "ppo", "evaluate_ppo", "shaping", "evaluate_shaping",
-                 "dpo_harmless", "safedpo", "bfpo", "modpo")  # the DPO family splits between the lanes (methods.yaml)
+                 "dpo_harmless", "safedpo", "bfpo", "modpo", "grpo")  # the family splits between the lanes (methods.yaml)
 LANE_LOG = "logs/baselines.log"  # the second lane's output (stages, warnings, a traceback if it fails)
 LANE_RESULT = "logs/baselines.json"  # its stage times, or the stage that failed and why
 LANE_REQUEST = "logs/baselines-request.json"  # what it runs: the pipeline config, its stages, its threads

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from safealign.pipeline.config import PipelineConfig, num_rounds, shaping_nus
-from safealign.pipeline.stages import BEST_OF_N, FAMILY_POLICIES, round_stage, round_threshold
+from safealign.pipeline.stages import BEST_OF_N, FAMILY_POLICIES, ONLINE_POLICIES, round_stage, round_threshold
 from safealign.run_directory import Manifest, PolicyEntry, ValueModelEntry, round_dirs
 
 
@@ -29,7 +29,7 @@ def policies_manifest(cfg: PipelineConfig, root: Path, stages: set[str]) -> Mani
     for nu in shaping_nus(cfg):
         candidates.append((f"shaping/nu={nu:g}", PolicyEntry(
             f"shaping_nu{nu:g}", "shaping", f"shaping/nu-{nu:g}/model", f"shaping/nu-{nu:g}", f"eval/shaping/nu-{nu:g}", nu=nu)))
-    for name in FAMILY_POLICIES:
+    for name in (*FAMILY_POLICIES, *ONLINE_POLICIES):
         candidates.append((name, PolicyEntry(name, name, f"{name}/model", name, f"eval/{name}")))
     value_models = []
     for k in range(1, num_rounds(cfg) + 1):

@@ -70,6 +70,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Linear merge of policies' weights (P-SACPO: the helpful and the SACPO policy, ratio q)."),
     Command("ppo", "safealign.algorithms.ppo", "PPOConfig", "RLHF: PPO of the policy on the reward model."),
     Command("ppo-lag", "safealign.algorithms.ppo_lag", "PPOLagConfig", "Safe RLHF: PPO-Lagrangian on the reward and cost models."),
+    Command("grpo", "safealign.algorithms.grpo", "GRPOConfig",
+            "Critic-free RLHF: GRPO (or RLOO) of the policy on the reward model, k answers per prompt as each other's baseline."),
+    Command("grpo-lag", "safealign.algorithms.grpo_lag", "GRPOLagConfig",
+            "Safe RLHF without critics: GRPO on reward and cost advantages normalised per stream, weighed by PPO-Lag's λ."),
     Command("shaping", "safealign.algorithms.reward_shaping", "RewardShapingConfig",
             "Baseline: PPO on the shaped reward R - nu*C (nu fixed, or a sweep)."),
     Command("redteam", "safealign.pipeline.redteam", "RedTeamConfig",
@@ -94,7 +98,7 @@ SETTINGS_COMMANDS = {"world": "world generate", "sft": "sft", "rm": "rm", "cm": 
                      "eval_scores": "eval-scores", "ppo_lag": "ppo-lag", "ppo": "ppo", "shaping": "shaping",
                      "redteam": "redteam", "round_rm": "rm", "round_cm": "cm", "round_ppo_lag": "ppo-lag",
                      "compare": "compare", "dpo": "dpo", "sacpo": "dpo", "psacpo": "merge", "cdpo": "cdpo", "bon": "bon",
-                     "rsft": "rsft"}
+                     "rsft": "rsft", "grpo_lag": "grpo-lag", "grpo": "grpo"}
 ROUND_STEPS = ("redteam", "rm", "cm", "eval_scores", "ppo_lag", "evaluate")  # the stages of round k >= 2, in order
 ALWAYS_RUN = ("compare", "report")  # cheap summaries of the whole run directory: re-done so they see every policy
 
@@ -196,6 +200,11 @@ def plan(cfg: PipelineConfig, root: Path) -> dict[str, Stage]:
     stages += [evaluation(f"evaluate_shaping/nu={nu:g}", cfg, root, paths, root / "shaping" / f"nu-{nu:g}" / "model",
                           root / "eval" / "shaping" / f"nu-{nu:g}", group="evaluate_shaping") for nu in nus]
     stages += family_stages(cfg, root, paths)
+    # Critic-free RL from the SFT model with round 1's value models; GRPO-Lag's constraint is round 1's (its d).
+    stages += [rl_stage("grpo_lag", "grpo-lag", cfg, root, paths, ("grpo_lag",), extra_inputs={"threshold": round_threshold(cfg, 1)}),
+               rl_stage("grpo", "grpo", cfg, root, paths, ("grpo",))]
+    stages += [evaluation(f"evaluate_{name}", cfg, root, paths, root / name / "model", root / "eval" / name)
+               for name in ONLINE_POLICIES]
     stages += [
         Stage("compare", "compare", root / "eval" / "compare", settings=("compare",), fixed={"run_dir": str(root)}),
         Stage("report", "report", root / "report", fixed={"run_dir": str(root)}),
@@ -212,6 +221,7 @@ DPO_FAMILY: dict[str, dict[str, Any]] = {
     "modpo": {"variant": "modpo", "preference": "better"},  # the margin: round 1's cost model (m = −cost)
 }
 FAMILY_POLICIES = (*DPO_FAMILY, "sacpo", "psacpo", "cdpo", "rsft")  # each with its evaluate_<name> stage
+ONLINE_POLICIES = ("grpo_lag", "grpo")  # critic-free RL, each with its evaluate_<name> stage
 BEST_OF_N = {"bon": "reward", "safe_bon": "safe"}  # stage -> selection mode; evaluations of the SFT model
 
 
@@ -255,12 +265,14 @@ def evaluation(name: str, cfg: PipelineConfig, root: Path, paths: DataPaths, mod
 
 
 def rl_stage(name: str, command: str, cfg: PipelineConfig, root: Path, paths: DataPaths, settings: tuple[str, ...],
-             fixed: dict[str, Any] | None = None, directory: Path | None = None, group: str = "") -> Stage:
-    """An RL stage from the SFT model with round 1's reward and cost models (PPO has no cost model)."""
+             fixed: dict[str, Any] | None = None, directory: Path | None = None, group: str = "",
+             extra_inputs: dict[str, Any] | None = None) -> Stage:
+    """An RL stage from the SFT model with round 1's reward and cost models (PPO and GRPO have no cost model)."""
     directory = directory or root / name
     inputs = {"actor_model": str(root / "sft" / "model"), "reward_model": str(root / "rm" / "model"),
-              "cost_model": str(root / "cm" / "model"), "prompt_data": paths.rl_prompts, "seed": cfg.seed}
-    if command == "ppo":
+              "cost_model": str(root / "cm" / "model"), "prompt_data": paths.rl_prompts, "seed": cfg.seed,
+              **(extra_inputs or {})}
+    if command in ("ppo", "grpo"):  # the reward alone
         del inputs["cost_model"]
     return Stage(name, command, directory, inputs, settings, {**(fixed or {}), "output_dir": str(directory)},
                  group=group, resumable=True)

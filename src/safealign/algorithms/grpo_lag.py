@@ -1,0 +1,81 @@
+"""GRPO-Lag: Safe RLHF's constrained problem solved with GRPO's critic-free update (docs/maths.md §8).
+
+    max_θ E[R]  subject to  E[C] ≤ d          solved as   min_θ max_{λ≥0}  −E[R] + λ·(E[C] − d)
+
+The constraint and λ are PPO-Lag's (`lagrangian.py`); the update is GRPO's (`grpo.py`) with a second stream.
+`GRPOLag.train_step`, one rollout batch of k answers per prompt, in this order:
+1. experience (GRPO's): log-probs under π_old and π_ref; end scores R and C of the frozen reward and cost models;
+   each stream's group advantage, computed separately: Z_R from the rewards, Z_C from the costs, each against the
+   answer's k − 1 siblings (a group whose scores do not vary gives that stream 0);
+2. λ from the episode costs C of the window, before the update that uses it (PPO-Lag's rule);
+3. the actor's advantage A = (Z_R − λ·Z_C) / (1 + λ), on every token of the answer: Safe RLHF's combination, of
+   advantages normalised per stream, not of rewards (Constrained GRPO, arXiv 2602.05863: z-scoring R − λ·C would
+   rescale the cost by the reward's spread and distort what λ means);
+4. GRPO's `ppo_epochs` passes of mini-batch updates: the clipped surrogate on A + β·k3 KL to the reference.
+
+Plain GRPO (`safealign grpo`) is the λ = 0 baseline: the same update without the cost stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from safealign.algorithms.grpo import GRPO, GRPOConfig, spread_over_tokens
+from safealign.algorithms.lagrangian import ConstraintConfig, LagrangeMultiplier, resolve_threshold
+from safealign.algorithms.losses import combined_advantage
+from safealign.config import config_field
+from safealign.training.rl import Experience, RLRun, train_rl
+
+
+@dataclass
+class GRPOLagConfig(ConstraintConfig, GRPOConfig):
+    """GRPO-Lagrangian. The constraint's defaults are PPO-Lag's (λ_0 1, α 0.1, λ_max 5, d 0, window 128)."""
+
+    output_dir: str = config_field("runs/grpo_lag", help="Run directory: config.yaml, logs/, samples.jsonl, checkpoints/, model/ (the actor), metrics.json.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_constraint()
+
+
+class GRPOLag(GRPO):
+    """GRPO with a reward and a cost stream and the Lagrange multiplier λ that weighs their group advantages."""
+
+    streams = ("reward", "cost")
+
+    def __init__(self, cfg: GRPOLagConfig) -> None:
+        super().__init__(cfg)
+        self.lagrangian = LagrangeMultiplier(cfg, cfg.output_dir)
+
+    def score_model_paths(self) -> dict[str, str]:
+        return {"reward": self.cfg.reward_model, "cost": self.cfg.cost_model}
+
+    def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        """One rollout batch: experience (Z_R, Z_C), λ, the combined advantage, the clipped updates."""
+        scalars = self.experience(run.models, batch, run.accelerator)  # 1. Z_R, Z_C and the end costs C
+        scalars["unsafe_fraction"] = (batch["scores_cost"] > 0).float().mean().item()  # cost > 0: unsafe
+        shared = self.lagrangian.update(batch["scores_cost"], run.accelerator, step)  # 2. λ, before the update that uses it
+        batch["advantages"] = self.actor_advantages(batch)  # 3. (Z_R − λ·Z_C) / (1 + λ)
+        scalars.update(run.update(batch, step, self.losses))  # 4. the actor (+ PTX)
+        return scalars, shared
+
+    def actor_advantages(self, batch: Experience) -> torch.Tensor:
+        """A = (Z_R − λ·Z_C) / (1 + λ) with the current λ, on every token of each answer: (B, T)."""
+        advantages = combined_advantage(batch["reward_advantages"], batch["cost_advantages"], self.lagrangian.value)  # (B,)
+        return spread_over_tokens(advantages, batch["response_mask"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.lagrangian.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lagrangian.load_state_dict(state)
+
+
+def run(cfg: GRPOLagConfig) -> dict[str, Any]:
+    """GRPO-Lag on the reward and cost models; returns flat metrics (reward, cost, episode_cost, lagrange_multiplier,
+    unsafe_fraction, kl, ...), and `threshold` (d)."""
+    cfg, extra = resolve_threshold(cfg, cfg.tokenizer or cfg.actor_model)
+    return {**train_rl(cfg, GRPOLag(cfg)), "threshold": cfg.threshold, **extra}
