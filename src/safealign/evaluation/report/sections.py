@@ -114,7 +114,34 @@ def _policies(run: Run) -> Section:
                                          [[name] + [m.get(key) for key, _, _ in columns] for name, m in judged.items()]))
     elif run.comparison is None:
         section.notes.append("No model-judge numbers: the compare stage has not written eval/compare/comparison.json.")
+    _diversity(section, run)
     return section
+
+
+DIVERSITY_COLUMNS = [("diversity/distinct_1", "distinct-1 (per prompt)", "num"),
+                     ("diversity/distinct_2", "distinct-2 (per prompt)", "num"),
+                     ("diversity/self_rouge_l", "self-ROUGE-L", "num"),
+                     ("diversity/semantic", "semantic diversity", "num"),
+                     ("diversity/num_prompts", "prompts", "int"), ("diversity/semantic_prompts", "prompts (semantic)", "int")]
+
+
+def _diversity(section: Section, run: Run) -> None:
+    """How different a policy's answers to one prompt are from each other (the compare stage's `diversity/` numbers),
+    beside SFT's: RLHF is known to narrow them."""
+    judged = (run.comparison or {}).get("policies", {})
+    columns = [c for c in DIVERSITY_COLUMNS if any(m.get(c[0]) is not None for m in judged.values())]
+    if not columns:
+        return
+    section.paragraphs.append(
+        "Diversity of each policy's answers to one prompt, averaged over the compared prompts with two answers or more: "
+        "distinct-n, the unique word n-grams among one prompt's answers over all of them (higher = more diverse); "
+        "self-ROUGE-L, the mean ROUGE-L F1 between two answers of one prompt (lower = more diverse); semantic "
+        "diversity, the mean 1 − clip(cos, 0, 1) between two answers' sentence embeddings (all-MiniLM-L6-v2; higher = "
+        "more diverse), over the first prompts only (its own prompt count). Compare policies sampled alike: more or "
+        "longer answers move every number.")
+    section.blocks.append(TableBlock("Diversity of the answers to one prompt", [Column("policy")] + [
+        Column(title, style) for _, title, style in columns], [[name] + [m.get(key) for key, _, _ in columns]
+                                                               for name, m in judged.items()]))
 
 
 def _answers_per_prompt(numbers: dict[str, Any]) -> float:
