@@ -225,3 +225,12 @@ def test_the_comparison_reports_each_policys_diversity_on_the_shared_prompts():
     assert sft["diversity/self_rouge_l"] == 0.0 and rl["diversity/self_rouge_l"] == 1.0
     assert sft["diversity/semantic"] == 1.0 and rl["diversity/semantic"] == 0.0
     assert sft["diversity/semantic_prompts"] == 1  # the first prompt only
+
+
+def test_the_comparisons_encoder_is_named_by_a_setting(tmp_path, tiny_bert_dir):
+    from safealign.evaluation.compare import CompareConfig, sentence_encoder
+
+    assert sentence_encoder(CompareConfig(diversity_encoder="")) is None
+    assert sentence_encoder(CompareConfig(diversity_encoder=str(tiny_bert_dir), device="cpu"))(["a b"]).shape[0] == 1
+    with pytest.raises(FileNotFoundError, match="diversity_encoder"):
+        sentence_encoder(CompareConfig(diversity_encoder=str(tmp_path / "none")))
