@@ -228,9 +228,9 @@ def test_the_comparison_reports_each_policys_diversity_on_the_shared_prompts():
 
 
 def test_the_comparisons_encoder_is_named_by_a_setting(tmp_path, tiny_bert_dir):
-    from safealign.evaluation.compare import CompareConfig, sentence_encoder
+    from safealign.evaluation.diversity import named_encoder
 
-    assert sentence_encoder(CompareConfig(diversity_encoder="")) is None
-    assert sentence_encoder(CompareConfig(diversity_encoder=str(tiny_bert_dir), device="cpu"))(["a b"]).shape[0] == 1
+    assert named_encoder("") is None
+    assert named_encoder(str(tiny_bert_dir))(["a b"]).shape[0] == 1
     with pytest.raises(FileNotFoundError, match="diversity_encoder"):
-        sentence_encoder(CompareConfig(diversity_encoder=str(tmp_path / "none")))
+        named_encoder(str(tmp_path / "none"))

@@ -322,11 +322,18 @@ def test_parallel_baselines_give_the_results_of_one_lane_and_report_a_failure(tm
     assert " evaluate_sft " in log and " evaluate_ppo " in log and " evaluate_ppo_lag " in log and " ppo_lag " not in log
     assert [k.removeprefix("time_s/") for k in two if k.startswith("time_s/")] == LANES
     measured = ("time", "runtime", "per_second", "world/out")  # clocks and the run directory: the rest must be equal
-    assert {k: v for k, v in two.items() if not any(m in k for m in measured)} == \
-        {k: v for k, v in one.items() if not any(m in k for m in measured)}
-    for policy in ("ppo", "ppo_lag"):  # bit-identical: on this CPU the thread count changes no float
+    lanes_metrics, one_metrics = ({k: v for k, v in m.items() if not any(x in k for x in measured)} for m in (two, one))
+    assert lanes_metrics.keys() == one_metrics.keys()
+    # Equal to the last digit on the 2-core VM without AVX-512; on the one with AVX-512 a stage run in the second
+    # lane's process differed in the 8th significant digit (ppo/actor_loss −0.05538402870 vs −0.05538403243), also
+    # before the lanes code changed: the same float sums are not guaranteed across processes there.
+    for key, value in one_metrics.items():
+        assert lanes_metrics[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
+    for policy in ("ppo", "ppo_lag"):
         lanes, sequential = (load_file(r / policy / "model" / "model.safetensors") for r in (root, tmp_path / "one"))
-        assert lanes.keys() == sequential.keys() and all(torch.equal(lanes[k], sequential[k]) for k in lanes)
+        assert lanes.keys() == sequential.keys()
+        for k in lanes:
+            torch.testing.assert_close(lanes[k], sequential[k], rtol=0, atol=1e-5)
     assert json.loads((root / "progress.json").read_text())["stage"] is None
 
     # A stage failing in the second lane fails the pipeline after the first lane's stages, naming the stage and log.
@@ -483,6 +490,8 @@ def test_the_family_stages_wait_for_what_they_read():
     assert sorted(prerequisites(cfg, table, "safe_bon")) == ["cm", "rm", "sft", "world"]
     assert sorted(prerequisites(cfg, table, "grpo_lag")) == ["cm", "rm", "sft", "world"]
     assert sorted(prerequisites(cfg, table, "grpo")) == ["rm", "sft", "world"]  # the reward alone
+    assert sorted(prerequisites(cfg, table, "p3o_lag")) == ["cm", "rm", "sft", "world"]
+    assert sorted(prerequisites(cfg, table, "p3o")) == ["rm", "sft", "world"]  # the reward alone
     # C-DPO bounds the mean cost where Safe RLHF does
     bounded = PipelineConfig(output_dir=str(root), ppo_lag={"threshold": -1.5})
     assert plan(bounded, root)["cdpo"].config_values(bounded)["threshold"] == -1.5

@@ -29,15 +29,8 @@ from typing import Any, Iterator, Literal
 import torch
 from accelerate import Accelerator
 
-from safealign.algorithms.losses import (
-    approx_kl,
-    clip_fraction,
-    group_advantages,
-    kl_estimate,
-    kl_penalty,
-    ppo_actor_loss,
-)
-from safealign.algorithms.rollout import end_scores, ptx_loss, token_log_probs
+from safealign.algorithms.losses import approx_kl, clip_fraction, group_advantages, kl_penalty, ppo_actor_loss
+from safealign.algorithms.rollout import critic_free_experience, ptx_loss, token_log_probs
 from safealign.config import ConfigError, config_field
 from safealign.training.rl import Experience, RLAlgorithm, RLRun, train_rl
 from safealign.training.rl_setup import RLConfig, RLModels
@@ -97,17 +90,8 @@ class GRPO(RLAlgorithm):
     def experience(self, models: RLModels, batch: Experience, accelerator: Accelerator) -> dict[str, float]:
         """Fill `batch`: log-probs (π_old, π_ref), the end scores scores_{name} (B,) and each stream's group advantage
         {stream}_advantages (B,); return this process's rollout scalars."""
-        cfg, mask = self.cfg, batch["response_mask"]  # mask size = (B, T)
-        batch["log_probs"] = token_log_probs(models.actor, batch)  # size = (B, T): π_old
-        batch["ref_log_probs"] = token_log_probs(models.reference, batch)  # size = (B, T)
-        scores = {name: end_scores(model, batch) for name, model in models.score_models.items()}  # each (B,)
-        scalars: dict[str, float] = {}
-        for name, value in scores.items():
-            batch[f"scores_{name}"] = value
-            scalars[name] = value.mean().item()
-        ends = dict(scores)
-        if cfg.missing_eos_penalty:  # a cut answer: R − penalty (the reward stream only; the cost keeps its meaning)
-            ends["reward"] = ends["reward"] - cfg.missing_eos_penalty * (~batch["ended_with_eos"]).to(ends["reward"].dtype)
+        cfg = self.cfg
+        ends, scalars = critic_free_experience(models, batch, cfg.missing_eos_penalty)  # log-probs, end scores (B,)
         k = cfg.samples_per_prompt
         for stream in self.streams:
             advantages = group_advantages(ends[stream].float(), k, cfg.advantage_estimator, cfg.scale_advantages)  # (B,)
@@ -115,10 +99,6 @@ class GRPO(RLAlgorithm):
             flat = ends[stream].float().view(-1, k)  # size = (prompts, k)
             scalars[f"{stream}_group_std"] = flat.std(dim=1).mean().item()  # the spread the advantage divides by
             scalars[f"{stream}_constant_groups"] = (flat.amax(1) == flat.amin(1)).float().mean().item()  # no signal
-        kl = kl_estimate(batch["log_probs"], batch["ref_log_probs"], "k1") * mask  # size = (B, T)
-        scalars.update(kl=kl.sum(-1).mean().item(),  # sequence KL Σ_t (log π − log π_ref), batch mean: as PPO logs it
-                       response_length=mask.sum(-1).float().mean().item(),
-                       ended_with_eos=batch["ended_with_eos"].float().mean().item())
         return scalars
 
     def actor_advantages(self, batch: Experience) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The constraint E[C] ≤ d and its Lagrange multiplier λ, shared by the constrained RL methods (PPO-Lag, GRPO-Lag).
+"""The constraint E[C] ≤ d and its Lagrange multiplier λ, shared by the constrained RL methods (PPO-Lag, GRPO-Lag,
+safe P3O).
 
     max_θ E[R]  subject to  E[C] ≤ d          solved as   min_θ max_{λ≥0}  −E[R] + λ·(E[C] − d)
 

@@ -294,12 +294,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.Tensor,
                        lagrange_multiplier: float | torch.Tensor) -> torch.Tensor:
-    """Safe RLHF's actor advantage (docs/maths.md §5): A_t = (A^R_t − λ·A^C_t) / (1 + λ). (B, T), (B, T) -> (B, T)."""
+    """Safe RLHF's actor advantage (docs/maths.md §5): A_t = (A^R_t − λ·A^C_t) / (1 + λ). (B, T), (B, T) -> (B, T).
+
+    Elementwise, any shape: GRPO-Lag combines its per-answer advantages (B,) with it, safe P3O its end scores (B,)."""
     return (reward_advantages - lagrange_multiplier * cost_advantages) / (1.0 + lagrange_multiplier)
 
 
 # --------------------------------------------------------------------------------------------------
-# Critic-free RL: advantages from a group of samples of the same prompt (docs/maths.md §8)
+# Critic-free RL: advantages from a group of samples of the same prompt (docs/maths.md §8), P3O's pairwise loss (§9)
 # --------------------------------------------------------------------------------------------------
 def group_advantages(scores: torch.Tensor, group_size: int, estimator: str = "grpo", scale: bool = True,
                      eps: float = 1e-8) -> torch.Tensor:
@@ -336,6 +338,41 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, mask: torch
     log_probs (B, T) with grad; ref_log_probs, mask (B, T) -> (). ≥ 0, and 0 exactly where π = π_ref.
     """
     return masked_mean(kl_estimate(log_probs, ref_log_probs.detach(), "k3"), mask)
+
+
+def p3o_loss(log_ratios: torch.Tensor, old_log_ratios: torch.Tensor, score_diffs: torch.Tensor, kl_coeff: float,
+             clip_range: float = 0.2, clip_range_ratio: float = 10.0,
+             num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Trajectory-level P3O (Wu et al. 2023, arXiv 2310.00212, docs/maths.md §9): the clipped pairwise policy gradient
+    on the two answers y_0, y_1 of each prompt, as the author's code (thwu1/trlx, `AccelerateP3OTrainer.p3o_loss`,
+    clip_tokenwise=False). Per pair, with ℓ_i = Σ_t [log π_θ(y_i,t) − log π_ref(y_i,t)] and ℓ_i^old the same under
+    π_old (the policy that sampled the pair):
+
+        q       = (s_0 − s_1) − β·(ℓ_0^old − ℓ_1^old)                   (KL-regularised score difference; detached)
+        w       = clamp( exp((ℓ_0 − ℓ_0^old) + (ℓ_1 − ℓ_1^old)), 1/c, c )  (the pair's joint importance weight; detached)
+        Δ       = ℓ_0 − ℓ_1,   Δ^old = ℓ_0^old − ℓ_1^old
+        L1      = −q·w·Δ,      L1_clip = −q·w·clamp(Δ, Δ^old − ε, Δ^old + ε)
+        L       = Σ_pairs max(L1, L1_clip) / N
+
+    ε = `clip_range` bounds the change of the pair's log-likelihood gap (a trust region on Δ, not PPO's ratio clip);
+    c = `clip_range_ratio` > 1. N = `num_tokens` (the response tokens of both answers of every pair here: the author's
+    default avg_tokenwise), or 2·pairs when None (the author's mean(max(L1, L1_clip))/2). The gradient is the pairwise
+    policy gradient (s_0 − s_1)·∇(log π(y_0) − log π(y_1)): invariant to any shift of both scores of a prompt.
+    The author's q uses the current ℓ (detached), equal to ℓ^old on the first pass over a rollout; here q is fixed at
+    sampling time, as a reward is.
+
+    log_ratios (P, 2) with grad; old_log_ratios (P, 2); score_diffs (P,) = s_0 − s_1 -> ().
+    """
+    old = old_log_ratios.detach()  # size = (P, 2)
+    old_gap = old[:, 0] - old[:, 1]  # size = (P,): Δ^old
+    q = score_diffs.detach() - kl_coeff * old_gap  # size = (P,)
+    weight = torch.exp((log_ratios.detach() - old).sum(-1)).clamp(1.0 / clip_range_ratio, clip_range_ratio)  # size = (P,)
+    gap = log_ratios[:, 0] - log_ratios[:, 1]  # size = (P,): Δ, with grad
+    unclipped = -q * weight * gap  # size = (P,)
+    clipped = -q * weight * torch.clamp(gap, old_gap - clip_range, old_gap + clip_range)  # size = (P,)
+    total = torch.maximum(unclipped, clipped).sum()  # size = ()
+    normaliser = 2 * gap.numel() if num_tokens is None else num_tokens
+    return total / torch.as_tensor(normaliser, dtype=total.dtype, device=total.device).clamp(min=1)
 
 
 def ppo_actor_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,

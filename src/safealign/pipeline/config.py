@@ -20,6 +20,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "ppo": {"max_steps": 8, "per_device_prompt_batch_size": 16},
         "grpo_lag": {"max_steps": 2, "per_device_prompt_batch_size": 16},
         "grpo": {"max_steps": 2, "per_device_prompt_batch_size": 16},
+        "p3o_lag": {"max_steps": 2, "per_device_prompt_batch_size": 16},
+        "p3o": {"max_steps": 2, "per_device_prompt_batch_size": 16},
         "shaping": {"max_steps": 4, "per_device_prompt_batch_size": 16, "nus": [1.0]},
         # Round 2 at smoke-test size: it exercises every round stage, it does not train much.
         "redteam": {"probe_limit": 64, "pairs": 100},
@@ -40,6 +42,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # about half of PPO-Lag's 60 in CPU time (a step of 128 rows is 2.2× PPO-Lag's of 32: docs/results.md).
         "grpo_lag": {"max_steps": 12},
         "grpo": {"max_steps": 12},
+        # P3O: 2 answers per prompt, so 24 steps of 32 prompts give GRPO's rows per run (12 × 32 × 4).
+        "p3o_lag": {"max_steps": 24},
+        "p3o": {"max_steps": 24},
         "shaping": {"max_steps": 40},
         # Rounds 2 and 3 must be cheap: the value models warm start from the previous round's and see a quarter
         # epoch of all the pairs so far.
@@ -70,8 +75,8 @@ class PipelineConfig:
              "cheap and must see every policy). `rounds` = rounds 2.. (round{k}/redteam, /rm, /cm, /eval_scores, "
              "/ppo_lag, /evaluate), `shaping` and `evaluate_shaping` = one stage per ν (shaping/nu=ν); each also a stage name. "
              "The DPO family and best-of-n (configs/methods.yaml): dpo_helpful, dpo_harmless, safedpo, bfpo, modpo, sacpo, "
-             "psacpo, cdpo, rsft (each with evaluate_<name>), bon, safe_bon. Critic-free RL: grpo_lag, grpo (each with "
-             "evaluate_<name>).",
+             "psacpo, cdpo, rsft (each with evaluate_<name>), bon, safe_bon. Critic-free RL: grpo_lag, grpo, p3o_lag, p3o "
+             "(each with evaluate_<name>).",
     )
     rounds: int = config_field(
         0, help="Safe RLHF rounds (the paper ran 3): round 1 = the ppo_lag stage, rounds 2.. = the rounds stage; 0 = the profile's (default 3, quick 2).")
@@ -118,6 +123,8 @@ class PipelineConfig:
     rsft: dict = config_field({}, help="RSFTConfig overrides of rejection-sampling fine-tuning (safealign rsft --help): rounds, k, num_prompts, mode, threshold, ...")
     grpo_lag: dict = config_field({}, help="GRPOLagConfig overrides of the grpo_lag stage (safealign grpo-lag --help); its d is round 1's.")
     grpo: dict = config_field({}, help="GRPOConfig overrides of the grpo stage (safealign grpo --help), plain GRPO: the λ = 0 baseline.")
+    p3o_lag: dict = config_field({}, help="P3OLagConfig overrides of the p3o_lag stage (safealign p3o-lag --help); its d is round 1's.")
+    p3o: dict = config_field({}, help="P3OConfig overrides of the p3o stage (safealign p3o --help), plain P3O: the λ = 0 baseline.")
     bon: dict = config_field({}, help="BestOfNConfig overrides of the bon and safe_bon stages (safealign bon --help): n, threshold, ... (samples_per_prompt and limit follow evaluate's).")
     parallel_baselines: bool = config_field(
         False, help="Run the baselines (evaluate_sft, eval_scores, ppo, shaping and their evaluations) in a second process beside "

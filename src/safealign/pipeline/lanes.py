@@ -6,8 +6,10 @@ anything depend on the evaluations of the Safe RLHF rounds, which the second lan
 for a round's policy where it must), so that the first lane holds the training chain alone. On a CPU,
 generation-heavy stages use a second thread poorly while training uses it well, so two one-thread lanes get through
 the RL and evaluation stages faster than one two-thread lane; a lane takes the other's threads back when that one
-ends. Each stage computes what it would in one lane (the same numbers to the last digit, tests/pipeline/test_pipeline.py);
-only the wall time changes. The second lane's output goes to output_dir/logs/baselines.log.
+ends. Each stage computes what it would in one lane (tests/pipeline/test_pipeline.py: the same numbers to the last
+digit on the 2-core VM without AVX-512; on the one with AVX-512 a stage in the second lane's process differed in the
+8th significant digit, float sums not being fixed across processes there); only the wall time changes. The second
+lane's output goes to output_dir/logs/baselines.log.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ console = stderr_console()
 
 LANE_HEAD = ("world", "sft", "rm", "cm")  # every baseline stage needs these; they run first, with all threads
 BASELINE_LANE = ("evaluate_sft", "eval_scores", "ppo", "evaluate_ppo", "shaping", "evaluate_shaping",
-                 "dpo_harmless", "safedpo", "bfpo", "modpo", "grpo")  # the family splits between the lanes (methods.yaml)
+                 "dpo_harmless", "safedpo", "bfpo", "modpo", "grpo", "p3o")  # the family splits between the lanes (methods.yaml)
 LANE_LOG = "logs/baselines.log"  # the second lane's output (stages, warnings, a traceback if it fails)
 LANE_RESULT = "logs/baselines.json"  # its stage times, or the stage that failed and why
 LANE_REQUEST = "logs/baselines-request.json"  # what it runs: the pipeline config, its stages, its threads

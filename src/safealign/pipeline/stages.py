@@ -74,6 +74,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Critic-free RLHF: GRPO (or RLOO) of the policy on the reward model, k answers per prompt as each other's baseline."),
     Command("grpo-lag", "safealign.algorithms.grpo_lag", "GRPOLagConfig",
             "Safe RLHF without critics: GRPO on reward and cost advantages normalised per stream, weighed by PPO-Lag's λ."),
+    Command("p3o", "safealign.algorithms.p3o", "P3OConfig",
+            "Critic-free pairwise RLHF: P3O of the policy on the reward model, the clipped policy gradient on the "
+            "difference of two answers' KL-regularised rewards."),
+    Command("p3o-lag", "safealign.algorithms.p3o_lag", "P3OLagConfig",
+            "Safe P3O: P3O on the pair's difference of (reward − λ·cost)/(1 + λ), λ PPO-Lag's."),
     Command("shaping", "safealign.algorithms.reward_shaping", "RewardShapingConfig",
             "Baseline: PPO on the shaped reward R - nu*C (nu fixed, or a sweep)."),
     Command("redteam", "safealign.pipeline.redteam", "RedTeamConfig",
@@ -98,7 +103,7 @@ SETTINGS_COMMANDS = {"world": "world generate", "sft": "sft", "rm": "rm", "cm": 
                      "eval_scores": "eval-scores", "ppo_lag": "ppo-lag", "ppo": "ppo", "shaping": "shaping",
                      "redteam": "redteam", "round_rm": "rm", "round_cm": "cm", "round_ppo_lag": "ppo-lag",
                      "compare": "compare", "dpo": "dpo", "sacpo": "dpo", "psacpo": "merge", "cdpo": "cdpo", "bon": "bon",
-                     "rsft": "rsft", "grpo_lag": "grpo-lag", "grpo": "grpo"}
+                     "rsft": "rsft", "grpo_lag": "grpo-lag", "grpo": "grpo", "p3o_lag": "p3o-lag", "p3o": "p3o"}
 ROUND_STEPS = ("redteam", "rm", "cm", "eval_scores", "ppo_lag", "evaluate")  # the stages of round k >= 2, in order
 ALWAYS_RUN = ("compare", "report")  # cheap summaries of the whole run directory: re-done so they see every policy
 
@@ -200,9 +205,11 @@ def plan(cfg: PipelineConfig, root: Path) -> dict[str, Stage]:
     stages += [evaluation(f"evaluate_shaping/nu={nu:g}", cfg, root, paths, root / "shaping" / f"nu-{nu:g}" / "model",
                           root / "eval" / "shaping" / f"nu-{nu:g}", group="evaluate_shaping") for nu in nus]
     stages += family_stages(cfg, root, paths)
-    # Critic-free RL from the SFT model with round 1's value models; GRPO-Lag's constraint is round 1's (its d).
+    # Critic-free RL from the SFT model with round 1's value models; GRPO-Lag's and safe P3O's constraint (d) is round 1's.
     stages += [rl_stage("grpo_lag", "grpo-lag", cfg, root, paths, ("grpo_lag",), extra_inputs={"threshold": round_threshold(cfg, 1)}),
-               rl_stage("grpo", "grpo", cfg, root, paths, ("grpo",))]
+               rl_stage("grpo", "grpo", cfg, root, paths, ("grpo",)),
+               rl_stage("p3o_lag", "p3o-lag", cfg, root, paths, ("p3o_lag",), extra_inputs={"threshold": round_threshold(cfg, 1)}),
+               rl_stage("p3o", "p3o", cfg, root, paths, ("p3o",))]
     stages += [evaluation(f"evaluate_{name}", cfg, root, paths, root / name / "model", root / "eval" / name)
                for name in ONLINE_POLICIES]
     stages += [
@@ -221,7 +228,7 @@ DPO_FAMILY: dict[str, dict[str, Any]] = {
     "modpo": {"variant": "modpo", "preference": "better"},  # the margin: round 1's cost model (m = −cost)
 }
 FAMILY_POLICIES = (*DPO_FAMILY, "sacpo", "psacpo", "cdpo", "rsft")  # each with its evaluate_<name> stage
-ONLINE_POLICIES = ("grpo_lag", "grpo")  # critic-free RL, each with its evaluate_<name> stage
+ONLINE_POLICIES = ("grpo_lag", "grpo", "p3o_lag", "p3o")  # critic-free RL, each with its evaluate_<name> stage
 BEST_OF_N = {"bon": "reward", "safe_bon": "safe"}  # stage -> selection mode; evaluations of the SFT model
 
 
@@ -267,12 +274,12 @@ def evaluation(name: str, cfg: PipelineConfig, root: Path, paths: DataPaths, mod
 def rl_stage(name: str, command: str, cfg: PipelineConfig, root: Path, paths: DataPaths, settings: tuple[str, ...],
              fixed: dict[str, Any] | None = None, directory: Path | None = None, group: str = "",
              extra_inputs: dict[str, Any] | None = None) -> Stage:
-    """An RL stage from the SFT model with round 1's reward and cost models (PPO and GRPO have no cost model)."""
+    """An RL stage from the SFT model with round 1's reward and cost models (PPO, GRPO and P3O have no cost model)."""
     directory = directory or root / name
     inputs = {"actor_model": str(root / "sft" / "model"), "reward_model": str(root / "rm" / "model"),
               "cost_model": str(root / "cm" / "model"), "prompt_data": paths.rl_prompts, "seed": cfg.seed,
               **(extra_inputs or {})}
-    if command in ("ppo", "grpo"):  # the reward alone
+    if command in ("ppo", "grpo", "p3o"):  # the reward alone
         del inputs["cost_model"]
     return Stage(name, command, directory, inputs, settings, {**(fixed or {}), "output_dir": str(directory)},
                  group=group, resumable=True)

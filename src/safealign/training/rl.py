@@ -11,7 +11,7 @@ One *step* is one rollout batch and the algorithm's update on it:
    (seed, step, rank): a resumed run samples exactly what the uninterrupted one did;
 3. `algorithm.train_step(run, batch, step)`: the whole update, in the algorithm's file: the experience without
    gradients (log-probs, scores, values, advantages), any multiplier update, and the optimizer steps, which go
-   through `RLRun.update`: `ppo_epochs` passes over the rollout in shuffled mini-batches of
+   through `RLRun.update`: `ppo_epochs` passes over the rollout in shuffled mini-batches (P3O: of whole pairs) of
    `per_device_train_batch_size` × `gradient_accumulation_steps` rows per process, each mini-batch one optimizer
    step of every trained model, the loss given by the algorithm as terms backpropagated one by one (one model's
    activations alive at a time), with a PTX micro-batch (`ptx_data`) for the algorithm to use;
@@ -152,16 +152,20 @@ class RLRun:
     pad_token_id: int
     updates_per_step: int  # optimizer steps per rollout batch (every step the same number)
 
-    def update(self, batch: Experience, step: int, losses: Losses) -> dict[str, float]:
+    def update(self, batch: Experience, step: int, losses: Losses, group_size: int = 1) -> dict[str, float]:
         """`ppo_epochs` shuffled passes of mini-batch updates over `batch`; returns the mean diagnostics.
 
         `losses(models, micro_batch, ptx_batch, metrics)` yields the micro-batch's loss as terms, each backpropagated
         before the next is computed (one model's activations alive at a time); `ptx_batch` is this micro-batch's share
         of the PTX data (None without `ptx_data`), detached diagnostics go into `metrics`. Each term is a masked mean:
         Accelerate divides it by the accumulation steps and DDP averages over processes (equal row counts), so the
-        gradient is that of the mini-batch's masked mean.
+        gradient is that of the mini-batch's masked mean. `group_size` > 1 (P3O: 2) keeps each group of that many
+        consecutive rows (the answers of one prompt) together, in order, in one micro-batch (`shuffled_rows`).
         """
         cfg, accelerator, models = self.cfg, self.accelerator, self.models
+        if cfg.per_device_train_batch_size % group_size or batch.num_rows % group_size:
+            raise ValueError(f"a micro-batch of {cfg.per_device_train_batch_size} rows out of {batch.num_rows} cannot hold "
+                             f"whole groups of {group_size} rows")
         started = time.perf_counter()
         models.actor.train()
         for critic in models.critics.values():
@@ -172,7 +176,7 @@ class RLRun:
         sums: dict[str, float] = {}
         count, update = 0, 0
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(batch.num_rows, generator=generator)
+            order = shuffled_rows(batch.num_rows, group_size, generator)
             for start in range(0, batch.num_rows, micro):
                 rows = order[start:start + micro].to(batch["sequences"].device)
                 ptx_batch = None
@@ -210,6 +214,16 @@ class RLRun:
                                       position)
         batch = collate_sft([examples[i] for i in micro_batches[micro_index]], self.pad_token_id)
         return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+
+def shuffled_rows(num_rows: int, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of the rows in which each group of `group_size` consecutive rows stays together and in order:
+    the groups are permuted, then expanded to their rows. (num_rows,). Group size 1 is exactly
+    torch.randperm(num_rows, generator=generator), the draw PPO and GRPO have always made."""
+    if group_size == 1:
+        return torch.randperm(num_rows, generator=generator)
+    groups = torch.randperm(num_rows // group_size, generator=generator)  # size = (G,)
+    return (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()  # size = (G · group_size,)
 
 
 # --------------------------------------------------------------------------------------------------
