@@ -245,3 +245,49 @@ def test_intervals_cluster_the_answers_of_one_request_when_the_prompts_name_it()
     assert (by_request["harmful_rate_low"], by_request["harmful_rate_high"]) == pytest.approx(wilson_interval(1, 2))
     by_prompt = summarise_judgements([{k: v for k, v in r.items() if k != "request"} for r in rows])
     assert (by_prompt["harmful_rate_low"], by_prompt["harmful_rate_high"]) == pytest.approx(wilson_interval(2, 4))
+
+
+def _evaluate_verbalized(policy_dir, prompts_file, out, **extra):
+    cfg = load_config(GoldEvalConfig, None, {
+        "model": str(policy_dir / "model"), "tokenizer": str(policy_dir / "tokenizer"), "prompts": str(prompts_file),
+        "output_dir": str(out), "max_new_tokens": 4, "batch_size": 8, "progress": False, "sampling": "verbalized",
+        "verbalized_k": 3, **extra})
+    return gold.run(cfg)
+
+
+def test_verbalized_sampling_is_refused_for_a_model_that_parses_less_than_half_the_time_unless_forced(
+        policy_dir, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(gold, "safeworld", FAKE_JUDGES)
+    with pytest.raises(ConfigError, match=r"answered the VS format in 0% of 7 probe calls \(fewer than 50%\)"):
+        _evaluate_verbalized(policy_dir, prompts_file, tmp_path / "refused")  # a random tiny model: never parses
+    assert not (tmp_path / "refused" / "metrics.json").exists()
+    with pytest.warns(UserWarning, match="14 of 14 answers did not parse"):
+        forced = _evaluate_verbalized(policy_dir, prompts_file, tmp_path / "forced", verbalized_force=True,
+                                      samples_per_prompt=2)
+    assert (forced["verbalized/parse_rate"], forced["verbalized/calls"], forced["verbalized/fallbacks"]) == (0.0, 14, 14)
+    assert "verbalized/probe_parse_rate" not in forced  # forced: no probe
+    rows = [json.loads(line) for line in (tmp_path / "forced" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 14 and not any(r["verbalized_parsed"] for r in rows)
+    with pytest.raises(ConfigError, match="verbalized_k must be >= 2"):
+        _evaluate_verbalized(policy_dir, prompts_file, tmp_path / "k", verbalized_k=1)
+
+
+def test_verbalized_sampling_draws_each_answer_from_the_parsed_distribution(policy_dir, prompts_file, tmp_path,
+                                                                           monkeypatch):
+    from safealign.models import verbalized
+    from safealign.models.generation import Sample
+
+    answer = ("<response><text>alpha</text><probability>0.8</probability></response>"
+              "<response><text>beta</text><probability>20%</probability></response>")
+
+    def scripted(model, tokenizer, prompts, cfg, k=5, batch_size=64, seed=0, progress=False):
+        return [Sample(answer, 1, True) for _ in range(len(prompts) * cfg.num_samples)]
+
+    monkeypatch.setattr(gold, "safeworld", FAKE_JUDGES)
+    monkeypatch.setattr(verbalized, "verbalized_calls", scripted)
+    metrics = _evaluate_verbalized(policy_dir, prompts_file, tmp_path / "vs", samples_per_prompt=4)
+    assert (metrics["verbalized/probe_parse_rate"], metrics["verbalized/parse_rate"]) == (1.0, 1.0)
+    assert (metrics["verbalized/calls"], metrics["verbalized/fallbacks"]) == (28, 0)
+    rows = [json.loads(line) for line in (tmp_path / "vs" / "samples.jsonl").read_text().splitlines()]
+    assert all(r["verbalized_parsed"] and r["response"] in {"alpha", "beta"} for r in rows)
+    assert {r["response"] for r in rows} == {"alpha", "beta"}

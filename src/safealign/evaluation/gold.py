@@ -18,6 +18,12 @@ responses of one request (of one prompt where the prompt file names no `request`
 The gold judges only make sense on SafeWorld's prompts: `gold: auto` judges when every prompt carries a
 `kind` (as SafeWorld's prompt files do); otherwise (or with `gold: false`) the rows have no `judgement`
 and the metrics are the judge-free ones (`summarise_samples`: lengths, truncation, distinct-n).
+With `sampling: verbalized` each answer is drawn by Verbalized Sampling (safealign.models.verbalized: the model is
+asked for `verbalized_k` responses with probabilities, one is drawn from them; an answer that does not parse is replaced
+by a direct one and counted). Before the evaluation a probe of one VS call on each of the first 8 prompts must parse at
+least half the time (a ConfigError naming the rate otherwise; `verbalized_force` skips it); the metrics then hold
+`verbalized/parse_rate` (share of the evaluation's VS calls that parsed), `verbalized/calls`, `verbalized/fallbacks`
+and `verbalized/probe_parse_rate`, and each row `verbalized_parsed`.
 The metric computations (`judge_samples`, `summarise_judgements`, `summarise_samples`, `distinct_n`) are
 pure functions of texts and rows, so any set of models (or stored samples) is evaluated the same way
 (`safealign.evaluation.compare` does that for several models).
@@ -42,6 +48,13 @@ from safealign.io import atomic_write_json, atomic_write_jsonl
 from safealign.models.generation import Sample, SamplingConfig, generate_samples
 from safealign.models.presets import build_causal_lm, resolve_device, resolve_pretrained
 from safealign.models.tokenizer import load_tokenizer
+from safealign.models.verbalized import (
+    DEFAULT_K,
+    PROBE_PROMPTS,
+    generate_verbalized,
+    probe_parse_rate,
+    require_parse_rate,
+)
 
 DEFAULT_PROMPTS = "runs/world/prompts/test.jsonl"  # written by `safealign world generate --out runs/world`
 
@@ -67,6 +80,13 @@ class GoldEvalConfig:
     progress: bool = config_field(True, help="Show a progress bar (on stderr) while generating.")
     gold: Literal["auto", "true", "false"] = config_field(
         "auto", help="Judge with SafeWorld's gold judges: auto = when every prompt carries a `kind` (SafeWorld's prompt files do).")
+    sampling: Literal["direct", "verbalized"] = config_field(
+        "direct", help="How each answer is drawn: direct (the policy answers the prompt) or verbalized (Verbalized "
+                       "Sampling: asked for verbalized_k answers with probabilities, one is drawn; instruction models).")
+    verbalized_k: int = config_field(
+        DEFAULT_K, help="Responses a verbalized call asks for (the paper's k); the call gets k × max_new_tokens tokens.")
+    verbalized_force: bool = config_field(
+        False, help="Sample verbalized without the probe (one call on each of the first 8 prompts must parse half the time).")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,15 +358,44 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
     records = select_prompts(load_prompts(cfg.prompts), cfg.limit, cfg.seed)
     gold = uses_gold(cfg.gold, [r.kind for r in records])
 
+    if cfg.sampling == "verbalized" and cfg.verbalized_k < 2:
+        raise ConfigError(f"evaluate: verbalized_k must be >= 2 (responses a verbalized call asks for), "
+                          f"got {cfg.verbalized_k}")
+
     model, tokenizer = load_policy(cfg.model, cfg.tokenizer, cfg.device)
-    generated = generate_samples(model, tokenizer, [r.prompt for r in records], sampling,
-                                 batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
+    prompts = [r.prompt for r in records]
+    if cfg.sampling == "verbalized":
+        generated, parsed, sampling_metrics = sample_verbalized(cfg, model, tokenizer, prompts, sampling)
+    else:
+        generated = generate_samples(model, tokenizer, prompts, sampling,
+                                     batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
+        parsed, sampling_metrics = None, {}
     per_prompt = cfg.samples_per_prompt
     # generated is prompt-major: response i answers prompt i // per_prompt
     samples = [sample_row(records[i // per_prompt], i % per_prompt, g) for i, g in enumerate(generated)]
+    if parsed is not None:
+        samples = [{**row, "verbalized_parsed": ok} for row, ok in zip(samples, parsed)]
     rows, metrics = judge_and_summarise(samples, gold)
+    metrics.update(sampling_metrics)
     write_evaluation(cfg, rows, metrics)
     return metrics
+
+
+def sample_verbalized(cfg: GoldEvalConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      prompts: list[str], sampling: SamplingConfig) -> tuple[list[Sample], list[bool], dict[str, Any]]:
+    """Every answer by Verbalized Sampling, after the parse-rate probe (unless forced): the samples, whether each
+    came from a parsed answer, and the `verbalized/` metrics."""
+    metrics: dict[str, Any] = {}
+    if not cfg.verbalized_force:
+        probed = min(PROBE_PROMPTS, len(prompts))
+        rate = probe_parse_rate(model, tokenizer, prompts, sampling, cfg.verbalized_k, probed, cfg.seed)
+        require_parse_rate(rate, probed, f"evaluate: model {cfg.model!r}")
+        metrics["verbalized/probe_parse_rate"] = rate
+    drawn = generate_verbalized(model, tokenizer, prompts, sampling, cfg.verbalized_k, cfg.batch_size, cfg.seed,
+                                cfg.progress)
+    metrics.update({"verbalized/parse_rate": drawn.parse_rate, "verbalized/calls": drawn.calls,
+                    "verbalized/fallbacks": drawn.fallbacks})
+    return drawn.samples, drawn.parsed, metrics
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
