@@ -10,6 +10,7 @@ from typing import Any, Callable, TypeVar
 
 from safealign.config import changed_settings, load_config
 from safealign.console import stderr_console
+from safealign.io import atomic_write_json
 from safealign.pipeline.config import PipelineConfig
 from safealign.pipeline.manifest import policies_manifest
 from safealign.pipeline.stages import ALWAYS_RUN, COMMANDS, Stage, plan
@@ -42,6 +43,9 @@ def resume_interrupted(config: StageConfig) -> StageConfig:
     return dataclasses.replace(config, resume="latest")
 
 
+STAGE_TIME = "stage_time.json"  # in a stage's directory: its wall and CPU seconds when it ran
+
+
 class StageRunner:
     """Runs stages in one process: skips a stage whose done file exists (loading its metrics), times the others,
     and after each one rewrites policies.json (and progress.json when this process is the one people watch)."""
@@ -72,6 +76,10 @@ class StageRunner:
         if self.done(name):
             console.print(f"[dim]skip {name}: {self.done_file(name)} exists[/]")
             self.results[name] = json.loads(self.done_file(name).read_text())
+            times = self.stage(name).directory / STAGE_TIME  # the time it took when it ran (absent before 2026-12-04)
+            if times.is_file():
+                recorded = json.loads(times.read_text())
+                self.timings[name], self.cpu_timings[name] = recorded["time_s"], recorded["cpu_time_s"]
             return
         self.before_each()
         if self.watched:  # progress.json: which stage runs now, for whoever watches the run (`safealign seeds`, a dashboard)
@@ -86,6 +94,8 @@ class StageRunner:
         self.results[name] = run_stage(config)
         self.timings[name] = round(time.perf_counter() - start, 1)
         self.cpu_timings[name] = round(time.process_time() - cpu_start, 1)
+        if name not in ALWAYS_RUN:  # kept with the stage: a later invocation that skips it still reports what it cost
+            atomic_write_json(stage.directory / STAGE_TIME, {"time_s": self.timings[name], "cpu_time_s": self.cpu_timings[name]})
         write_manifest(self.root, policies_manifest(self.cfg, self.root, set(self.stages)))
 
     def write_progress(self, name: str, **extra: Any) -> None:
