@@ -30,54 +30,38 @@ import torch
 from accelerate import Accelerator
 
 from safealign.algorithms.losses import approx_kl, clip_fraction, group_advantages, kl_penalty, ppo_actor_loss
-from safealign.algorithms.rollout import critic_free_experience, ptx_loss, token_log_probs
+from safealign.algorithms.critic_free import CriticFree, CriticFreeConfig, critic_free_experience
+from safealign.algorithms.rollout import ptx_loss, token_log_probs
 from safealign.config import ConfigError, config_field
-from safealign.training.rl import Experience, RLAlgorithm, RLRun, train_rl
-from safealign.training.rl_setup import RLConfig, RLModels
+from safealign.training.rl import Experience, RLRun, train_rl
+from safealign.training.rl_setup import RLModels
 
 
 @dataclass
-class GRPOConfig(RLConfig):
+class GRPOConfig(CriticFreeConfig):
     """GRPO on the reward model (plain critic-free RLHF). Defaults: k = 4 answers per prompt, β = 0.05 (PPO-Lag's),
     the RL loop's learning rate and mini-batches."""
 
     output_dir: str = config_field("runs/grpo", help="Run directory: config.yaml, logs/, samples.jsonl, checkpoints/, model/ (the actor), metrics.json.")
-    reward_model: str = config_field("runs/rm/model", help="Frozen reward model (a score model directory, `safealign rm`).")
     samples_per_prompt: int = config_field(4, help="k: answers sampled per prompt, each other's baseline (>= 2; rows per rollout = prompts × k).")
     kl_coeff: float = config_field(0.05, help="β: weight of the KL to the reference in the loss (k3 estimator on the sampled tokens).")
     advantage_estimator: Literal["grpo", "rloo"] = config_field(
         "grpo", help="grpo = each answer's score z-scored within its prompt's k answers; rloo = its score minus the mean of the other k − 1.")
     scale_advantages: bool = config_field(True, help="grpo: divide by the group's standard deviation (false: Dr. GRPO's centred scores).")
     clip_range_ratio: float = config_field(0.2, help="ε: the ratio π/π_old is clipped to [1 − ε, 1 + ε].")
-    missing_eos_penalty: float = config_field(
-        0.0, help="Subtracted from the reward of an answer cut at max_new_tokens (no EOS), before the group advantage (0 = off).")
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 2:
             raise ConfigError(f"samples_per_prompt must be >= 2 (each answer's baseline is its siblings), got {self.samples_per_prompt}")
-        if self.critic_layout != "full":
-            raise ConfigError(f"critic_layout={self.critic_layout!r}: GRPO has no critic; leave critic_layout at its default")
-        if self.kl_coeff < 0 or self.clip_range_ratio <= 0 or self.missing_eos_penalty < 0:
-            raise ConfigError("kl_coeff and missing_eos_penalty must be >= 0 and clip_range_ratio > 0")
-        rows = self.per_device_prompt_batch_size * self.samples_per_prompt
-        if rows % (self.per_device_train_batch_size * self.gradient_accumulation_steps):
-            raise ConfigError(f"a rollout's {rows} rows (prompts × samples_per_prompt) must split into mini-batches of "
-                              f"per_device_train_batch_size × gradient_accumulation_steps rows")
+        self.check_critic_free("GRPO")
+        if self.kl_coeff < 0 or self.clip_range_ratio <= 0:
+            raise ConfigError("kl_coeff must be >= 0 and clip_range_ratio > 0")
 
 
-class GRPO(RLAlgorithm):
+class GRPO(CriticFree):
     """Critic-free RL with one stream, the reward."""
 
-    streams: tuple[str, ...] = ("reward",)
-
-    def __init__(self, cfg: GRPOConfig) -> None:
-        self.cfg = cfg
-
-    def score_model_paths(self) -> dict[str, str]:
-        return {"reward": self.cfg.reward_model}
-
-    def critic_paths(self) -> dict[str, str]:
-        return {}  # critic-free
+    cfg: GRPOConfig
 
     def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
         """One rollout batch: the experience and group advantages, the actor's advantage, the clipped updates."""

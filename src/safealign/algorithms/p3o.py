@@ -6,7 +6,7 @@ only the difference of the two answers' scores, so it is invariant to any per-pr
 answer as one action (its log-likelihood, summed over tokens), with no value model and no per-token credit.
 
 `P3O.train_step` is the whole update of one rollout batch of two answers per prompt (rows 2j, 2j + 1: prompt j):
-1. experience, without gradients (`rollout.critic_free_experience`, GRPO's): log-probs of the response tokens under
+1. experience, without gradients (`critic_free.critic_free_experience`, GRPO's): log-probs of the response tokens under
    the actor (π_old) and the frozen reference (π_ref); end scores of the score models (a cut answer may lose
    `missing_eos_penalty` from its reward); each answer's sequence log-ratio ℓ^old = Σ_t (log π_old − log π_ref);
 2. each answer's score s (here its reward R), of which the update uses the pair's difference s_0 − s_1;
@@ -28,19 +28,19 @@ from typing import Any, Iterator, Literal
 import torch
 
 from safealign.algorithms.losses import approx_kl, p3o_loss
-from safealign.algorithms.rollout import critic_free_experience, ptx_loss, token_log_probs
+from safealign.algorithms.critic_free import CriticFree, CriticFreeConfig, critic_free_experience
+from safealign.algorithms.rollout import ptx_loss, token_log_probs
 from safealign.config import ConfigError, config_field
-from safealign.training.rl import Experience, RLAlgorithm, RLRun, train_rl
-from safealign.training.rl_setup import RLConfig, RLModels
+from safealign.training.rl import Experience, RLRun, train_rl
+from safealign.training.rl_setup import RLModels
 
 
 @dataclass
-class P3OConfig(RLConfig):
+class P3OConfig(CriticFreeConfig):
     """P3O on the reward model. Defaults: the author's ε 0.2 and c 10 with token normalisation, β = 0.05 (PPO-Lag's
     and GRPO's), the RL loop's learning rate, mini-batches and one update epoch."""
 
     output_dir: str = config_field("runs/p3o", help="Run directory: config.yaml, logs/, samples.jsonl, checkpoints/, model/ (the actor), metrics.json.")
-    reward_model: str = config_field("runs/rm/model", help="Frozen reward model (a score model directory, `safealign rm`).")
     samples_per_prompt: int = config_field(2, help="Answers sampled per prompt: P3O compares a pair, so 2 (rows per rollout = prompts × 2).")
     kl_coeff: float = config_field(
         0.05, help="β: weight of the sequence KL to the reference in the pair's score difference, q = (s_0 − s_1) − β·(ℓ_0 − ℓ_1).")
@@ -51,40 +51,24 @@ class P3OConfig(RLConfig):
     loss_normalization: Literal["tokens", "pairs"] = config_field(
         "tokens", help="The micro-batch's summed pair losses divided by: tokens = the response tokens of both answers "
                        "(the author's default, avg_tokenwise); pairs = 2 × the pairs.")
-    missing_eos_penalty: float = config_field(
-        0.0, help="Subtracted from the reward of an answer cut at max_new_tokens (no EOS), before the pair's difference (0 = off).")
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt != 2:
             raise ConfigError(f"samples_per_prompt must be 2 (P3O compares the two answers of a prompt), got {self.samples_per_prompt}")
-        if self.critic_layout != "full":
-            raise ConfigError(f"critic_layout={self.critic_layout!r}: P3O has no critic; leave critic_layout at its default")
-        if self.kl_coeff < 0 or self.clip_range <= 0 or self.missing_eos_penalty < 0:
-            raise ConfigError("kl_coeff and missing_eos_penalty must be >= 0 and clip_range > 0")
+        self.check_critic_free("P3O")
+        if self.kl_coeff < 0 or self.clip_range <= 0:
+            raise ConfigError("kl_coeff must be >= 0 and clip_range > 0")
         if self.clip_range_ratio <= 1:
             raise ConfigError(f"clip_range_ratio must be > 1 (the importance weight is clamped to [1/c, c]), got {self.clip_range_ratio}")
         if self.per_device_train_batch_size % 2:
             raise ConfigError(f"per_device_train_batch_size must be even (a micro-batch holds whole pairs), got "
                               f"{self.per_device_train_batch_size}")
-        rows = self.per_device_prompt_batch_size * self.samples_per_prompt
-        if rows % (self.per_device_train_batch_size * self.gradient_accumulation_steps):
-            raise ConfigError(f"a rollout's {rows} rows (prompts × 2) must split into mini-batches of "
-                              f"per_device_train_batch_size × gradient_accumulation_steps rows")
 
 
-class P3O(RLAlgorithm):
+class P3O(CriticFree):
     """Critic-free pairwise RL with one stream, the reward."""
 
-    streams: tuple[str, ...] = ("reward",)
-
-    def __init__(self, cfg: P3OConfig) -> None:
-        self.cfg = cfg
-
-    def score_model_paths(self) -> dict[str, str]:
-        return {"reward": self.cfg.reward_model}
-
-    def critic_paths(self) -> dict[str, str]:
-        return {}  # critic-free
+    cfg: P3OConfig
 
     def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
         """One rollout batch: the experience, each answer's score, the pairwise clipped updates."""

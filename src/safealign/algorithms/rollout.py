@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from safealign.algorithms.losses import gather_log_probs, kl_estimate, sft_loss
+from safealign.algorithms.losses import gather_log_probs, sft_loss
 from safealign.data.collate import padding_mask_for_causal
 from safealign.training.rl import Experience
 from safealign.training.rl_setup import RLModels
@@ -64,30 +64,6 @@ def end_scores(score_model: Any, batch: Experience) -> torch.Tensor:
 
 
 @torch.no_grad()
-def critic_free_experience(models: RLModels, batch: Experience,
-                           missing_eos_penalty: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The experience of a critic-free method (GRPO, P3O), without gradients. Fills `batch`: log_probs (π_old) and
-    ref_log_probs (B, T), each score model's end scores scores_{name} (B,). Returns the end scores the update uses,
-    name -> (B,) (the reward less `missing_eos_penalty` for an answer cut at max_new_tokens, as in PPO; the cost keeps
-    its meaning), and this process's rollout scalars."""
-    mask = batch["response_mask"]  # size = (B, T)
-    batch["log_probs"] = token_log_probs(models.actor, batch)  # size = (B, T): π_old
-    batch["ref_log_probs"] = token_log_probs(models.reference, batch)  # size = (B, T)
-    scores = {name: end_scores(model, batch) for name, model in models.score_models.items()}  # each (B,)
-    scalars: dict[str, float] = {}
-    for name, value in scores.items():
-        batch[f"scores_{name}"] = value
-        scalars[name] = value.mean().item()
-    ends = dict(scores)
-    if missing_eos_penalty:  # a cut answer: R − penalty (the reward stream only)
-        ends["reward"] = ends["reward"] - missing_eos_penalty * (~batch["ended_with_eos"]).to(ends["reward"].dtype)
-    kl = kl_estimate(batch["log_probs"], batch["ref_log_probs"], "k1") * mask  # size = (B, T)
-    scalars.update(kl=kl.sum(-1).mean().item(),  # sequence KL Σ_t (log π − log π_ref), batch mean: as PPO logs it
-                   response_length=mask.sum(-1).float().mean().item(),
-                   ended_with_eos=batch["ended_with_eos"].float().mean().item())
-    return ends, scalars
-
-
 def ptx_loss(actor: nn.Module, ptx_batch: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> torch.Tensor:
     """L_PTX: the actor's language-modelling loss on a micro-batch of SFT data (the InstructGPT-style term that keeps
     the actor a language model of that data), with grad; its value goes into `metrics`."""
