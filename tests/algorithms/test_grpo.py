@@ -3,7 +3,6 @@ raises the answers with positive advantage, λ follows the constraint, a crashed
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from safealign.models.tokenizer import load_tokenizer
 from safealign.training.common import make_accelerator
 from safealign.training.rl import Experience, RLRun
 from safealign.training.rl_setup import build_models, prepare_training
-from tiny_rl import FAST, TinySetup  # noqa: E402  (tests/algorithms is on sys.path)
+from tiny_rl import FAST, TinySetup, history  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,11 +92,6 @@ def test_config_errors_are_clear():
 def grpo_lag_config(tiny: TinySetup, out: Path, **overrides) -> GRPOLagConfig:
     return GRPOLagConfig(**{**dict(actor_model=tiny.actor, reward_model=tiny.reward_model, cost_model=tiny.cost_model,
                                    prompt_data=tiny.prompts, output_dir=str(out), max_steps=3), **FAST, **overrides})
-
-
-def history(out: Path, key: str) -> list[float]:
-    last = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))[-1]
-    return [h[key] for h in json.loads((last / "trainer_state.json").read_text())["log_history"]]
 
 
 def test_one_update_raises_the_answers_with_positive_advantage(tiny, tmp_path):

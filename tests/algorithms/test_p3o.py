@@ -4,7 +4,6 @@ constraint, a crashed run resumes exactly, no critic."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from safealign.models.tokenizer import load_tokenizer
 from safealign.training.common import make_accelerator
 from safealign.training.rl import Experience, RLRun, shuffled_rows
 from safealign.training.rl_setup import build_models, prepare_training
-from tiny_rl import FAST, TinySetup  # noqa: E402  (tests/algorithms is on sys.path)
+from tiny_rl import FAST, TinySetup, history  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,11 +98,6 @@ def test_config_errors_are_clear():
 def p3o_lag_config(tiny: TinySetup, out: Path, **overrides) -> P3OLagConfig:
     return P3OLagConfig(**{**dict(actor_model=tiny.actor, reward_model=tiny.reward_model, cost_model=tiny.cost_model,
                                   prompt_data=tiny.prompts, output_dir=str(out), max_steps=3), **FAST, **overrides})
-
-
-def history(out: Path, key: str) -> list[float]:
-    last = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))[-1]
-    return [h[key] for h in json.loads((last / "trainer_state.json").read_text())["log_history"]]
 
 
 def p3o_setup(tiny: TinySetup, out: Path, prompts: int, **overrides):

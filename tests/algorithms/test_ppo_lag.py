@@ -27,12 +27,7 @@ from safealign.models.score_model import load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training import rl
 from safealign.training.rl import Experience, RLRun
-from tiny_rl import FAST, TinySetup, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
-
-
-def history(out: Path, key: str) -> list[float]:
-    last = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))[-1]
-    return [h[key] for h in json.loads((last / "trainer_state.json").read_text())["log_history"]]
+from tiny_rl import FAST, TinySetup, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 def test_lambda_update_uses_the_window_and_the_actor_gets_the_combined_advantage():

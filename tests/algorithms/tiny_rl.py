@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def tiny_setup(root: Path) -> TinySetup:
 # Small and fast: 4 prompts x 2 samples, 8 new tokens, 2 mini-batches of 4 rows.
 FAST = dict(per_device_prompt_batch_size=4, samples_per_prompt=2, per_device_train_batch_size=4, max_new_tokens=8,
             mixed_precision="no", logging_steps=1, sample_steps=1, save_steps=1, warmup_ratio=0.0)
+
+
+def history(out: Path, key: str) -> list[float]:
+    """A logged scalar at every step, from the newest checkpoint's trainer_state.json."""
+    last = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))[-1]
+    return [h[key] for h in json.loads((last / "trainer_state.json").read_text())["log_history"]]
 
 
 def lag_config(tiny: TinySetup, out: Path, **overrides) -> PPOLagConfig:
