@@ -15,7 +15,7 @@ from safealign.pipeline.stages import COMMANDS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMMAND_OF_FILE = {"sft.yaml": "sft", "rm.yaml": "rm", "cm.yaml": "cm", "ppo.yaml": "ppo", "ppo_lag.yaml": "ppo-lag",
-                   "shaping.yaml": "shaping", "pipeline.yaml": "pipeline", "methods.yaml": "pipeline"}
+                   "shaping.yaml": "shaping", "pipeline.yaml": "pipeline", "methods.yaml": "pipeline", "grpo_lag.yaml": "grpo-lag"}
 
 
 def test_every_config_file_has_a_command():
@@ -39,3 +39,4 @@ def test_the_methods_profile_runs_every_method_of_the_family_with_one_round_of_s
     for name in ("dpo_helpful", "dpo_harmless", "safedpo", "bfpo", "modpo", "sacpo", "psacpo", "cdpo", "rsft"):
         assert name in stages and f"evaluate_{name}" in stages, name
     assert {"bon", "safe_bon", "ppo_lag", "ppo"} <= set(stages) and not any(s.startswith("round") for s in stages)
+    assert {"grpo_lag", "evaluate_grpo_lag", "p3o_lag", "evaluate_p3o_lag"} <= set(stages)
