@@ -8,9 +8,11 @@ The constraint and λ are PPO-Lag's (`lagrangian.py`); the update is GRPO's (`gr
    each stream's group advantage, computed separately: Z_R from the rewards, Z_C from the costs, each against the
    answer's k − 1 siblings (a group whose scores do not vary gives that stream 0);
 2. λ from the episode costs C of the window, before the update that uses it (PPO-Lag's rule);
-3. the actor's advantage A = (Z_R − λ·Z_C) / (1 + λ), on every token of the answer: Safe RLHF's combination, of
-   advantages normalised per stream, not of rewards (Constrained GRPO, arXiv 2602.05863: z-scoring R − λ·C would
-   rescale the cost by the reward's spread and distort what λ means);
+3. the actor's advantage A = (Z_R − λ·Z_C) / (1 + λ), on every token of the answer: Safe RLHF's combination of
+   per-stream advantages, not an advantage of R − λ·C (Constrained GRPO, arXiv 2602.05863: scalarise advantages, not
+   rewards). By default Z is RLOO's leave-one-out advantage, each stream in its own units (as PPO-Lag's A^R and A^C
+   are); `advantage_estimator: grpo` z-scores each stream first, as that paper advises, which on SafeWorld's dev split
+   left the policy more harmful and less helpful (docs/results.md);
 4. GRPO's `ppo_epochs` passes of mini-batch updates: the clipped surrogate on A + β·k3 KL to the reference.
 
 Plain GRPO (`safealign grpo`) is the λ = 0 baseline: the same update without the cost stream.
@@ -19,7 +21,7 @@ Plain GRPO (`safealign grpo`) is the λ = 0 baseline: the same update without th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,9 +34,14 @@ from safealign.training.rl import Experience, RLRun, train_rl
 
 @dataclass
 class GRPOLagConfig(ConstraintConfig, GRPOConfig):
-    """GRPO-Lagrangian. The constraint's defaults are PPO-Lag's (λ_0 1, α 0.1, λ_max 5, d 0, window 128)."""
+    """GRPO-Lagrangian. The constraint's defaults are PPO-Lag's (λ_0 1, α 0.1, λ_max 5, d 0, window 128); the advantage
+    is RLOO's by default (chosen on SafeWorld's dev split over three worlds, confirmed on test: docs/results.md)."""
 
     output_dir: str = config_field("runs/grpo_lag", help="Run directory: config.yaml, logs/, samples.jsonl, checkpoints/, model/ (the actor), metrics.json.")
+    advantage_estimator: Literal["grpo", "rloo"] = config_field(
+        "rloo", help="rloo (default here) = each answer's score minus the mean of the other k − 1, each stream in its own "
+                     "units, as Safe RLHF weighs them; grpo = z-scored per stream (Constrained GRPO's advice), which was more "
+                     "harmful and less helpful on SafeWorld's dev split.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
