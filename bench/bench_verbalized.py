@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 from safealign.evaluation.diversity import diversity_metrics, load_minilm
-from safealign.io import atomic_path
 from safealign.models.generation import SamplingConfig, generate_samples
-from safealign.models.presets import build_causal_lm, cache_dir
+from safealign.models.presets import build_causal_lm, cache_dir, save_gguf_as_safetensors
 from safealign.models.tokenizer import load_tokenizer
 from safealign.models.verbalized import generate_verbalized, parse_verbalized
 
@@ -49,8 +48,6 @@ def qwen_dir() -> str:
     out = cache_dir() / QWEN_FOLDER
     if (out / "config.json").is_file():
         return str(out)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
-
     gguf = cache_dir() / "gguf" / f"{QWEN_FOLDER}-q4km.gguf"
     gguf.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -61,16 +58,7 @@ def qwen_dir() -> str:
             digest.update(part)
     if digest.hexdigest() != QWEN_SHA256:
         raise SystemExit(f"{gguf}: sha256 {digest.hexdigest()}, expected {QWEN_SHA256}: not the pinned model")
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = quantized.config  # a GGUF-loaded model refuses save_pretrained: rebuild a plain one (as presets.py)
-    del config.quantization_config
-    config._name_or_path = ""
-    model = Qwen2ForCausalLM(config)
-    model.load_state_dict(quantized.state_dict())
-    with atomic_path(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_gguf_as_safetensors(gguf, out)
     return str(out)
 
 

@@ -24,7 +24,7 @@ from safealign.models.tokenizer import load_tokenizer
 from safealign.training.common import make_accelerator
 from safealign.training.rl import Experience, RLRun, shuffled_rows
 from safealign.training.rl_setup import build_models, prepare_training
-from tiny_rl import FAST, TinySetup, history  # noqa: E402  (tests/algorithms is on sys.path)
+from tiny_rl import FAST, TinySetup, expected_lambdas, history  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,10 +174,7 @@ def test_safe_p3o_lambda_rises_when_the_cost_exceeds_the_threshold_and_falls_bel
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     lambdas = [e.value for e in EventAccumulator(str(out / "logs")).Reload().Scalars("train/lagrange_multiplier")]
-    log_lambda, expected = 0.0, [1.0]  # the delay keeps λ_0 for the first step
-    for _ in range(3):
-        log_lambda = min(log_lambda + 0.1 * math.exp(log_lambda) * bias, math.log(5.0))
-        expected.append(math.exp(log_lambda))
+    expected = expected_lambdas(bias, steps=4, delay=1)  # the delay keeps λ_0 for the first step
     assert lambdas == pytest.approx(expected, rel=1e-3)
     assert (lambdas[-1] > lambdas[0]) == (bias > 0)
 

@@ -27,7 +27,7 @@ from safealign.models.score_model import load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training import rl
 from safealign.training.rl import Experience, RLRun
-from tiny_rl import FAST, TinySetup, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
+from tiny_rl import FAST, TinySetup, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 def test_lambda_update_uses_the_window_and_the_actor_gets_the_combined_advantage():
@@ -78,10 +78,7 @@ def test_lambda_rises_when_the_cost_exceeds_the_threshold_and_falls_below(tiny, 
     lambdas = [e.value for e in events.Scalars("train/lagrange_multiplier")]
     assert lambdas[0] == 1.0  # the update delay: λ_0 for the first step
     # log λ ← log λ + α·λ·(C − d); at +5 it reaches λ_max = 5 and stays there.
-    log_lambda, expected = 0.0, [1.0]
-    for _ in range(3):
-        log_lambda = min(log_lambda + 0.1 * math.exp(log_lambda) * bias, math.log(5.0))
-        expected.append(math.exp(log_lambda))
+    expected = expected_lambdas(bias, steps=4, delay=1)  # the delay keeps λ_0 for the first step
     assert lambdas == pytest.approx(expected, rel=1e-3)
     if bias > 0:
         assert lambdas[1] > lambdas[0] and lambdas[-1] == pytest.approx(5.0)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,18 @@ def history(out: Path, key: str) -> list[float]:
     """A logged scalar at every step, from the newest checkpoint's trainer_state.json."""
     last = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))[-1]
     return [h[key] for h in json.loads((last / "trainer_state.json").read_text())["log_history"]]
+
+
+def expected_lambdas(episode_cost: float, steps: int, delay: int = 0, threshold: float = 0.0, lambda_lr: float = 0.1,
+                     lambda_max: float = 5.0) -> list[float]:
+    """λ after each step when every step's J_C is `episode_cost`, written from the update rule
+    log λ ← min(log λ + α·λ·(J_C − d), log λ_max) with plain floats (λ_0 = 1; the first `delay` steps keep it)."""
+    log_lambda, lambdas = 0.0, []
+    for step in range(steps):
+        if step >= delay:
+            log_lambda = min(log_lambda + lambda_lr * math.exp(log_lambda) * (episode_cost - threshold), math.log(lambda_max))
+        lambdas.append(math.exp(log_lambda))
+    return lambdas
 
 
 def lag_config(tiny: TinySetup, out: Path, **overrides) -> PPOLagConfig:

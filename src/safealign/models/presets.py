@@ -94,13 +94,19 @@ def _convert_gguf(package: str, gguf_file: str, out_dir: Path) -> None:
     source = Path(spec.origin).parent
     if not (source / gguf_file).is_file():
         raise FileNotFoundError(f"{source / gguf_file} not found; reinstall it: {hint}")
-    quantized = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
-    # A model loaded from GGUF refuses save_pretrained ("quantized with gguf"): rebuild a plain one.
+    save_gguf_as_safetensors(source / gguf_file, out_dir)
+
+
+def save_gguf_as_safetensors(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF causal LM (transformers' GGUF reader) and save it with its tokenizer as a plain safetensors
+    directory, atomically. A model loaded from GGUF refuses save_pretrained ("quantized with gguf"), so a plain model
+    of the same architecture is rebuilt from its config and given the dequantised weights."""
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = quantized.config
     del config.quantization_config
     config._name_or_path = ""
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp)
