@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from safealign.algorithms.grpo import GRPO, GRPOConfig, spread_over_tokens
-from safealign.algorithms.lagrangian import ConstraintConfig, LagrangeMultiplier, resolve_threshold
+from safealign.algorithms.lagrangian import Constrained, ConstraintConfig, LagrangeMultiplier, resolve_threshold
 from safealign.algorithms.losses import combined_advantage
 from safealign.config import config_field
 from safealign.training.rl import Experience, RLRun, train_rl
@@ -48,7 +48,7 @@ class GRPOLagConfig(ConstraintConfig, GRPOConfig):
         self.check_constraint()
 
 
-class GRPOLag(GRPO):
+class GRPOLag(Constrained, GRPO):
     """GRPO with a reward and a cost stream and the Lagrange multiplier λ that weighs their group advantages."""
 
     streams = ("reward", "cost")
@@ -57,14 +57,10 @@ class GRPOLag(GRPO):
         super().__init__(cfg)
         self.lagrangian = LagrangeMultiplier(cfg, cfg.output_dir)
 
-    def score_model_paths(self) -> dict[str, str]:
-        return {"reward": self.cfg.reward_model, "cost": self.cfg.cost_model}
-
     def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
         """One rollout batch: experience (Z_R, Z_C), λ, the combined advantage, the clipped updates."""
         scalars = self.experience(run.models, batch, run.accelerator)  # 1. Z_R, Z_C and the end costs C
-        scalars["unsafe_fraction"] = (batch["scores_cost"] > 0).float().mean().item()  # cost > 0: unsafe
-        shared = self.lagrangian.update(batch["scores_cost"], run.accelerator, step)  # 2. λ, before the update that uses it
+        shared = self.constraint_step(batch, run.accelerator, step, scalars)  # 2. λ (and the unsafe share), before the update
         batch["advantages"] = self.actor_advantages(batch)  # 3. (Z_R − λ·Z_C) / (1 + λ)
         scalars.update(run.update(batch, step, self.losses))  # 4. the actor (+ PTX)
         return scalars, shared
@@ -73,12 +69,6 @@ class GRPOLag(GRPO):
         """A = (Z_R − λ·Z_C) / (1 + λ) with the current λ, on every token of each answer: (B, T)."""
         advantages = combined_advantage(batch["reward_advantages"], batch["cost_advantages"], self.lagrangian.value)  # (B,)
         return spread_over_tokens(advantages, batch["response_mask"])
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.lagrangian.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lagrangian.load_state_dict(state)
 
 
 def run(cfg: GRPOLagConfig) -> dict[str, Any]:

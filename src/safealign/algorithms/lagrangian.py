@@ -112,6 +112,30 @@ class LagrangeMultiplier:
         self.episode_cost_windows = state["episode_cost_windows"].float()
 
 
+class Constrained:
+    """What a constrained RL algorithm adds to its unconstrained base (`class PPOLag(Constrained, PPO)`): the cost
+    model beside the reward model, the constraint's step of a rollout batch, and λ in the run's checkpoints. The
+    algorithm creates `self.lagrangian` and says in its own `train_step` where the step goes (before the update)."""
+
+    cfg: Any
+    lagrangian: LagrangeMultiplier
+
+    def score_model_paths(self) -> dict[str, str]:
+        return {"reward": self.cfg.reward_model, "cost": self.cfg.cost_model}
+
+    def constraint_step(self, batch: Any, accelerator: Accelerator, step: int, scalars: dict[str, float]) -> dict[str, float]:
+        """This process's share of answers the cost model calls unsafe (cost > 0) into `scalars`; then λ from the
+        episode costs scores_cost (B,). Returns the scalars identical on every rank (J_C, λ, d)."""
+        scalars["unsafe_fraction"] = (batch["scores_cost"] > 0).float().mean().item()
+        return self.lagrangian.update(batch["scores_cost"], accelerator, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.lagrangian.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lagrangian.load_state_dict(state)
+
+
 def cost_quantile(cost_model: str, tokenizer: str, data: str, quantile: float, max_length: int = 256) -> tuple[float, int]:
     """The `quantile` of the cost model's costs on the distinct (prompt, response) that `data` labels safe, and
     their number. Deterministic: every process computes the same d."""

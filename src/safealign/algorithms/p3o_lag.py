@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from safealign.algorithms.lagrangian import ConstraintConfig, LagrangeMultiplier, resolve_threshold
+from safealign.algorithms.lagrangian import Constrained, ConstraintConfig, LagrangeMultiplier, resolve_threshold
 from safealign.algorithms.losses import combined_advantage
 from safealign.algorithms.p3o import P3O, P3OConfig
 from safealign.config import config_field
@@ -41,7 +41,7 @@ class P3OLagConfig(ConstraintConfig, P3OConfig):
         self.check_constraint()
 
 
-class P3OLag(P3O):
+class P3OLag(Constrained, P3O):
     """P3O with a reward and a cost stream and the Lagrange multiplier λ that weighs their pair differences."""
 
     streams = ("reward", "cost")
@@ -50,14 +50,10 @@ class P3OLag(P3O):
         super().__init__(cfg)
         self.lagrangian = LagrangeMultiplier(cfg, cfg.output_dir)
 
-    def score_model_paths(self) -> dict[str, str]:
-        return {"reward": self.cfg.reward_model, "cost": self.cfg.cost_model}
-
     def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
         """One rollout batch: experience (R, C, ℓ^old), λ, each answer's combined score, the pairwise clipped updates."""
         scalars = self.experience(run.models, batch)  # 1. R, C and ℓ^old
-        scalars["unsafe_fraction"] = (batch["scores_cost"] > 0).float().mean().item()  # cost > 0: unsafe
-        shared = self.lagrangian.update(batch["scores_cost"], run.accelerator, step)  # 2. λ, before the update that uses it
+        shared = self.constraint_step(batch, run.accelerator, step, scalars)  # 2. λ (and the unsafe share), before the update
         batch["objective"] = self.objective(batch)  # 3. (R − λ·C) / (1 + λ)
         scalars.update(run.update(batch, step, self.losses, group_size=2))  # 4. the actor (+ PTX)
         return scalars, shared
@@ -65,12 +61,6 @@ class P3OLag(P3O):
     def objective(self, batch: Experience) -> torch.Tensor:
         """s = (R − λ·C) / (1 + λ) with the current λ, each answer's (B,)."""
         return combined_advantage(batch["reward_end_scores"], batch["cost_end_scores"], self.lagrangian.value)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.lagrangian.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lagrangian.load_state_dict(state)
 
 
 def run(cfg: P3OLagConfig) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from safealign.algorithms.lagrangian import ConstraintConfig, LagrangeMultiplier, resolve_threshold
+from safealign.algorithms.lagrangian import Constrained, ConstraintConfig, LagrangeMultiplier, resolve_threshold
 from safealign.algorithms.losses import combined_advantage
 from safealign.algorithms.ppo import PPO, PPOConfig
 from safealign.config import config_field
@@ -53,7 +53,7 @@ class PPOLagConfig(ConstraintConfig, PPOConfig):
         self.check_constraint()
 
 
-class PPOLag(PPO):
+class PPOLag(Constrained, PPO):
     """PPO with a reward and a cost stream and the Lagrange multiplier λ that weighs them."""
 
     streams = ("reward", "cost")
@@ -61,9 +61,6 @@ class PPOLag(PPO):
     def __init__(self, cfg: PPOLagConfig) -> None:
         super().__init__(cfg)
         self.lagrangian = LagrangeMultiplier(cfg, cfg.output_dir)
-
-    def score_model_paths(self) -> dict[str, str]:
-        return {"reward": self.cfg.reward_model, "cost": self.cfg.cost_model}
 
     def critic_paths(self) -> dict[str, str]:
         return {"reward": self.cfg.critic_model or self.cfg.reward_model,
@@ -75,8 +72,7 @@ class PPOLag(PPO):
     def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
         """One rollout batch, in the paper's order: experience, λ, the combined advantage, the clipped updates."""
         scalars = self.experience(run.models, batch, run.accelerator, step)  # 1. A^R, A^C and the end costs C
-        scalars["unsafe_fraction"] = (batch["scores_cost"] > 0).float().mean().item()  # cost > 0: unsafe
-        shared = self.lagrangian.update(batch["scores_cost"], run.accelerator, step)  # 2. λ, before the update that uses it
+        shared = self.constraint_step(batch, run.accelerator, step, scalars)  # 2. λ (and the unsafe share), before the update
         batch["advantages"] = self.actor_advantages(batch)  # 3. (A^R − λ·A^C) / (1 + λ)
         scalars.update(run.update(batch, step, self.losses))  # 4. actor (+ PTX) and both critics
         return scalars, shared
@@ -85,12 +81,6 @@ class PPOLag(PPO):
         """A_t = (A^R_t − λ·A^C_t) / (1 + λ) with the current λ (B, T), whitened when `whiten_advantages`."""
         advantages = combined_advantage(batch["reward_advantages"], batch["cost_advantages"], self.lagrangian.value)
         return self.whitened(advantages, batch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.lagrangian.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lagrangian.load_state_dict(state)
 
 
 def run(cfg: PPOLagConfig) -> dict[str, Any]:
