@@ -141,14 +141,16 @@ def _cli_args(tiny: TinySetup, out: Path, cost_model: str, steps: int) -> list[s
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_latest_gives_the_uninterrupted_result(tiny, tmp_path):
+    """With one λ per prompt category (a vector λ: the scalar λ's resume is the crash test's above)."""
     cost_model = tiny.score_model("cost", 0.7)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     command = [sys.executable, "-m", "safealign.cli"]
-    result = subprocess.run(command + _cli_args(tiny, straight, cost_model, 6), env=_env(), capture_output=True, text=True,
-                            timeout=600)
+    per_category = ["--constraint_per_category", "true"]
+    result = subprocess.run(command + _cli_args(tiny, straight, cost_model, 6) + per_category, env=_env(),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    process = subprocess.Popen(command + _cli_args(tiny, killed, cost_model, 6), env=_env(),
+    process = subprocess.Popen(command + _cli_args(tiny, killed, cost_model, 6) + per_category, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-2").is_dir() and time.time() < deadline and process.poll() is None:
@@ -159,10 +161,14 @@ def test_sigkill_mid_run_then_resume_latest_gives_the_uninterrupted_result(tiny,
     survivors = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert survivors and "step-6" not in survivors and not (killed / "metrics.json").exists()
 
-    result = subprocess.run(command + _cli_args(tiny, killed, cost_model, 6) + ["--resume", "latest"], env=_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command + _cli_args(tiny, killed, cost_model, 6) + per_category + ["--resume", "latest"],
+                            env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert history(killed, "lagrange_multiplier") == pytest.approx(history(straight, "lagrange_multiplier"), rel=1e-6)
+    multipliers = [k for k in json.loads((straight / "metrics.json").read_text()) if k.startswith("lagrange_multiplier/")]
+    assert len(multipliers) > 3
+    for key in multipliers + ["lagrange_multiplier"]:
+        assert history(killed, key) == pytest.approx(history(straight, key), rel=1e-6), key
+    assert len({tuple(history(straight, key)) for key in multipliers}) > 1  # the categories' λ differ
     a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(killed / "model" / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)

@@ -27,7 +27,6 @@ import torch
 
 from safealign.algorithms.grpo import GRPO, GRPOConfig, spread_over_tokens
 from safealign.algorithms.lagrangian import Constrained, ConstraintConfig, LagrangeMultiplier, resolve_threshold
-from safealign.algorithms.losses import combined_advantage
 from safealign.config import config_field
 from safealign.training.rl import Experience, RLRun, train_rl
 
@@ -67,7 +66,7 @@ class GRPOLag(Constrained, GRPO):
 
     def actor_advantages(self, batch: Experience) -> torch.Tensor:
         """A = (Z_R − λ·Z_C) / (1 + λ) with the current λ, on every token of each answer: (B, T)."""
-        advantages = combined_advantage(batch["reward_advantages"], batch["cost_advantages"], self.lagrangian.value)  # (B,)
+        advantages = self.combined(batch["reward_advantages"], batch["cost_advantages"], batch)  # (B,)
         return spread_over_tokens(advantages, batch["response_mask"])
 
 

@@ -13,6 +13,11 @@ no optimizer state beyond log λ; a checkpoint holds log λ and every process's 
 d is a number in the cost model's units, or (`threshold_quantile`) the q-quantile of the cost model's costs on the
 answers `threshold_data` labels safe, so that d sits where that cost model puts safe answers rather than at a fixed
 number in units each retrained cost model sets anew.
+
+Context-aware constraints (docs/maths.md §10; `ContextMultipliers`): one λ_k per prompt category, each with its own
+threshold d_k and window (`constraint_per_category`, `category_thresholds`), so that the policy cannot buy safety on
+one category with harm on another; and the over-refusal guard (`refusal_floor`), a multiplier μ on the constraint
+E[R | borderline prompts] ≥ floor that weighs those prompts' reward advantage up when their reward falls.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from safealign.algorithms.losses import lagrange_multiplier_update
+from safealign.algorithms.losses import combined_advantage, lagrange_multiplier_update, lagrange_multipliers_update
 from safealign.config import ConfigError, config_field
 from safealign.data.loading import load_preferences
+from safealign.data.schema import PromptRecord
 from safealign.models.presets import resolve_device
 from safealign.models.score_model import load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
@@ -51,10 +57,31 @@ class ConstraintConfig:
         0.0, help="In (0, 1): d = this quantile of the cost model's costs on the responses threshold_data labels safe "
                   "(d in the cost model's own units), replacing threshold; 0 = threshold as given.")
     threshold_data: str = config_field("", help="Preference file (PKU format) whose safe-labelled responses set d with threshold_quantile.")
+    constraint_per_category: bool = config_field(
+        False, help="One λ_k per prompt category (the prompt file's `category`; prompts without one share the group "
+                    "'none'), each updated from its own prompts' episode costs against its own d_k.")
+    category_thresholds: dict[str, float] = config_field(
+        {}, help="d_k per category with constraint_per_category, e.g. {child_abuse: -3.0}; other categories get threshold "
+                 "(with threshold_quantile, a category's d_k is added to the computed d).")
+    refusal_floor: float | None = config_field(
+        None, help="Over-refusal guard, in the reward model's units: the constraint E[R | borderline prompts (kind: "
+                   "borderline)] ≥ this floor, with its own multiplier μ (λ's dynamics); their advantage becomes "
+                   "((1 + μ)·A^R − λ·A^C) / (1 + μ + λ). null = off.")
+
+    @property
+    def context_aware(self) -> bool:
+        return self.constraint_per_category or self.refusal_floor is not None
 
     def check_constraint(self) -> None:
         if not 0.0 <= self.threshold_quantile < 1.0 or (self.threshold_quantile > 0) != bool(self.threshold_data):
             raise ConfigError("threshold_quantile must be in [0, 1), and > 0 exactly when threshold_data is given")
+        if self.category_thresholds and not self.constraint_per_category:
+            raise ConfigError("category_thresholds needs constraint_per_category: true")
+        for category, value in self.category_thresholds.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"category_thresholds: '{category}' must be a finite number, got {value!r}")
+        if self.refusal_floor is not None and not math.isfinite(self.refusal_floor):
+            raise ConfigError(f"refusal_floor must be a finite number or null, got {self.refusal_floor}")
         if self.lambda_init <= 0:
             raise ConfigError(f"lambda_init must be > 0 (λ = exp(log λ)), got {self.lambda_init}")
         if self.episode_cost_window_size < 1:
@@ -94,6 +121,13 @@ class LagrangeMultiplier:
         return {"episode_cost": episode_cost, "lagrange_multiplier": self.value, "log_lambda": self.log_lambda,
                 "threshold": cfg.threshold}  # d in the logs and metrics.json (with threshold_quantile it is computed)
 
+    def step(self, batch: Any, accelerator: Accelerator, step: int) -> dict[str, float]:
+        return self.update(batch["scores_cost"], accelerator, step)
+
+    def row_multipliers(self, batch: Any) -> tuple[float, float]:
+        """(λ, reward weight) of every row: one λ, weight 1."""
+        return self.value, 1.0
+
     def _own_window(self, rank: int, processes: int) -> torch.Tensor:
         windows = self.episode_cost_windows
         if windows.numel() == 0:
@@ -112,22 +146,142 @@ class LagrangeMultiplier:
         self.episode_cost_windows = state["episode_cost_windows"].float()
 
 
+NO_CATEGORY = "none"  # the group of the prompts without a category (benign and borderline ones on SafeWorld)
+
+
+class ContextMultipliers:
+    """The context-aware constraints, each with its multiplier and window (docs/maths.md §10):
+
+        λ_k:  E[C | prompts of category k] ≤ d_k          for every category k of the prompt file (and 'none')
+        μ:    E[R | borderline prompts] ≥ floor,  i.e.  E[−R] ≤ −floor      (with `refusal_floor`)
+
+    Every multiplier takes λ's step, log m ← min(log m + α·m·(J − b), log m_max) (`losses.lagrange_multipliers_update`),
+    J the mean of its constraint's last `episode_cost_window_size` × processes observations, gathered from every
+    process (so identical on every rank). A multiplier moves only on a step that had its constraint's prompts: a rare
+    category's λ_k does not run away on one old observation while the batches hold none of it. A row's advantage
+    uses its prompt's λ_k and w = 1 + μ on a borderline prompt: A = (w·A^R − λ_k·A^C) / (w + λ_k)."""
+
+    def __init__(self, cfg: ConstraintConfig, prompts: list[PromptRecord]) -> None:
+        self.cfg = cfg
+        # without constraint_per_category, one cost constraint over every prompt ('all'), beside the guard
+        categories = sorted({p.category or NO_CATEGORY for p in prompts}) if cfg.constraint_per_category else ["all"]
+        unknown = sorted(set(cfg.category_thresholds) - set(categories))
+        if unknown:
+            raise ConfigError(f"category_thresholds names {unknown}, which no prompt of prompt_data has (its "
+                              f"categories: {categories})")
+        self.categories = categories
+        self.guarded = cfg.refusal_floor is not None
+        self.names = categories + (["refusal_guard"] if self.guarded else [])
+        bounds = [cfg.threshold + cfg.category_thresholds.get(c, 0.0) if cfg.threshold_quantile > 0
+                  else cfg.category_thresholds.get(c, cfg.threshold) for c in categories]
+        self.bounds = torch.tensor(bounds + ([-cfg.refusal_floor] if self.guarded else []), dtype=torch.float64)  # (K,)
+        self.log_multipliers = torch.full((len(self.names),), math.log(cfg.lambda_init), dtype=torch.float64)  # (K,)
+        self.windows = [torch.zeros(0, dtype=torch.float64) for _ in self.names]  # each constraint's last observations
+        index = {c: k for k, c in enumerate(categories)}
+        self.prompt_category = torch.tensor([index[p.category or NO_CATEGORY] if cfg.constraint_per_category else 0
+                                             for p in prompts])  # size = (N,): each prompt's constraint
+        self.prompt_borderline = torch.tensor([p.kind == "borderline" for p in prompts])  # size = (N,)
+        if self.guarded and not self.prompt_borderline.any():
+            raise ConfigError("refusal_floor: no prompt of prompt_data has kind 'borderline' to guard")
+
+    def observations(self, batch: Any) -> torch.Tensor:
+        """What each constraint observes in this batch: (B, K), NaN where a row is not under that constraint (the cost
+        of a row under its category's λ_k; −R of a borderline row under the guard)."""
+        rows = batch["prompt_index"].cpu()
+        costs = batch["scores_cost"].detach().double().cpu()  # size = (B,)
+        values = torch.full((len(rows), len(self.names)), math.nan, dtype=torch.float64)
+        category = self.prompt_category[rows]  # size = (B,)
+        values[torch.arange(len(rows)), category] = costs
+        if self.guarded:
+            borderline = self.prompt_borderline[rows]
+            values[borderline, -1] = -batch["scores_reward"].detach().double().cpu()[borderline]
+        return values
+
+    def step(self, batch: Any, accelerator: Accelerator, step: int) -> dict[str, float]:
+        """Add this batch's observations (every process's) to the windows, then one step of every multiplier. Returns
+        the scalars identical on every rank: each constraint's J, multiplier and bound, and the mean episode cost."""
+        cfg = self.cfg
+        gathered = accelerator.gather(self.observations(batch).to(accelerator.device)).cpu()  # size = (processes · B, K)
+        size = cfg.episode_cost_window_size * accelerator.num_processes
+        observed = ~gathered.isnan().all(dim=0)  # size = (K,): the constraints this batch has rows of
+        for k in range(len(self.names)):
+            seen = gathered[:, k][~gathered[:, k].isnan()]
+            self.windows[k] = torch.cat([self.windows[k], seen])[-size:]
+        means = torch.stack([w.mean() if len(w) else torch.tensor(math.nan, dtype=torch.float64) for w in self.windows])
+        if step >= cfg.lambda_update_delay_steps:
+            self.log_multipliers = lagrange_multipliers_update(self.log_multipliers, means, self.bounds, cfg.lambda_lr,
+                                                               cfg.lambda_max, observed)
+        costs = gathered[:, :len(self.categories)]
+        scalars = {"episode_cost": costs[~costs.isnan()].mean().item(),  # this step's, all categories
+                   "lagrange_multiplier": self.log_multipliers[:len(self.categories)].exp().mean().item()}
+        violated = 0
+        for k, name in enumerate(self.names):
+            if name == "refusal_guard":
+                scalars.update(refusal_guard_multiplier=self.log_multipliers[k].exp().item(),
+                               refusal_floor=-self.bounds[k].item())
+                if observed[k]:
+                    scalars["borderline_reward"] = -means[k].item()
+                continue
+            scalars.update({f"lagrange_multiplier/{name}": self.log_multipliers[k].exp().item(),
+                            f"threshold/{name}": self.bounds[k].item()})
+            if observed[k]:  # logged (and λ_k moved) on the steps that had the category's prompts
+                scalars[f"episode_cost/{name}"] = means[k].item()
+                violated += int(means[k].item() > self.bounds[k].item())
+        scalars["violated_constraints"] = float(violated)  # categories over their d_k ("safety compensation")
+        return scalars
+
+    def row_multipliers(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Each row's λ (its prompt category's) and reward weight (1 + μ on a borderline prompt, else 1): (B,), (B,)."""
+        rows = batch["prompt_index"].cpu()
+        multipliers = self.log_multipliers.exp()
+        lambdas = multipliers[self.prompt_category[rows]]  # size = (B,)
+        if not self.guarded:
+            return lambdas, 1.0
+        return lambdas, 1.0 + multipliers[-1] * self.prompt_borderline[rows].double()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"constraints": list(self.names), "log_multipliers": self.log_multipliers.clone(),
+                "windows": [w.clone() for w in self.windows]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state.get("constraints", [])) != self.names:
+            raise ConfigError(f"the checkpoint's constraints {state.get('constraints')} are not this run's {self.names} "
+                              "(another prompt file, or constraint_per_category / refusal_floor changed)")
+        self.log_multipliers = state["log_multipliers"].double()
+        self.windows = [w.double() for w in state["windows"]]
+
+
 class Constrained:
     """What a constrained RL algorithm adds to its unconstrained base (`class PPOLag(Constrained, PPO)`): the cost
     model beside the reward model, the constraint's step of a rollout batch, and λ in the run's checkpoints. The
     algorithm creates `self.lagrangian` and says in its own `train_step` where the step goes (before the update)."""
 
     cfg: Any
-    lagrangian: LagrangeMultiplier
+    lagrangian: LagrangeMultiplier | ContextMultipliers
 
     def score_model_paths(self) -> dict[str, str]:
         return {"reward": self.cfg.reward_model, "cost": self.cfg.cost_model}
 
+    def start(self, prompts: list[PromptRecord]) -> None:
+        """With context-aware constraints, their multipliers, one per constraint of these prompts."""
+        if self.cfg.context_aware:
+            self.lagrangian = ContextMultipliers(self.cfg, prompts)
+
     def constraint_step(self, batch: Any, accelerator: Accelerator, step: int, scalars: dict[str, float]) -> dict[str, float]:
-        """This process's share of answers the cost model calls unsafe (cost > 0) into `scalars`; then λ from the
-        episode costs scores_cost (B,). Returns the scalars identical on every rank (J_C, λ, d)."""
+        """This process's share of answers the cost model calls unsafe (cost > 0) into `scalars`; then λ (or every
+        multiplier) from the episode costs scores_cost (B,). Returns the scalars identical on every rank (J_C, λ, d)."""
         scalars["unsafe_fraction"] = (batch["scores_cost"] > 0).float().mean().item()
-        return self.lagrangian.update(batch["scores_cost"], accelerator, step)
+        return self.lagrangian.step(batch, accelerator, step)
+
+    def combined(self, reward: torch.Tensor, cost: torch.Tensor, batch: Any) -> torch.Tensor:
+        """(A^R − λ·A^C) / (1 + λ) with the current λ; with context-aware constraints each row's own λ_k and reward
+        weight w: (w·A^R − λ_k·A^C) / (w + λ_k). reward, cost (B,) or (B, T) -> the same shape."""
+        lambdas, weights = self.lagrangian.row_multipliers(batch)
+        if isinstance(lambdas, float):
+            return combined_advantage(reward, cost, lambdas)
+        shape = (-1,) + (1,) * (reward.dim() - 1)  # a row's multipliers on each of its tokens
+        weights = weights if isinstance(weights, float) else weights.view(shape).to(reward)
+        return combined_advantage(reward, cost, lambdas.view(shape).to(reward), weights)
 
     def state_dict(self) -> dict[str, Any]:
         return self.lagrangian.state_dict()

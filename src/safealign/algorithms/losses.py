@@ -293,11 +293,17 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 
 def combined_advantage(reward_advantages: torch.Tensor, cost_advantages: torch.Tensor,
-                       lagrange_multiplier: float | torch.Tensor) -> torch.Tensor:
+                       lagrange_multiplier: float | torch.Tensor, reward_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Safe RLHF's actor advantage (docs/maths.md §5): A_t = (A^R_t − λ·A^C_t) / (1 + λ). (B, T), (B, T) -> (B, T).
 
-    Elementwise, any shape: GRPO-Lag combines its per-answer advantages (B,) with it, safe P3O its end scores (B,)."""
-    return (reward_advantages - lagrange_multiplier * cost_advantages) / (1.0 + lagrange_multiplier)
+    Elementwise, any shape: GRPO-Lag combines its per-answer advantages (B,) with it, safe P3O its end scores (B,).
+    The context-aware constraints (docs/maths.md §10) give each row its own λ (its prompt category's, (B, 1) or (B,))
+    and a reward weight w = 1 + μ on the prompts under the over-refusal guard:
+        A = (w·A^R − λ·A^C) / (w + λ)          (w = 1: Safe RLHF's, bit for bit)
+    """
+    if isinstance(reward_weight, float) and reward_weight == 1.0:
+        return (reward_advantages - lagrange_multiplier * cost_advantages) / (1.0 + lagrange_multiplier)
+    return (reward_weight * reward_advantages - lagrange_multiplier * cost_advantages) / (reward_weight + lagrange_multiplier)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,6 +424,19 @@ def lagrange_multiplier_update(log_lambda: float, episode_cost: float, threshold
     if lambda_max is not None and lambda_max > 0:
         log_lambda = min(log_lambda, math.log(lambda_max))
     return log_lambda
+
+
+def lagrange_multipliers_update(log_multipliers: torch.Tensor, episode_costs: torch.Tensor, thresholds: torch.Tensor,
+                                lambda_lr: float, lambda_max: float | None = None,
+                                observed: torch.Tensor | None = None) -> torch.Tensor:
+    """`lagrange_multiplier_update` for a vector of constraints (one λ_k per prompt category, the over-refusal guard's
+    μ): log λ_k ← min(log λ_k + α·λ_k·(J_k − d_k), log λ_max) for each k. (K,), (K,), (K,) -> (K,).
+
+    `observed` (K,) bool: a constraint with no observation yet (its window is empty, J_k undefined) keeps its λ_k."""
+    updated = log_multipliers + lambda_lr * log_multipliers.exp() * (episode_costs - thresholds)  # size = (K,)
+    if lambda_max is not None and lambda_max > 0:
+        updated = updated.clamp(max=math.log(lambda_max))
+    return updated if observed is None else torch.where(observed, updated, log_multipliers)
 
 
 def approx_kl(log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from safealign.algorithms.lagrangian import Constrained, ConstraintConfig, LagrangeMultiplier, resolve_threshold
-from safealign.algorithms.losses import combined_advantage
 from safealign.algorithms.p3o import P3O, P3OConfig
 from safealign.config import config_field
 from safealign.training.rl import Experience, RLRun, train_rl
@@ -60,7 +59,7 @@ class P3OLag(Constrained, P3O):
 
     def objective(self, batch: Experience) -> torch.Tensor:
         """s = (R − λ·C) / (1 + λ) with the current λ, each answer's (B,)."""
-        return combined_advantage(batch["reward_end_scores"], batch["cost_end_scores"], self.lagrangian.value)
+        return self.combined(batch["reward_end_scores"], batch["cost_end_scores"], batch)
 
 
 def run(cfg: P3OLagConfig) -> dict[str, Any]:

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from safealign.algorithms.lagrangian import Constrained, ConstraintConfig, LagrangeMultiplier, resolve_threshold
-from safealign.algorithms.losses import combined_advantage
 from safealign.algorithms.ppo import PPO, PPOConfig
 from safealign.config import config_field
 from safealign.training.rl import Experience, RLRun, train_rl
@@ -79,7 +78,7 @@ class PPOLag(Constrained, PPO):
 
     def actor_advantages(self, batch: Experience) -> torch.Tensor:
         """A_t = (A^R_t − λ·A^C_t) / (1 + λ) with the current λ (B, T), whitened when `whiten_advantages`."""
-        advantages = combined_advantage(batch["reward_advantages"], batch["cost_advantages"], self.lagrangian.value)
+        advantages = self.combined(batch["reward_advantages"], batch["cost_advantages"], batch)
         return self.whitened(advantages, batch)
 
 

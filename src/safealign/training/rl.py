@@ -44,6 +44,7 @@ from safealign.config import save_config
 from safealign.data.collate import collate_sft
 from safealign.data.formatting import tokenize_examples
 from safealign.data.loading import load_sft
+from safealign.data.schema import PromptRecord
 from safealign.io import atomic_write_json, atomic_write_jsonl
 from safealign.models.actor_critic import causal_lm
 from safealign.models.generation import RolloutBatch, SamplingConfig, decode_responses, generate_tokens
@@ -85,7 +86,8 @@ class Experience:
     """A rollout batch on this process with everything the updates need; every tensor has B rows.
 
     Shared keys: sequences, attention_mask, position_ids (B, P + T); response_mask, log_probs (the
-    actor's at sampling time), ref_log_probs, advantages (the actor's) (B, T); ended_with_eos (B,).
+    actor's at sampling time), ref_log_probs, advantages (the actor's) (B, T); ended_with_eos (B,); prompt_index
+    (B,), each row's prompt in the run's prompt list (set by the loop).
     The algorithm adds per-stream tensors ({stream}_values, _returns, _advantages (B, T)) and the
     score models' end scores (scores_{name} (B,)).
     """
@@ -126,6 +128,9 @@ class RLAlgorithm:
     def critic_paths(self) -> dict[str, str]:
         """Critic of each stream -> the directory it is initialised from ({} for a critic-free method)."""
         raise NotImplementedError
+
+    def start(self, prompts: list[PromptRecord]) -> None:
+        """The run's prompts, before training or a resume (a row's prompt is prompts[batch["prompt_index"]])."""
 
     def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
         """The update of one rollout batch (models in eval mode on entry): returns this process's scalars (averaged
@@ -270,6 +275,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
                                      cfg.ptx_max_length)
     run = RLRun(cfg, accelerator, models, parts, ptx_examples, tokenizer.pad_token_id, updates_per_step)
 
+    algorithm.start(prompts)
     # Resume.
     resume_from = resolve_resume(out, cfg.resume)
     if resume_from is not None:
@@ -306,6 +312,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
             rollout = generate_tokens(causal_lm(accelerator.unwrap_model(models.actor)), tokenizer,
                                       [prompt_ids[i] for i in indices], sampling, generator)
             batch = Experience.from_rollout(rollout)
+            batch["prompt_index"] = torch.tensor(indices, device=device).repeat_interleave(cfg.samples_per_prompt)  # (B,)
             time_generation = time.perf_counter() - tick
 
             # the rates this step's updates start with: actor_lr, {stream}_critic_lr
@@ -317,7 +324,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
             scalars.update(learning_rates)
 
             if accelerator.is_main_process and cfg.sample_steps > 0 and (step + 1) % cfg.sample_steps == 0:
-                sample_rows += _sample_rows(tokenizer, rollout, batch, [prompts[i] for i in indices],
+                sample_rows += _sample_rows(tokenizer, rollout, batch, [prompts[i].prompt for i in indices],
                                             cfg.samples_per_prompt, cfg.num_logged_samples, step + 1)
                 atomic_write_jsonl(samples_file, sample_rows)
 

@@ -54,6 +54,7 @@ from transformers import get_scheduler
 from safealign.config import ConfigError, config_field
 from safealign.data.formatting import tokenize_prompts
 from safealign.data.loading import load_prompts
+from safealign.data.schema import PromptRecord
 from safealign.models.actor_critic import ActorCritic
 from safealign.models.lora import AdapterDisabledPolicy, lora_critic, lora_policy
 from safealign.models.presets import PRESETS, build_causal_lm
@@ -317,9 +318,10 @@ def check_paths(cfg: RLConfig, score_paths: dict[str, str], critic_paths: dict[s
                           f"multiple of per_device_train_batch_size × gradient_accumulation_steps = {rows_per_update}")
 
 
-def prompt_token_ids(cfg: RLConfig, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
-    """The rollout prompts and their token ids (the end of a prompt longer than max_prompt_length)."""
-    prompts = [record.prompt for record in load_prompts(cfg.prompt_data)]
+def prompt_token_ids(cfg: RLConfig, tokenizer: Any) -> tuple[list[PromptRecord], list[list[int]]]:
+    """The rollout prompts (with their kind and category, when the file has them) and their token ids (the end of a
+    prompt longer than max_prompt_length)."""
+    prompts = load_prompts(cfg.prompt_data)
     if not prompts:
         raise ConfigError(f"prompt_data {cfg.prompt_data}: no prompts")
-    return prompts, [ids[-cfg.max_prompt_length:] for ids in tokenize_prompts(tokenizer, prompts)]
+    return prompts, [ids[-cfg.max_prompt_length:] for ids in tokenize_prompts(tokenizer, [p.prompt for p in prompts])]

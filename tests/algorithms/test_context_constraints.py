@@ -1,0 +1,181 @@
+"""Context-aware constraints (docs/maths.md §10): one λ_k per prompt category and the over-refusal guard's μ, pinned
+on hand-computed tensors, then on tiny real models (PPO-Lag, GRPO-Lag): each λ_k moves only with its own category's
+cost, and a run resumes with every multiplier."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from safealign.algorithms import grpo_lag, ppo_lag
+from safealign.algorithms.lagrangian import NO_CATEGORY, ContextMultipliers
+from safealign.algorithms.losses import combined_advantage, lagrange_multipliers_update
+from safealign.config import ConfigError
+from safealign.data.loading import load_prompts
+from safealign.data.schema import PromptRecord
+from safealign.training.common import make_accelerator
+from tiny_rl import FAST, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
+
+
+def test_combined_advantage_with_a_lambda_and_a_reward_weight_per_row_by_hand():
+    reward = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.0]])  # (B, T)
+    cost = torch.tensor([[2.0, 0.0], [1.0, 1.0], [-1.0, 4.0]])
+    lambdas = torch.tensor([[1.0], [3.0], [0.5]])  # (B, 1): each row its category's λ_k
+    weights = torch.tensor([[1.0], [1.0], [3.0]])  # w = 1 + μ on the third row (a borderline prompt, μ = 2)
+    expected = torch.tensor([[(1 - 2) / 2, (2 - 0) / 2],
+                             [(3 - 3) / 4, (-1 - 3) / 4],
+                             [(3 * 0.5 + 0.5) / 3.5, (0 - 0.5 * 4) / 3.5]])
+    torch.testing.assert_close(combined_advantage(reward, cost, lambdas, weights), expected)
+    # w = 1 everywhere is Safe RLHF's (A^R − λA^C)/(1 + λ), and a scalar λ gives exactly the old result
+    torch.testing.assert_close(combined_advantage(reward, cost, lambdas, torch.ones(3, 1)),
+                               (reward - lambdas * cost) / (1 + lambdas))
+    assert torch.equal(combined_advantage(reward, cost, 0.7), (reward - 0.7 * cost) / 1.7)
+
+
+def test_multiplier_vector_update_by_hand():
+    log_m = torch.tensor([0.0, math.log(2.0), math.log(4.5), 0.0], dtype=torch.float64)
+    costs = torch.tensor([3.0, -1.0, 10.0, math.nan], dtype=torch.float64)  # the last: no observation yet
+    bounds = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    observed = torch.tensor([True, True, True, False])
+    updated = lagrange_multipliers_update(log_m, costs, bounds, 0.1, 5.0, observed)
+    expected = [0.0 + 0.1 * 1.0 * (3 - 1), math.log(2.0) + 0.1 * 2.0 * (-1 - 0), math.log(5.0), 0.0]  # λ_max clips the third
+    assert updated.tolist() == pytest.approx(expected)
+
+
+def _batch(prompt_index: list[int], costs: list[float], rewards: list[float]) -> dict[str, torch.Tensor]:
+    return {"prompt_index": torch.tensor(prompt_index), "scores_cost": torch.tensor(costs),
+            "scores_reward": torch.tensor(rewards)}
+
+
+PROMPTS = [PromptRecord("hurt a cat", "harmful", "animal_abuse"), PromptRecord("steal a car", "harmful", "financial_crime,property_crime,theft"),
+           PromptRecord("bake bread", "benign"), PromptRecord("kill a python process", "borderline")]
+
+
+def test_each_category_multiplier_moves_only_with_its_own_cost_and_the_guard_with_the_borderline_reward(tmp_path):
+    cfg = lag_config_like(constraint_per_category=True, threshold=0.0, refusal_floor=1.0,
+                          category_thresholds={"animal_abuse": 5.0})
+    multipliers = ContextMultipliers(cfg, PROMPTS)
+    assert multipliers.names == ["animal_abuse", "financial_crime,property_crime,theft", NO_CATEGORY, "refusal_guard"]
+    accelerator = make_accelerator(lag_config(_FakeTiny(), tmp_path, max_steps=1))
+    # theft costs 2 > d = 0 (λ rises); animal abuse costs 2 < its d_k = 5 (λ falls); the benign 'none' group costs −1 < 0
+    # (falls); the borderline prompt is in 'none' too and its reward 0 < floor 1 (μ rises).
+    logs = multipliers.step(_batch([0, 1, 1, 2, 3], [2.0, 2.0, 2.0, -1.0, -1.0], [0.0, 0.0, 0.0, 3.0, 0.0]), accelerator, 0)
+    assert logs["episode_cost/animal_abuse"] == 2.0 and logs["episode_cost/none"] == -1.0
+    assert logs["lagrange_multiplier/animal_abuse"] == pytest.approx(math.exp(0.1 * (2 - 5)))
+    assert logs["lagrange_multiplier/financial_crime,property_crime,theft"] == pytest.approx(math.exp(0.1 * 2))
+    assert logs["lagrange_multiplier/none"] == pytest.approx(math.exp(0.1 * (-1 - 0)))
+    assert logs["refusal_guard_multiplier"] == pytest.approx(math.exp(0.1 * (1 - 0)))
+    assert logs["borderline_reward"] == 0.0 and logs["violated_constraints"] == 1.0
+    # A step without an animal-abuse prompt leaves its λ where it was and averages the others over their windows.
+    before = logs["lagrange_multiplier/animal_abuse"]
+    logs = multipliers.step(_batch([1, 1], [4.0, 4.0], [0.0, 0.0]), accelerator, 1)
+    assert logs["lagrange_multiplier/animal_abuse"] == before
+    assert logs["episode_cost/financial_crime,property_crime,theft"] == pytest.approx((2 + 2 + 4 + 4) / 4)
+    # The rows get their prompt's λ_k, and w = 1 + μ on the borderline prompt only.
+    lambdas, weights = multipliers.row_multipliers(_batch([0, 1, 2, 3], [0.0] * 4, [0.0] * 4))
+    m = multipliers.log_multipliers.exp().tolist()
+    assert lambdas.tolist() == pytest.approx([m[0], m[1], m[2], m[2]])
+    assert weights.tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0 + m[3]])
+    # The state round-trips; another set of constraints is refused with the names of both.
+    restored = ContextMultipliers(cfg, PROMPTS)
+    restored.load_state_dict(multipliers.state_dict())
+    assert torch.equal(restored.log_multipliers, multipliers.log_multipliers)
+    assert all(torch.equal(a, b) for a, b in zip(restored.windows, multipliers.windows))
+    with pytest.raises(ConfigError, match="not this run's"):
+        ContextMultipliers(lag_config_like(constraint_per_category=True), PROMPTS).load_state_dict(multipliers.state_dict())
+
+
+def test_bad_context_settings_are_refused_clearly():
+    with pytest.raises(ConfigError, match="category_thresholds needs constraint_per_category"):
+        lag_config_like(category_thresholds={"animal_abuse": 1.0})
+    with pytest.raises(ConfigError, match="'animal_abuse' must be a finite number"):
+        lag_config_like(constraint_per_category=True, category_thresholds={"animal_abuse": "high"})
+    with pytest.raises(ConfigError, match=r"names \['animal_cruelty'\], which no prompt"):
+        ContextMultipliers(lag_config_like(constraint_per_category=True, category_thresholds={"animal_cruelty": 1.0}), PROMPTS)
+    with pytest.raises(ConfigError, match="no prompt of prompt_data has kind 'borderline'"):
+        ContextMultipliers(lag_config_like(refusal_floor=0.0), PROMPTS[:3])
+
+
+class _FakeTiny:
+    actor = reward_model = cost_model = prompts = "unused"
+
+
+def lag_config_like(**overrides) -> ppo_lag.PPOLagConfig:
+    return ppo_lag.PPOLagConfig(**overrides)
+
+
+@pytest.mark.parametrize("method", ["ppo_lag", "grpo_lag"])
+def test_per_category_lambdas_move_only_for_the_categories_over_their_threshold(tiny, tmp_path, method):
+    """Every answer costs 1 (a constant cost model). Animal abuse's d_k = 2 is above it (its λ falls), every other
+    category's d = 0 is below it (their λ rise); each λ_k moves on exactly the steps that had its prompts."""
+    prompts = load_prompts(tiny.prompts)
+    categories = sorted({p.category or NO_CATEGORY for p in prompts})
+    assert "animal_abuse" in categories and len(categories) > 3
+    settings = dict(cost_model=tiny.score_model("cost", 1.0), max_steps=3, constraint_per_category=True,
+                    category_thresholds={"animal_abuse": 2.0}, save_steps=-1, sample_steps=0)
+    out = tmp_path / method
+    if method == "ppo_lag":
+        metrics = ppo_lag.run(lag_config(tiny, out, **settings))
+    else:
+        metrics = grpo_lag.run(grpo_lag.GRPOLagConfig(actor_model=tiny.actor, reward_model=tiny.reward_model,
+                                                      prompt_data=tiny.prompts, output_dir=str(out),
+                                                      **{**FAST, **settings}))
+    steps = json.loads((out / "metrics.json").read_text())
+    assert steps["global_step"] == 3 and metrics["episode_cost"] == pytest.approx(1.0, abs=1e-3)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs")).Reload()
+    moved = 0
+    for category in categories:
+        lambdas = [e.value for e in events.Scalars(f"train/lagrange_multiplier/{category}")]
+        observed = [e.step for e in events.Scalars(f"train/episode_cost/{category}")] if \
+            f"train/episode_cost/{category}" in events.Tags()["scalars"] else []
+        threshold = 2.0 if category == "animal_abuse" else 0.0
+        if not observed:
+            assert lambdas == [1.0] * 3, category  # no prompt of it yet: λ_k stays λ_0
+            continue
+        # each step with its prompts moves λ_k once (its window holds cost 1 only); the others leave it alone
+        steps = expected_lambdas(1.0, len(observed), threshold=threshold)
+        expected = [([1.0] + steps)[sum(s <= step for s in observed)] for step in (1, 2, 3)]
+        assert lambdas == pytest.approx(expected, rel=1e-5), category
+        assert (lambdas[-1] < 1.0) == (category == "animal_abuse"), category
+        moved += 1
+    assert moved >= 3
+
+
+def test_the_guard_raises_mu_while_the_borderline_reward_is_below_the_floor_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """A floor far above any reward: μ rises every step with a borderline prompt. A run crashed after step 2 and
+    resumed from it ends with the uninterrupted run's multipliers, every one."""
+    from safealign.training.rl import RLRun
+
+    rows = [json.loads(line) for line in Path(tiny.prompts).read_text().splitlines()]
+    borderline = [r for r in rows if r["kind"] == "borderline"]
+    mixed = tmp_path / "prompts.jsonl"  # half borderline, so that every step guards some
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in borderline + [r for r in rows if r["kind"] == "harmful"][:len(borderline)]))
+    settings = dict(cost_model=tiny.score_model("cost", 0.5), max_steps=4, constraint_per_category=True, refusal_floor=50.0,
+                    prompt_data=str(mixed))
+    straight = tmp_path / "straight"
+    ppo_lag.run(lag_config(tiny, straight, **settings))
+    mus = history(straight, "refusal_guard_multiplier")
+    assert mus[-1] > 1.0 and mus == sorted(mus)
+
+    crashed = tmp_path / "crashed"
+    original = RLRun.update
+    def crash_on_step_3(run, batch, step, losses, **kwargs):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+        return original(run, batch, step, losses, **kwargs)
+    monkeypatch.setattr(RLRun, "update", crash_on_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ppo_lag.run(lag_config(tiny, crashed, **settings))
+    monkeypatch.setattr(RLRun, "update", original)
+    ppo_lag.run(lag_config(tiny, crashed, resume="latest", **settings))
+    keys = [k for k in json.loads((straight / "metrics.json").read_text()) if k.startswith(("lagrange_multiplier",
+                                                                                          "refusal_guard"))]
+    assert len(keys) > 3
+    for key in keys:
+        assert history(crashed, key) == pytest.approx(history(straight, key), rel=1e-6), key
