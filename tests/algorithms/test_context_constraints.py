@@ -179,3 +179,31 @@ def test_the_guard_raises_mu_while_the_borderline_reward_is_below_the_floor_and_
     assert len(keys) > 3
     for key in keys:
         assert history(crashed, key) == pytest.approx(history(straight, key), rel=1e-6), key
+
+
+def test_rectified_form_by_hand_and_on_a_tiny_run(tiny, tmp_path):
+    """RePO's form: the cost stream carries {C − d_k}⁺ per row and λ_k follows E[{C − d_k}⁺] ≤ 0."""
+    cfg = lag_config_like(constraint_per_category=True, threshold=1.0, constraint_form="rectified",
+                          category_thresholds={"animal_abuse": -1.0})
+    multipliers = ContextMultipliers(cfg, PROMPTS)
+    accelerator = make_accelerator(lag_config(_FakeTiny(), tmp_path, max_steps=1))
+    batch = _batch([0, 0, 1, 1, 2], [3.0, -3.0, 3.0, -1.0, 0.5], [0.0] * 5)
+    algorithm = ppo_lag.PPOLag(cfg)
+    algorithm.lagrangian = multipliers
+    ends = algorithm.stream_end_scores({"reward": torch.zeros(5), "cost": batch["scores_cost"]}, batch)
+    assert ends["cost"].tolist() == [4.0, 0.0, 2.0, 0.0, 0.0]  # d: −1 (animal abuse), 1, 1
+    logs = multipliers.step(batch, accelerator, 0)
+    assert logs["episode_cost/animal_abuse"] == 2.0 and logs["episode_cost/none"] == 0.0
+    assert logs["lagrange_multiplier/animal_abuse"] == pytest.approx(math.exp(0.1 * 2.0))
+    assert logs["lagrange_multiplier/none"] == 1.0  # no answer over d: λ stays (it never falls in this form)
+
+    # One λ: every answer far under d gives a zero cost stream and a λ that stays exactly λ_0; over d it rises.
+    for bias, expected in [(-5.0, [1.0] * 3), (5.0, expected_lambdas(5.0, 3))]:
+        out = tmp_path / f"bias{bias:g}"
+        ppo_lag.run(lag_config(tiny, out, cost_model=tiny.score_model("cost", bias), max_steps=3, constraint_form="rectified",
+                               save_steps=-1, sample_steps=0))
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "logs")).Reload()
+        assert [e.value for e in events.Scalars("train/lagrange_multiplier")] == pytest.approx(expected, rel=1e-5)
+        assert [e.value for e in events.Scalars("train/episode_cost")] == pytest.approx([max(bias, 0.0)] * 3, abs=1e-3)

@@ -50,6 +50,11 @@ class CriticFree(RLAlgorithm):
     def critic_paths(self) -> dict[str, str]:
         return {}  # critic-free
 
+    def stream_end_scores(self, scores: dict[str, torch.Tensor], batch: Experience) -> dict[str, torch.Tensor]:
+        """The end score of each stream as the update uses it (B,): the scores themselves (the constrained methods'
+        cost may be rectified, `lagrangian.Constrained`)."""
+        return scores
+
 
 def critic_free_experience(models: RLModels, batch: Experience,
                            missing_eos_penalty: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

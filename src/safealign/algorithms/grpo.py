@@ -76,6 +76,7 @@ class GRPO(CriticFree):
         {stream}_advantages (B,); return this process's rollout scalars."""
         cfg = self.cfg
         ends, scalars = critic_free_experience(models, batch, cfg.missing_eos_penalty)  # log-probs, end scores (B,)
+        ends = self.stream_end_scores(ends, batch)
         k = cfg.samples_per_prompt
         for stream in self.streams:
             advantages = group_advantages(ends[stream].float(), k, cfg.advantage_estimator, cfg.scale_advantages)  # (B,)

@@ -18,6 +18,12 @@ Context-aware constraints (docs/maths.md §10; `ContextMultipliers`): one λ_k p
 threshold d_k and window (`constraint_per_category`, `category_thresholds`), so that the policy cannot buy safety on
 one category with harm on another; and the over-refusal guard (`refusal_floor`), a multiplier μ on the constraint
 E[R | borderline prompts] ≥ floor that weighs those prompts' reward advantage up when their reward falls.
+
+The rectified form (`constraint_form: rectified`, after RePO, Peng et al., arXiv 2410.19933, from the paper's summary:
+its code is not public here) constrains every answer instead of the mean: the cost stream carries {C − d}⁺ =
+max(C − d, 0), so an answer already under its threshold is not pushed further toward refusal and an unsafe answer is
+not excused by the safe ones beside it (Safe RLHF's "safety compensation"); the constraint E[{C − d}⁺] ≤ 0 makes
+λ non-decreasing (capped at λ_max) while any answer violates it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -63,6 +69,9 @@ class ConstraintConfig:
     category_thresholds: dict[str, float] = config_field(
         {}, help="d_k per category with constraint_per_category, e.g. {child_abuse: -3.0}; other categories get threshold "
                  "(with threshold_quantile, a category's d_k is added to the computed d).")
+    constraint_form: Literal["expected", "rectified"] = config_field(
+        "expected", help="expected = Safe RLHF's E[C] ≤ d; rectified = RePO's per-answer constraint: the cost stream carries "
+                         "{C − d}⁺ (no push below d) and λ follows E[{C − d}⁺] ≤ 0.")
     refusal_floor: float | None = config_field(
         None, help="Over-refusal guard, in the reward model's units: the constraint E[R | borderline prompts (kind: "
                    "borderline)] ≥ this floor, with its own multiplier μ (λ's dynamics); their advantage becomes "
@@ -102,17 +111,20 @@ class LagrangeMultiplier:
     def value(self) -> float:
         return math.exp(self.log_lambda)
 
-    def update(self, episode_costs: torch.Tensor, accelerator: Accelerator, step: int) -> dict[str, float]:
+    def update(self, episode_costs: torch.Tensor, accelerator: Accelerator, step: int,
+               threshold: float | None = None) -> dict[str, float]:
         """Add this rollout's episode costs (B,) to the window; J_C over every process's window, then
-        log λ ← min(log λ + α·λ·(J_C − d), log λ_max). Returns the scalars identical on every rank."""
+        log λ ← min(log λ + α·λ·(J_C − d), log λ_max) (d: `threshold`, else the config's). Returns the scalars
+        identical on every rank."""
         cfg, rank, processes = self.cfg, accelerator.process_index, accelerator.num_processes
+        threshold = cfg.threshold if threshold is None else threshold
         window = torch.cat([self._own_window(rank, processes), episode_costs.detach().float().cpu()])
         window = window[-cfg.episode_cost_window_size:]  # size = (n,), the same n on every process
         gathered = accelerator.gather(window.to(accelerator.device)).cpu()  # size = (processes · n,)
         self.episode_cost_windows = gathered.view(processes, -1)
         episode_cost = gathered.double().mean().item()  # J_C, the same on every rank
         if step >= cfg.lambda_update_delay_steps:
-            self.log_lambda = lagrange_multiplier_update(self.log_lambda, episode_cost, cfg.threshold, cfg.lambda_lr,
+            self.log_lambda = lagrange_multiplier_update(self.log_lambda, episode_cost, threshold, cfg.lambda_lr,
                                                          cfg.lambda_max)
         if processes > 1:  # a per-rank trace: λ must be identical on every rank
             with open(self.output_dir / f"lagrange_multiplier_rank{rank}.jsonl", "a", encoding="utf-8") as handle:
@@ -122,11 +134,16 @@ class LagrangeMultiplier:
                 "threshold": cfg.threshold}  # d in the logs and metrics.json (with threshold_quantile it is computed)
 
     def step(self, batch: Any, accelerator: Accelerator, step: int) -> dict[str, float]:
+        if self.cfg.constraint_form == "rectified":  # E[{C − d}⁺] ≤ 0
+            return self.update((batch["scores_cost"] - self.cfg.threshold).clamp(min=0), accelerator, step, threshold=0.0)
         return self.update(batch["scores_cost"], accelerator, step)
 
     def row_multipliers(self, batch: Any) -> tuple[float, float]:
         """(λ, reward weight) of every row: one λ, weight 1."""
         return self.value, 1.0
+
+    def row_thresholds(self, batch: Any) -> float:
+        return self.cfg.threshold
 
     def _own_window(self, rank: int, processes: int) -> torch.Tensor:
         windows = self.episode_cost_windows
@@ -191,6 +208,8 @@ class ContextMultipliers:
         costs = batch["scores_cost"].detach().double().cpu()  # size = (B,)
         values = torch.full((len(rows), len(self.names)), math.nan, dtype=torch.float64)
         category = self.prompt_category[rows]  # size = (B,)
+        if self.cfg.constraint_form == "rectified":  # {C − d_k}⁺, against 0
+            costs = (costs - self.bounds[category]).clamp(min=0)
         values[torch.arange(len(rows)), category] = costs
         if self.guarded:
             borderline = self.prompt_borderline[rows]
@@ -208,8 +227,11 @@ class ContextMultipliers:
             seen = gathered[:, k][~gathered[:, k].isnan()]
             self.windows[k] = torch.cat([self.windows[k], seen])[-size:]
         means = torch.stack([w.mean() if len(w) else torch.tensor(math.nan, dtype=torch.float64) for w in self.windows])
+        targets = self.bounds.clone()
+        if cfg.constraint_form == "rectified":
+            targets[:len(self.categories)] = 0.0  # E[{C − d_k}⁺] ≤ 0
         if step >= cfg.lambda_update_delay_steps:
-            self.log_multipliers = lagrange_multipliers_update(self.log_multipliers, means, self.bounds, cfg.lambda_lr,
+            self.log_multipliers = lagrange_multipliers_update(self.log_multipliers, means, targets, cfg.lambda_lr,
                                                                cfg.lambda_max, observed)
         costs = gathered[:, :len(self.categories)]
         scalars = {"episode_cost": costs[~costs.isnan()].mean().item(),  # this step's, all categories
@@ -226,7 +248,7 @@ class ContextMultipliers:
                             f"threshold/{name}": self.bounds[k].item()})
             if observed[k]:  # logged (and λ_k moved) on the steps that had the category's prompts
                 scalars[f"episode_cost/{name}"] = means[k].item()
-                violated += int(means[k].item() > self.bounds[k].item())
+                violated += int(means[k].item() > targets[k].item())
         scalars["violated_constraints"] = float(violated)  # categories over their d_k ("safety compensation")
         return scalars
 
@@ -238,6 +260,10 @@ class ContextMultipliers:
         if not self.guarded:
             return lambdas, 1.0
         return lambdas, 1.0 + multipliers[-1] * self.prompt_borderline[rows].double()
+
+    def row_thresholds(self, batch: Any) -> torch.Tensor:
+        """Each row's d_k: (B,)."""
+        return self.bounds[self.prompt_category[batch["prompt_index"].cpu()]]
 
     def state_dict(self) -> dict[str, Any]:
         return {"constraints": list(self.names), "log_multipliers": self.log_multipliers.clone(),
@@ -266,6 +292,15 @@ class Constrained:
         """With context-aware constraints, their multipliers, one per constraint of these prompts."""
         if self.cfg.context_aware:
             self.lagrangian = ContextMultipliers(self.cfg, prompts)
+
+    def stream_end_scores(self, scores: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
+        """The reward and cost streams' end scores (B,): the cost C, or {C − d}⁺ in the rectified form (each row's d)."""
+        cost = scores["cost"]
+        if self.cfg.constraint_form == "rectified":
+            thresholds = self.lagrangian.row_thresholds(batch)
+            thresholds = thresholds if isinstance(thresholds, float) else thresholds.to(cost)
+            cost = (cost - thresholds).clamp(min=0)
+        return {"reward": scores["reward"], "cost": cost}
 
     def constraint_step(self, batch: Any, accelerator: Accelerator, step: int, scalars: dict[str, float]) -> dict[str, float]:
         """This process's share of answers the cost model calls unsafe (cost > 0) into `scalars`; then λ (or every

@@ -82,6 +82,7 @@ class P3O(CriticFree):
         """Fill `batch`: log-probs (π_old, π_ref), the end scores scores_{name} (B,), each stream's end score as the
         update uses it {stream}_end_scores (B,), and old_log_ratios ℓ^old (B,); return this process's rollout scalars."""
         ends, scalars = critic_free_experience(models, batch, self.cfg.missing_eos_penalty)
+        ends = self.stream_end_scores(ends, batch)
         mask = batch["response_mask"].float()  # size = (B, T)
         batch["old_log_ratios"] = ((batch["log_probs"] - batch["ref_log_probs"]) * mask).sum(-1)  # size = (B,): ℓ^old
         for stream in self.streams:

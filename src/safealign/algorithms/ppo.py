@@ -98,8 +98,8 @@ class PPO(RLAlgorithm):
     def critic_paths(self) -> dict[str, str]:
         return {"reward": self.cfg.critic_model or self.cfg.reward_model}
 
-    def stream_end_scores(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The end score S of each stream from the score models' end scores: R for PPO (shaping: R − ν·C)."""
+    def stream_end_scores(self, scores: dict[str, torch.Tensor], batch: Experience) -> dict[str, torch.Tensor]:
+        """The end score S of each stream from the score models' end scores (B,): R for PPO (shaping: R − ν·C)."""
         return {"reward": scores["reward"]}
 
     def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -124,7 +124,7 @@ class PPO(RLAlgorithm):
         for name, value in scores.items():
             batch[f"scores_{name}"] = value
         scalars.update({name: value.mean().item() for name, value in scores.items()})
-        ends = self.stream_end_scores(scores)  # stream -> (B,)
+        ends = self.stream_end_scores(scores, batch)  # stream -> (B,)
         if cfg.missing_eos_penalty:  # a cut answer: R − penalty (the reward stream only; the cost keeps its meaning)
             ends["reward"] = ends["reward"] - cfg.missing_eos_penalty * (~batch["ended_with_eos"]).to(ends["reward"].dtype)
         for stream, end in ends.items():
@@ -196,7 +196,8 @@ def fit_value_heads(models: RLModels, algorithm: PPO, batch: Experience, acceler
     mask = batch["response_mask"].bool()  # size = (B, T)
     states = response_values(hidden, batch)[mask].double()  # size = (N, H): the states before the response tokens
     features = torch.cat([states, torch.ones_like(states[:, :1])], dim=1)  # size = (N, H + 1)
-    ends = algorithm.stream_end_scores({name: end_scores(model, batch) for name, model in models.score_models.items()})
+    ends = algorithm.stream_end_scores({name: end_scores(model, batch) for name, model in models.score_models.items()},
+                                       batch)
     streams = list(actor.value_heads)
     targets = torch.stack([ends[s].double().unsqueeze(1).expand_as(mask)[mask] for s in streams], dim=1)  # size = (N, S)
     stats = torch.cat([features.T @ features, features.T @ targets], dim=1)  # size = (H + 1, H + 1 + S)

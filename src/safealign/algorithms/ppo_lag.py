@@ -65,9 +65,6 @@ class PPOLag(Constrained, PPO):
         return {"reward": self.cfg.critic_model or self.cfg.reward_model,
                 "cost": self.cfg.cost_critic_model or self.cfg.cost_model}
 
-    def stream_end_scores(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"reward": scores["reward"], "cost": scores["cost"]}
-
     def train_step(self, run: RLRun, batch: Experience, step: int) -> tuple[dict[str, float], dict[str, float]]:
         """One rollout batch, in the paper's order: experience, λ, the combined advantage, the clipped updates."""
         scalars = self.experience(run.models, batch, run.accelerator, step)  # 1. A^R, A^C and the end costs C

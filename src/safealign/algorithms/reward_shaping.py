@@ -38,7 +38,7 @@ class RewardShaping(PPO):
     def score_model_paths(self) -> dict[str, str]:
         return {"reward": self.cfg.reward_model, "cost": self.cfg.cost_model}
 
-    def stream_end_scores(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def stream_end_scores(self, scores: dict[str, torch.Tensor], batch: Experience) -> dict[str, torch.Tensor]:
         return {"reward": scores["reward"] - self.cfg.nu * scores["cost"]}
 
     def experience(self, models: RLModels, batch: Experience, accelerator: Accelerator, step: int) -> dict[str, float]:
