@@ -17,6 +17,7 @@ from safealign.algorithms.losses import combined_advantage, lagrange_multipliers
 from safealign.config import ConfigError
 from safealign.data.loading import load_prompts
 from safealign.data.schema import PromptRecord
+from safealign.models.score_model import load_score_model
 from safealign.training.common import make_accelerator
 from tiny_rl import FAST, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
 
@@ -207,3 +208,57 @@ def test_rectified_form_by_hand_and_on_a_tiny_run(tiny, tmp_path):
         events = EventAccumulator(str(out / "logs")).Reload()
         assert [e.value for e in events.Scalars("train/lagrange_multiplier")] == pytest.approx(expected, rel=1e-5)
         assert [e.value for e in events.Scalars("train/episode_cost")] == pytest.approx([max(bias, 0.0)] * 3, abs=1e-3)
+
+
+def test_category_head_labels_fit_and_metrics_by_hand():
+    from safealign.data.schema import PreferenceRecord
+    from safealign.models.category_head import fit_category_head, head_metrics, prompt_category_labels
+
+    def record(prompt, first, second):
+        return PreferenceRecord(prompt=prompt, response_0="a", response_1="b", is_response_0_safe=not first,
+                                is_response_1_safe=not second, better_response_id=0, safer_response_id=0,
+                                response_0_harm_category=first, response_1_harm_category=second)
+    records = [record("p1", {"self_harm": True, "animal_abuse": False}, {}),
+               record("p1", {}, {"animal_abuse": True}),  # the union over every response to p1
+               record("p2", {}, {}), record("p3", {"self_harm": True}, {})]
+    prompts, categories, labels = prompt_category_labels(records)
+    assert prompts == ["p1", "p2", "p3"] and categories == ["animal_abuse", "self_harm"]
+    assert labels.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]]
+
+    # Separable features: dimension k says category k. The fitted probe recovers them.
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.tensor([[1, 0], [0, 1], [0, 0], [1, 0], [0, 1], [0, 0]] * 5, dtype=torch.float64)
+    features = truth * 3 + 0.1 * torch.randn(truth.shape, generator=generator, dtype=torch.float64)
+    head = fit_category_head(features, truth, ["a", "b"], l2=1e-4)
+    assert head.predict(features[:3]) == ["a", "b", None]
+    assert head_metrics(head, features, truth) == pytest.approx(
+        {"precision": 1.0, "recall": 1.0, "f1": 1.0, "prompt_category_accuracy": 1.0, "prompts": 30.0})
+    # A head that says "a" for everything: precision = 10 hits / 30 said, recall 10/20; "none" prompts all wrong.
+    always_a = fit_category_head(features, truth, ["a", "b"])
+    always_a.weight.zero_()
+    always_a.bias.copy_(torch.tensor([5.0, -5.0], dtype=torch.float64))
+    metrics = head_metrics(always_a, features, truth)
+    assert metrics["precision"] == pytest.approx(10 / 30) and metrics["recall"] == pytest.approx(10 / 20)
+    assert metrics["prompt_category_accuracy"] == pytest.approx(10 / 30)
+
+
+@pytest.mark.parametrize("bias, expected", [(5.0, "animal_abuse"), (-5.0, None)])
+def test_prompts_without_a_category_get_the_cost_models_head_prediction(tiny, tmp_path, bias, expected):
+    import shutil
+
+    from safealign.algorithms.lagrangian import categorised
+    from safealign.models.category_head import CategoryHead, save_category_head
+
+    cost_model = tmp_path / "cost"
+    shutil.copytree(tiny.cost_model, cost_model)
+    prompts = load_prompts(tiny.prompts)
+    assert categorised(prompts, str(cost_model), tiny.actor) == prompts  # no head: unchanged
+    hidden = load_score_model(cost_model).config.hidden_size
+    head = CategoryHead(["animal_abuse", "self_harm"], torch.zeros(2, hidden, dtype=torch.float64),
+                        torch.tensor([bias, -5.0], dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64),
+                        torch.ones(hidden, dtype=torch.float64))
+    save_category_head(head, cost_model, {})
+    labelled = categorised(prompts, str(cost_model), tiny.actor)
+    for before, after in zip(prompts, labelled):
+        assert after.category == (before.category or expected) and after.prompt == before.prompt
+    assert sum(p.category is None for p in prompts) > 0

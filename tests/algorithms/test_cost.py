@@ -18,6 +18,7 @@ from safealign.data.loading import load_preferences
 from safealign.data.safeworld import judge_harm
 from safealign.evaluation.scores import ScoreEvalConfig
 from safealign.evaluation.scores import run as eval_scores
+from safealign.models.category_head import load_category_head, prompt_category_labels
 from safealign.models.score_model import load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
 
@@ -63,7 +64,7 @@ def test_cost_step_takes_the_unchosen_response_as_the_less_safe_with_label_signs
 
 
 def test_cost_training_learns_the_safety_sign(world):
-    cfg = config(world, "run", max_steps=40, eval_on_start=True)
+    cfg = config(world, "run", max_steps=40, eval_on_start=True, category_head=True)
     metrics = run(cfg)
     assert metrics["eval_sign_accuracy"] >= 0.8, metrics
     assert metrics["eval_ranking_accuracy"] > metrics["initial_eval_ranking_accuracy"], metrics
@@ -77,6 +78,13 @@ def test_cost_training_learns_the_safety_sign(world):
     model = load_score_model(Path(cfg.output_dir) / "model")
     assert model.score_type == "cost"
     assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text()) == metrics
+    # The category head beside it: which harm category a held-out prompt asks about, better than saying "none" always.
+    head = load_category_head(Path(cfg.output_dir) / "model")
+    _, _, labels = prompt_category_labels(load_preferences(cfg.eval_data).records)
+    no_category = (labels.sum(1) == 0).double().mean().item()
+    assert head is not None and len(head.categories) >= 5
+    assert metrics["category_head_eval_prompt_category_accuracy"] > no_category + 0.04, (metrics, no_category)
+    assert metrics["category_head_eval_f1"] > 0.25 and metrics["category_head_train_f1"] > 0.5, metrics
 
 
 def test_classifier_variant_trains_on_the_sign_terms_only(world, monkeypatch):

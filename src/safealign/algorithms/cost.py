@@ -15,19 +15,41 @@ more borderline prompts were refused (docs/results.md).
 
 Pairs, batching (both responses in one forward), the loop and the saved score model are shared with the
 reward model (`preference_model.py`).
+
+`category_head` fits, after training, the cost model's category head (`models/category_head.py`): which harm
+categories a prompt asks about, for the per-category constraints on prompts that carry no category.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import PartialState
 
 from safealign.algorithms.losses import cost_loss, safety_sign
-from safealign.algorithms.preference_model import PairStep, PreferenceModelConfig, pick, train_preference_model
+from safealign.algorithms.preference_model import (
+    PairStep,
+    PreferenceModelConfig,
+    load_pair_splits,
+    pick,
+    train_preference_model,
+)
 from safealign.config import ConfigError, config_field
 from safealign.data.augment import splice_unsafe_pairs
+from safealign.io import atomic_write_json
+from safealign.models.category_head import (
+    fit_category_head,
+    head_metrics,
+    prompt_category_labels,
+    prompt_features,
+    save_category_head,
+)
+from safealign.models.presets import resolve_device
+from safealign.models.score_model import load_score_model
+from safealign.models.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -43,6 +65,11 @@ class CostConfig(PreferenceModelConfig):
         0.0, help="Share of the training pairs with one safe and one unsafe response that also give a spliced pair: the safe "
                   "response with a sentence of the unsafe one inserted, labelled unsafe (data/augment.py; not in the paper). "
                   "0 = off (default); 1 = every such pair.")
+    category_head: bool = config_field(
+        False, help="Also fit a multi-label harm-category head on the trained cost model's prompt features (labels: the "
+                    "responses' response_*_harm_category), saved beside it: the per-category constraints use it for "
+                    "prompts without a category.")
+    category_head_l2: float = config_field(1e-4, help="L2 weight of the category head's logistic regression (standardised features).")
 
 
 class CostStep(PairStep):
@@ -92,4 +119,35 @@ def run(cfg: CostConfig) -> dict[str, Any]:
         raise ConfigError(f"cm: splice_fraction must be in [0, 1], got {cfg.splice_fraction}")
     step = CostStep(cfg.l2_coeff, use_pairwise=cfg.variant == "preference")
     spliced = (lambda records: splice_unsafe_pairs(records, cfg.splice_fraction, cfg.seed)) if cfg.splice_fraction > 0 else None
-    return train_preference_model(cfg, "cost", step, extra_train_pairs=spliced)
+    metrics = train_preference_model(cfg, "cost", step, extra_train_pairs=spliced)
+    if cfg.category_head and PartialState().is_main_process:
+        metrics.update(train_category_head(cfg))
+        atomic_write_json(Path(cfg.output_dir) / "metrics.json", metrics)
+    PartialState().wait_for_everyone()
+    return metrics
+
+
+def train_category_head(cfg: CostConfig) -> dict[str, float]:
+    """Fit the category head on the training pairs' prompts with the trained cost model's features, measure it on
+    the held-out pairs' prompts, save it beside the model; returns category_head_* metrics."""
+    model_dir = Path(cfg.output_dir) / "model"
+    model = load_score_model(model_dir).to(resolve_device("auto"))
+    tokenizer = load_tokenizer(model_dir)
+    _, _, train_records, eval_records = load_pair_splits(cfg)
+    prompts, categories, labels = prompt_category_labels(train_records)
+    if not categories:
+        raise ConfigError(f"{cfg.train_data}: no response carries a harm category (response_*_harm_category): "
+                          "nothing to fit the category head on")
+    features = prompt_features(model, tokenizer, prompts, cfg.max_length)  # size = (N, H)
+    head = fit_category_head(features, labels, categories, cfg.category_head_l2)
+    metrics = {f"category_head_train_{k}": v for k, v in head_metrics(head, features, labels).items()}
+    eval_prompts, eval_categories, eval_labels = prompt_category_labels(eval_records)
+    if eval_prompts:  # the held-out prompts, on the head's categories (one it never saw counts as missed)
+        aligned = torch.zeros(len(eval_prompts), len(categories), dtype=torch.float64)
+        for k, category in enumerate(eval_categories):
+            if category in categories:
+                aligned[:, categories.index(category)] = eval_labels[:, k]
+        metrics.update({f"category_head_eval_{k}": v for k, v in head_metrics(
+            head, prompt_features(model, tokenizer, eval_prompts, cfg.max_length), aligned).items()})
+    save_category_head(head, model_dir, metrics)
+    return metrics

@@ -42,9 +42,11 @@ from safealign.algorithms.losses import combined_advantage, lagrange_multiplier_
 from safealign.config import ConfigError, config_field
 from safealign.data.loading import load_preferences
 from safealign.data.schema import PromptRecord
+from safealign.models.category_head import load_category_head, prompt_features
 from safealign.models.presets import resolve_device
 from safealign.models.score_model import load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
+from safealign.training.common import console
 
 
 @dataclass
@@ -289,8 +291,11 @@ class Constrained:
         return {"reward": self.cfg.reward_model, "cost": self.cfg.cost_model}
 
     def start(self, prompts: list[PromptRecord]) -> None:
-        """With context-aware constraints, their multipliers, one per constraint of these prompts."""
+        """With context-aware constraints, their multipliers, one per constraint of these prompts (a prompt without
+        a category gets the cost model's category head's, when it has one)."""
         if self.cfg.context_aware:
+            if self.cfg.constraint_per_category:
+                prompts = categorised(prompts, self.cfg.cost_model, self.cfg.tokenizer or self.cfg.actor_model)
             self.lagrangian = ContextMultipliers(self.cfg, prompts)
 
     def stream_end_scores(self, scores: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
@@ -323,6 +328,25 @@ class Constrained:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lagrangian.load_state_dict(state)
+
+
+def categorised(prompts: list[PromptRecord], cost_model: str, fallback_tokenizer: str) -> list[PromptRecord]:
+    """The prompts, those without a category given the one the cost model's category head predicts for them (or none);
+    unchanged when every prompt has one or the cost model has no head. Deterministic: every process agrees."""
+    missing = [n for n, p in enumerate(prompts) if not p.category]
+    head = load_category_head(cost_model) if missing else None
+    if head is None:
+        return prompts
+    model = load_score_model(cost_model).to(resolve_device("auto"))
+    has_tokenizer = (Path(cost_model) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(cost_model if has_tokenizer else fallback_tokenizer)
+    predicted = head.predict(prompt_features(model, tokenizer, [prompts[n].prompt for n in missing]))
+    prompts = list(prompts)
+    for n, category in zip(missing, predicted):
+        prompts[n] = dataclasses.replace(prompts[n], category=category)
+    console.print(f"category head of {cost_model}: {sum(c is not None for c in predicted)} of the {len(missing)} prompts "
+                  "without a category got one")
+    return prompts
 
 
 def cost_quantile(cost_model: str, tokenizer: str, data: str, quantile: float, max_length: int = 256) -> tuple[float, int]:

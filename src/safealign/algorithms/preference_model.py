@@ -95,7 +95,9 @@ def _require_backbone(name: str) -> None:
                                 f"or a preset ({', '.join(PRESETS)})")
 
 
-def _load_splits(cfg: PreferenceModelConfig) -> tuple[PreferenceDataset, PreferenceDataset | None, list, list]:
+def load_pair_splits(cfg: PreferenceModelConfig) -> tuple[PreferenceDataset, PreferenceDataset | None, list, list]:
+    """(train set, eval set or None, train records, held-out records): eval_data, or eval_fraction of train_data held
+    out with cfg.seed (the same split on every call)."""
     train_set = load_preferences(cfg.train_data, on_contradiction=cfg.on_contradiction)
     eval_set = load_preferences(cfg.eval_data, on_contradiction=cfg.on_contradiction) if cfg.eval_data else None
     if eval_set is not None:
@@ -124,7 +126,7 @@ def train_preference_model(
     _require_backbone(cfg.model)
     if cfg.adapter == "lora":
         require_pretrained_base(cfg.model, stage)
-    train_set, eval_set, train_records, eval_records = _load_splits(cfg)
+    train_set, eval_set, train_records, eval_records = load_pair_splits(cfg)
     added = extra_train_pairs(train_records) if extra_train_pairs is not None else []
     train_records = train_records + added
     tokenizer = prepare_tokenizer(cfg.tokenizer, cfg.model, cfg.output_dir, cfg.vocab_size, cfg.resume,
