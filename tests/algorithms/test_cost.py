@@ -64,7 +64,8 @@ def test_cost_step_takes_the_unchosen_response_as_the_less_safe_with_label_signs
 
 
 def test_cost_training_learns_the_safety_sign(world):
-    cfg = config(world, "run", max_steps=40, eval_on_start=True, category_head=True)
+    # the head on this small world's 371 prompts needs more regularisation than the default (chosen on SafeWorld's)
+    cfg = config(world, "run", max_steps=40, eval_on_start=True, category_head=True, category_head_l2=1e-4)
     metrics = run(cfg)
     assert metrics["eval_sign_accuracy"] >= 0.8, metrics
     assert metrics["eval_ranking_accuracy"] > metrics["initial_eval_ranking_accuracy"], metrics

@@ -69,7 +69,8 @@ class CostConfig(PreferenceModelConfig):
         False, help="Also fit a multi-label harm-category head on the trained cost model's prompt features (labels: the "
                     "responses' response_*_harm_category), saved beside it: the per-category constraints use it for "
                     "prompts without a category.")
-    category_head_l2: float = config_field(1e-4, help="L2 weight of the category head's logistic regression (standardised features).")
+    category_head_l2: float = config_field(
+        1e-5, help="L2 weight of the category head's logistic regression (standardised features; chosen on SafeWorld's dev pairs).")
 
 
 class CostStep(PairStep):

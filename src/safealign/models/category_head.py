@@ -8,9 +8,10 @@ the union of the harm categories (`response_*_harm_category`) of the responses t
 
     p_k(x) = σ(w_k · h(x) + b_k)          L = mean_{x,k} BCE(p_k(x), y_k(x)) + l2 · ||W||²
 
-(fitted with L-BFGS: a convex problem, the same optimum on every run; the last token's state was a better feature
-than the mean over the prompt's tokens on a small world's held-out prompts, F1 0.39 against 0.21 at l2 = 1e-4, where
-1e-3 recalled under 10% and 1e-5 overfitted). A prompt's category is the most probable one
+(fitted with L-BFGS: a convex problem, the same optimum on every run). The last token's state was a better feature
+than the mean over the prompt's tokens on a small world's held-out prompts (F1 0.39 against 0.21); l2 = 1e-5 was chosen
+on SafeWorld's dev pairs (seed 0: F1 0.37 against 0.17 at 1e-4 and 0.33 at 1e-7; docs/results.md). A prompt's
+category is the most probable one
 when its probability is at least 0.5, else none. A prompt whose responses were all safe has no category label, so
 the head learns the categories of prompts that drew at least one harmful answer.
 
@@ -97,8 +98,8 @@ def prompt_category_labels(records: Sequence[PreferenceRecord]) -> tuple[list[st
     return prompts, categories, labels
 
 
-def fit_category_head(features: torch.Tensor, labels: torch.Tensor, categories: list[str], l2: float = 1e-4,
-                      max_iter: int = 200) -> CategoryHead:
+def fit_category_head(features: torch.Tensor, labels: torch.Tensor, categories: list[str], l2: float = 1e-5,
+                      max_iter: int = 500) -> CategoryHead:
     """Logistic regression per category on standardised features (L-BFGS, float64). (N, H), (N, K) -> the head."""
     mean, scale = features.mean(0), features.std(0).clamp(min=1e-6)  # each (H,)
     x = (features - mean) / scale  # size = (N, H)
