@@ -456,7 +456,7 @@ def test_the_family_runs_as_stages_and_the_report_sets_them_side_by_side(tmp_pat
     root = tmp_path / "methods"
     stages = ["world", "sft", "evaluate_sft", "rm", "cm", "dpo_helpful", "sacpo", "psacpo", "evaluate_psacpo", "modpo",
               "evaluate_modpo", "cdpo", "evaluate_cdpo", "rsft", "evaluate_rsft", "safe_bon", "grpo_lag", "evaluate_grpo_lag",
-              "compare", "report"]
+              "ppo_lag_category", "evaluate_ppo_lag_category", "compare", "report"]
     cfg = load_config(PipelineConfig, None, {"output_dir": str(root), "profile": "quick", "stages": stages,
                                              "rounds": 1, **TINY, **FAMILY_TINY, "ppo_lag": {**RL, "threshold": -1.5}})
     summary = run(cfg)
@@ -471,12 +471,18 @@ def test_the_family_runs_as_stages_and_the_report_sets_them_side_by_side(tmp_pat
         assert key in summary, key
     grpo_lag = yaml.safe_load((root / "grpo_lag" / "config.yaml").read_text())
     assert grpo_lag["threshold"] == -1.5 and grpo_lag["cost_model"] == str(root / "cm" / "model")  # round 1's constraint
+    by_category = yaml.safe_load((root / "ppo_lag_category" / "config.yaml").read_text())
+    assert by_category["constraint_per_category"] is True and by_category["threshold"] == -1.5
+    assert by_category["max_steps"] == RL["max_steps"]  # ppo_lag's settings carry over
+    assert "evaluate_ppo_lag_category/harmful_rate" in summary and "ppo_lag_category/lagrange_multiplier/none" in summary
     names = [p["name"] for p in json.loads((root / "policies.json").read_text())["policies"]]
-    assert names == ["sft", "dpo_helpful", "modpo", "sacpo", "psacpo", "cdpo", "rsft", "grpo_lag", "safe_bon"]
+    assert names == ["sft", "dpo_helpful", "modpo", "sacpo", "psacpo", "cdpo", "rsft", "grpo_lag", "ppo_lag_category",
+                     "safe_bon"]
     report = json.loads((root / "report.json").read_text())
     family = next(s for s in report["sections"] if s["key"] == "family")
     table = next(b for b in family["blocks"] if b.get("title") == "Every method")
-    assert {row[0] for row in table["rows"]} == {"sft", "psacpo", "modpo", "cdpo", "rsft", "safe_bon", "grpo_lag"}  # evaluated
+    assert {row[0] for row in table["rows"]} == {"sft", "psacpo", "modpo", "cdpo", "rsft", "safe_bon", "grpo_lag",
+                                                 "ppo_lag_category"}  # evaluated
     assert all(row[7] is not None for row in table["rows"] if row[0] != "sft")  # each method's CPU seconds
     policies = next(s for s in report["sections"] if s["key"] == "policies")
     diversity = next(b for b in policies["blocks"] if b.get("title") == "Diversity of the answers to one prompt")
@@ -496,6 +502,7 @@ def test_the_family_stages_wait_for_what_they_read():
     assert sorted(prerequisites(cfg, table, "grpo")) == ["rm", "sft", "world"]  # the reward alone
     assert sorted(prerequisites(cfg, table, "p3o_lag")) == ["cm", "rm", "sft", "world"]
     assert sorted(prerequisites(cfg, table, "p3o")) == ["rm", "sft", "world"]  # the reward alone
+    assert sorted(prerequisites(cfg, table, "ppo_lag_category")) == ["cm", "rm", "sft", "world"]
     # C-DPO bounds the mean cost where Safe RLHF does
     bounded = PipelineConfig(output_dir=str(root), ppo_lag={"threshold": -1.5})
     assert plan(bounded, root)["cdpo"].config_values(bounded)["threshold"] == -1.5

@@ -75,8 +75,8 @@ class PipelineConfig:
              "cheap and must see every policy). `rounds` = rounds 2.. (round{k}/redteam, /rm, /cm, /eval_scores, "
              "/ppo_lag, /evaluate), `shaping` and `evaluate_shaping` = one stage per ν (shaping/nu=ν); each also a stage name. "
              "The DPO family and best-of-n (configs/methods.yaml): dpo_helpful, dpo_harmless, safedpo, bfpo, modpo, sacpo, "
-             "psacpo, cdpo, rsft (each with evaluate_<name>), bon, safe_bon. Critic-free RL: grpo_lag, grpo, p3o_lag, p3o "
-             "(each with evaluate_<name>).",
+             "psacpo, cdpo, rsft (each with evaluate_<name>), bon, safe_bon. Critic-free RL: grpo_lag, grpo, p3o_lag, p3o; "
+             "PPO-Lag with one λ per prompt category: ppo_lag_category (each with evaluate_<name>).",
     )
     rounds: int = config_field(
         0, help="Safe RLHF rounds (the paper ran 3): round 1 = the ppo_lag stage, rounds 2.. = the rounds stage; 0 = the profile's (default 3, quick 2).")
@@ -125,6 +125,9 @@ class PipelineConfig:
     grpo: dict = config_field({}, help="GRPOConfig overrides of the grpo stage (safealign grpo --help), plain GRPO: the λ = 0 baseline.")
     p3o_lag: dict = config_field({}, help="P3OLagConfig overrides of the p3o_lag stage (safealign p3o-lag --help); its d is round 1's.")
     p3o: dict = config_field({}, help="P3OConfig overrides of the p3o stage (safealign p3o --help), plain P3O: the λ = 0 baseline.")
+    ppo_lag_category: dict = config_field(
+        {}, help="PPOLagConfig overrides of the ppo_lag_category stage, over ppo_lag's (category_thresholds, refusal_floor, "
+                 "constraint_form, ...); constraint_per_category is on; its d is round 1's.")
     bon: dict = config_field({}, help="BestOfNConfig overrides of the bon and safe_bon stages (safealign bon --help): n, threshold, ... (samples_per_prompt and limit follow evaluate's).")
     parallel_baselines: bool = config_field(
         False, help="Run the baselines (evaluate_sft, eval_scores, ppo, shaping and their evaluations) in a second process beside "

@@ -103,7 +103,8 @@ SETTINGS_COMMANDS = {"world": "world generate", "sft": "sft", "rm": "rm", "cm": 
                      "eval_scores": "eval-scores", "ppo_lag": "ppo-lag", "ppo": "ppo", "shaping": "shaping",
                      "redteam": "redteam", "round_rm": "rm", "round_cm": "cm", "round_ppo_lag": "ppo-lag",
                      "compare": "compare", "dpo": "dpo", "sacpo": "dpo", "psacpo": "merge", "cdpo": "cdpo", "bon": "bon",
-                     "rsft": "rsft", "grpo_lag": "grpo-lag", "grpo": "grpo", "p3o_lag": "p3o-lag", "p3o": "p3o"}
+                     "rsft": "rsft", "grpo_lag": "grpo-lag", "grpo": "grpo", "p3o_lag": "p3o-lag", "p3o": "p3o",
+                     "ppo_lag_category": "ppo-lag"}
 ROUND_STEPS = ("redteam", "rm", "cm", "eval_scores", "ppo_lag", "evaluate")  # the stages of round k >= 2, in order
 ALWAYS_RUN = ("compare", "report")  # cheap summaries of the whole run directory: re-done so they see every policy
 
@@ -209,7 +210,10 @@ def plan(cfg: PipelineConfig, root: Path) -> dict[str, Stage]:
     stages += [rl_stage("grpo_lag", "grpo-lag", cfg, root, paths, ("grpo_lag",), extra_inputs={"threshold": round_threshold(cfg, 1)}),
                rl_stage("grpo", "grpo", cfg, root, paths, ("grpo",)),
                rl_stage("p3o_lag", "p3o-lag", cfg, root, paths, ("p3o_lag",), extra_inputs={"threshold": round_threshold(cfg, 1)}),
-               rl_stage("p3o", "p3o", cfg, root, paths, ("p3o",))]
+               rl_stage("p3o", "p3o", cfg, root, paths, ("p3o",)),
+               # Safe RLHF round 1 with one λ per prompt category (docs/maths.md §10): ppo_lag's settings, then its own
+               rl_stage("ppo_lag_category", "ppo-lag", cfg, root, paths, ("ppo_lag", "ppo_lag_category"),
+                        {"constraint_per_category": True}, extra_inputs={"threshold": round_threshold(cfg, 1)})]
     stages += [evaluation(f"evaluate_{name}", cfg, root, paths, root / name / "model", root / "eval" / name)
                for name in ONLINE_POLICIES]
     stages += [
@@ -228,7 +232,8 @@ DPO_FAMILY: dict[str, dict[str, Any]] = {
     "modpo": {"variant": "modpo", "preference": "better"},  # the margin: round 1's cost model (m = −cost)
 }
 FAMILY_POLICIES = (*DPO_FAMILY, "sacpo", "psacpo", "cdpo", "rsft")  # each with its evaluate_<name> stage
-ONLINE_POLICIES = ("grpo_lag", "grpo", "p3o_lag", "p3o")  # critic-free RL, each with its evaluate_<name> stage
+# online RL beside round 1 (critic-free; PPO-Lag with per-category λ), each with its evaluate_<name> stage
+ONLINE_POLICIES = ("grpo_lag", "grpo", "p3o_lag", "p3o", "ppo_lag_category")
 BEST_OF_N = {"bon": "reward", "safe_bon": "safe"}  # stage -> selection mode; evaluations of the SFT model
 
 
