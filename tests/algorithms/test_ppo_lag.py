@@ -176,11 +176,14 @@ def test_sigkill_mid_run_then_resume_latest_gives_the_uninterrupted_result(tiny,
 
 @pytest.mark.parametrize("layout", ["full", "shared_backbone", "all_lora"])
 def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layout, two_ranks_env, torchrun):
-    """torchrun, 2 gloo ranks, 2 steps (about 35 s here). shared_backbone also fits its value heads on the
-    statistics of both ranks' first rollouts (a float64 all-reduce); all_lora trains only adapters (DDP syncs
-    the trained parameters alone) and saves the merged actor once."""
+    """torchrun, 2 gloo ranks, 2 steps (about 35 s here). full runs with one λ per prompt category (a vector λ, its
+    windows gathered from both ranks); shared_backbone also fits its value heads on the statistics of both ranks'
+    first rollouts (a float64 all-reduce); all_lora trains only adapters (DDP syncs the trained parameters alone)
+    and saves the merged actor once."""
     out = tmp_path / "ddp"
     layouts = ["--critic_layout", "lora", "--actor_layout", "lora"] if layout == "all_lora" else ["--critic_layout", layout]
+    if layout == "full":
+        layouts += ["--constraint_per_category", "true"]
     args = _cli_args(tiny, out, tiny.score_model("cost", 0.7), 2) + layouts
     result = torchrun("-m", "safealign.cli", *args, env={**_env(), **two_ranks_env}, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -189,9 +192,13 @@ def test_two_processes_keep_lambda_identical_on_every_rank(tiny, tmp_path, layou
     assert [row["step"] for row in ranks[0]] == [1, 2]
     assert ranks[0] == ranks[1]  # the same λ and J_C, bit for bit
     assert ranks[0][1]["lagrange_multiplier"] > ranks[0][0]["lagrange_multiplier"] > 1.0
-    # J_C is the mean over both ranks' windows: 2 ranks × 8 rows per step.
     state = load_file(str(out / "checkpoints" / "step-2" / "algorithm_state.safetensors"))
-    assert state["algorithm_state.episode_cost_windows"].shape == (2, 16)
+    if layout == "full":  # every category's λ_k identical on both ranks; the windows hold both ranks' rows (16 per step)
+        assert len(ranks[0][1]["multipliers"]) > 3 and max(ranks[0][1]["multipliers"].values()) > 1.0
+        windows = [v for k, v in state.items() if k.startswith("algorithm_state.windows")]
+        assert sum(len(w) for w in windows) == 2 * 16
+    else:  # J_C is the mean over both ranks' windows: 2 ranks × 8 rows per step.
+        assert state["algorithm_state.episode_cost_windows"].shape == (2, 16)
     assert (out / "checkpoints" / "step-2" / "rng_state_rank1.json").is_file()
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
     if layout == "shared_backbone":

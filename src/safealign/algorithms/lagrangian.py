@@ -252,6 +252,12 @@ class ContextMultipliers:
                 scalars[f"episode_cost/{name}"] = means[k].item()
                 violated += int(means[k].item() > targets[k].item())
         scalars["violated_constraints"] = float(violated)  # categories over their d_k ("safety compensation")
+        if accelerator.num_processes > 1:  # a per-rank trace: every multiplier must be identical on every rank
+            trace = Path(cfg.output_dir) / f"lagrange_multiplier_rank{accelerator.process_index}.jsonl"
+            with open(trace, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step + 1, "lagrange_multiplier": scalars["lagrange_multiplier"],
+                                         "episode_cost": scalars["episode_cost"],
+                                         "multipliers": dict(zip(self.names, self.log_multipliers.exp().tolist()))}) + "\n")
         return scalars
 
     def row_multipliers(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | float]:
