@@ -19,7 +19,7 @@ from safealign.data.loading import load_prompts
 from safealign.data.schema import PromptRecord
 from safealign.models.score_model import load_score_model
 from safealign.training.common import make_accelerator
-from tiny_rl import FAST, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
+from tiny_rl import FAST, crash_rl_update, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 def test_combined_advantage_with_a_lambda_and_a_reward_weight_per_row_by_hand():
@@ -151,7 +151,6 @@ def test_per_category_lambdas_move_only_for_the_categories_over_their_threshold(
 def test_the_guard_raises_mu_while_the_borderline_reward_is_below_the_floor_and_resumes_exactly(tiny, tmp_path, monkeypatch):
     """A floor far above any reward: μ rises every step with a borderline prompt. A run crashed after step 2 and
     resumed from it ends with the uninterrupted run's multipliers, every one."""
-    from safealign.training.rl import RLRun
 
     rows = [json.loads(line) for line in Path(tiny.prompts).read_text().splitlines()]
     borderline = [r for r in rows if r["kind"] == "borderline"]
@@ -165,15 +164,10 @@ def test_the_guard_raises_mu_while_the_borderline_reward_is_below_the_floor_and_
     assert mus[-1] > 1.0 and mus == sorted(mus)
 
     crashed = tmp_path / "crashed"
-    original = RLRun.update
-    def crash_on_step_3(run, batch, step, losses, **kwargs):
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return original(run, batch, step, losses, **kwargs)
-    monkeypatch.setattr(RLRun, "update", crash_on_step_3)
+    undo = crash_rl_update(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         ppo_lag.run(lag_config(tiny, crashed, **settings))
-    monkeypatch.setattr(RLRun, "update", original)
+    undo()
     ppo_lag.run(lag_config(tiny, crashed, resume="latest", **settings))
     keys = [k for k in json.loads((straight / "metrics.json").read_text()) if k.startswith(("lagrange_multiplier",
                                                                                           "refusal_guard"))]

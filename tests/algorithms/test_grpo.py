@@ -23,7 +23,7 @@ from safealign.models.tokenizer import load_tokenizer
 from safealign.training.common import make_accelerator
 from safealign.training.rl import Experience, RLRun
 from safealign.training.rl_setup import build_models, prepare_training
-from tiny_rl import FAST, TinySetup, expected_lambdas, history  # noqa: E402  (tests/algorithms is on sys.path)
+from tiny_rl import FAST, TinySetup, crash_rl_update, expected_lambdas, history  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,15 +147,10 @@ def test_resume_after_a_crash_continues_exactly_and_the_run_holds_no_critic(tiny
     cost_model = tiny.score_model("cost", 0.7)  # J_C > d = 0: λ moves every step
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run(grpo_lag_config(tiny, straight, cost_model=cost_model, max_steps=4))
-    original = RLRun.update
-    def crash_on_step_3(run_, batch, step, losses):
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return original(run_, batch, step, losses)
-    monkeypatch.setattr(RLRun, "update", crash_on_step_3)
+    undo = crash_rl_update(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(grpo_lag_config(tiny, crashed, cost_model=cost_model, max_steps=4))
-    monkeypatch.setattr(RLRun, "update", original)
+    undo()
     run(grpo_lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, resume="latest"))
 
     for key in ("lagrange_multiplier", "episode_cost", "reward", "actor_loss", "kl_loss"):

@@ -26,8 +26,8 @@ from safealign.models.presets import build_causal_lm
 from safealign.models.score_model import load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training import rl
-from safealign.training.rl import Experience, RLRun
-from tiny_rl import FAST, TinySetup, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
+from safealign.training.rl import Experience
+from tiny_rl import FAST, TinySetup, crash_rl_update, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 def test_lambda_update_uses_the_window_and_the_actor_gets_the_combined_advantage():
@@ -98,16 +98,11 @@ def test_resume_after_a_crash_continues_exactly(tiny, tmp_path, monkeypatch, lay
     run(lag_config(tiny, straight, cost_model=cost_model, max_steps=4, **layouts))
 
     crashed = tmp_path / "crashed"
-    original = RLRun.update
-    def crash_on_step_3(run, batch, step, losses):
-        if step == 2:  # 0-based: the third rollout, after step-2 was saved
-            raise RuntimeError("simulated crash")
-        return original(run, batch, step, losses)
-    monkeypatch.setattr(RLRun, "update", crash_on_step_3)
+    undo = crash_rl_update(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, **layouts))
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-1", "step-2"]
-    monkeypatch.setattr(RLRun, "update", original)
+    undo()
     run(lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, resume="latest", **layouts))
 
     for key in ("lagrange_multiplier", "episode_cost", "reward", "actor_loss", "cost_critic_loss"):

@@ -84,6 +84,20 @@ def expected_lambdas(episode_cost: float, steps: int, delay: int = 0, threshold:
     return lambdas
 
 
+def crash_rl_update(monkeypatch, at_step: int = 2):
+    """Make the RL loop's update raise a RuntimeError("simulated crash") at 0-based step `at_step` (by default the
+    third rollout, after step-2 was saved); returns the function that undoes it."""
+    original = RLRun.update
+
+    def crash(run, batch, step, losses, **kwargs):
+        if step == at_step:
+            raise RuntimeError("simulated crash")
+        return original(run, batch, step, losses, **kwargs)
+
+    monkeypatch.setattr(RLRun, "update", crash)
+    return lambda: monkeypatch.setattr(RLRun, "update", original)
+
+
 def lag_config(tiny: TinySetup, out: Path, **overrides) -> PPOLagConfig:
     return PPOLagConfig(**{**dict(actor_model=tiny.actor, reward_model=tiny.reward_model, cost_model=tiny.cost_model,
                                   prompt_data=tiny.prompts, output_dir=str(out), max_steps=3), **FAST, **overrides})
