@@ -9,8 +9,8 @@ the union of the harm categories (`response_*_harm_category`) of the responses t
     p_k(x) = σ(w_k · h(x) + b_k)          L = mean_{x,k} BCE(p_k(x), y_k(x)) + l2 · ||W||²
 
 (fitted with L-BFGS: a convex problem, the same optimum on every run). The last token's state was a better feature
-than the mean over the prompt's tokens on a small world's held-out prompts (F1 0.39 against 0.21); l2 = 1e-5 was chosen
-on SafeWorld's dev pairs (seed 0: F1 0.37 against 0.17 at 1e-4 and 0.33 at 1e-7; docs/results.md). A prompt's
+than the mean over the prompt's tokens on a small world's held-out prompts (F1 0.39 against 0.21); l2 = 1e-5 was set
+on SafeWorld's dev pairs (world 0: F1 0.37; 0.17 at 1e-4, 0.38 at 1e-6, 0.33 at 1e-7; docs/results.md). A prompt's
 category is the most probable one
 when its probability is at least 0.5, else none. A prompt whose responses were all safe has no category label, so
 the head learns the categories of prompts that drew at least one harmful answer.
