@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import safealign
-from safealign.algorithms.preference_model import _load_splits
+from safealign.algorithms.preference_model import load_pair_splits
 from safealign.algorithms.reward import RewardConfig, RewardStep
 from safealign.data.collate import collate_pairs
 from safealign.data.formatting import tokenize_pairs
@@ -108,7 +108,7 @@ def test_fsdp2_on_two_cpu_ranks_trains_like_ddp_and_saves_the_trained_model(tmp_
 
     # The saved model (gathered from the shards) gives the scores the sharded model evaluated with in the run.
     cfg = RewardConfig(model=str(world["backbone"]), train_data=str(world["train"]), eval_data=str(world["test"]))
-    _, _, _, eval_records = _load_splits(cfg)
+    _, _, _, eval_records = load_pair_splits(cfg)
     tokenizer = load_tokenizer(str(fsdp / "model"))
     pairs = tokenize_pairs(tokenizer, eval_records, cfg.max_length)
     loader = [collate_pairs(pairs[i:i + 16], tokenizer.pad_token_id) for i in range(0, len(pairs), 16)]
