@@ -19,7 +19,7 @@ from safealign.data.loading import load_prompts
 from safealign.data.schema import PromptRecord
 from safealign.models.score_model import load_score_model
 from safealign.training.common import make_accelerator
-from tiny_rl import FAST, crash_rl_update, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
+from tiny_rl import FAST, expected_lambdas, history, lag_config, straight_and_resumed  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 def test_combined_advantage_with_a_lambda_and_a_reward_weight_per_row_by_hand():
@@ -158,17 +158,10 @@ def test_the_guard_raises_mu_while_the_borderline_reward_is_below_the_floor_and_
     mixed.write_text("".join(json.dumps(r) + "\n" for r in borderline + [r for r in rows if r["kind"] == "harmful"][:len(borderline)]))
     settings = dict(cost_model=tiny.score_model("cost", 0.5), max_steps=4, constraint_per_category=True, refusal_floor=50.0,
                     prompt_data=str(mixed))
-    straight = tmp_path / "straight"
-    ppo_lag.run(lag_config(tiny, straight, **settings))
+    straight, crashed = straight_and_resumed(monkeypatch, tmp_path,
+                                             lambda out, **extra: ppo_lag.run(lag_config(tiny, out, **settings, **extra)))
     mus = history(straight, "refusal_guard_multiplier")
     assert mus[-1] > 1.0 and mus == sorted(mus)
-
-    crashed = tmp_path / "crashed"
-    undo = crash_rl_update(monkeypatch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        ppo_lag.run(lag_config(tiny, crashed, **settings))
-    undo()
-    ppo_lag.run(lag_config(tiny, crashed, resume="latest", **settings))
     keys = [k for k in json.loads((straight / "metrics.json").read_text()) if k.startswith(("lagrange_multiplier",
                                                                                           "refusal_guard"))]
     assert len(keys) > 3

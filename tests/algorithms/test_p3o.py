@@ -24,7 +24,7 @@ from safealign.models.tokenizer import load_tokenizer
 from safealign.training.common import make_accelerator
 from safealign.training.rl import Experience, RLRun, shuffled_rows
 from safealign.training.rl_setup import build_models, prepare_training
-from tiny_rl import FAST, TinySetup, crash_rl_update, expected_lambdas, history  # noqa: E402  (tests/algorithms is on sys.path)
+from tiny_rl import FAST, TinySetup, assert_same_weights, expected_lambdas, history, straight_and_resumed  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,21 +181,14 @@ def test_safe_p3o_lambda_rises_when_the_cost_exceeds_the_threshold_and_falls_bel
 
 def test_resume_after_a_crash_continues_exactly_and_the_run_holds_no_critic(tiny, tmp_path, monkeypatch):
     cost_model = tiny.score_model("cost", 0.7)  # J_C > d = 0: λ moves every step
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    run(p3o_lag_config(tiny, straight, cost_model=cost_model, max_steps=4))
-    undo = crash_rl_update(monkeypatch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(p3o_lag_config(tiny, crashed, cost_model=cost_model, max_steps=4))
-    undo()
-    run(p3o_lag_config(tiny, crashed, cost_model=cost_model, max_steps=4, resume="latest"))
+    straight, crashed = straight_and_resumed(
+        monkeypatch, tmp_path, lambda out, **extra: run(p3o_lag_config(tiny, out, cost_model=cost_model, max_steps=4, **extra)))
 
     for key in ("lagrange_multiplier", "episode_cost", "reward", "actor_loss", "clip_fraction"):
         assert history(crashed, key) == pytest.approx(history(straight, key), rel=1e-5, abs=1e-7), key
     assert len(set(history(straight, "lagrange_multiplier"))) == 4
     assert any(loss != 0 for loss in history(straight, "actor_loss"))
-    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(crashed / "model" / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+    assert_same_weights(straight / "model" / "model.safetensors", crashed / "model" / "model.safetensors")
     step_4 = crashed / "checkpoints" / "step-4"
     assert not list(step_4.glob("*critic*"))  # critic-free: the actor, its optimizer and λ
     state = load_file(str(step_4 / "algorithm_state.safetensors"))

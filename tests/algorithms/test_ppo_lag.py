@@ -27,7 +27,7 @@ from safealign.models.score_model import load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training import rl
 from safealign.training.rl import Experience
-from tiny_rl import FAST, TinySetup, crash_rl_update, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
+from tiny_rl import FAST, TinySetup, assert_same_weights, crash_rl_update, expected_lambdas, history, lag_config  # noqa: E402  (tests/algorithms is on sys.path)
 
 
 def test_lambda_update_uses_the_window_and_the_actor_gets_the_combined_advantage():
@@ -111,10 +111,7 @@ def test_resume_after_a_crash_continues_exactly(tiny, tmp_path, monkeypatch, lay
     # The trained weights of every part (shared_backbone: the value heads live in the actor; lora actor: its adapter).
     for name in ("model/model.safetensors", "checkpoints/step-4/actor.safetensors",
                  *(() if layout == "shared_backbone" else ("checkpoints/step-4/cost_critic.safetensors",))):
-        a, b = load_file(str(straight / name)), load_file(str(crashed / name))
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+        assert_same_weights(straight / name, crashed / name)
     state = load_file(str(crashed / "checkpoints" / "step-4" / "algorithm_state.safetensors"))
     assert state["algorithm_state.episode_cost_windows"].shape == (1, 32)  # 4 steps × 8 rows, window 128
     samples = [json.loads(line)["step"] for line in (crashed / "samples.jsonl").read_text().splitlines()]
@@ -164,9 +161,7 @@ def test_sigkill_mid_run_then_resume_latest_gives_the_uninterrupted_result(tiny,
     for key in multipliers + ["lagrange_multiplier"]:
         assert history(killed, key) == pytest.approx(history(straight, key), rel=1e-6), key
     assert len({tuple(history(straight, key)) for key in multipliers}) > 1  # the categories' λ differ
-    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(killed / "model" / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+    assert_same_weights(straight / "model" / "model.safetensors", killed / "model" / "model.safetensors")
 
 
 @pytest.mark.parametrize("layout", ["full", "shared_backbone", "all_lora"])

@@ -9,7 +9,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig
 from safealign.data.formatting import tokenize_prompt
@@ -96,6 +98,27 @@ def crash_rl_update(monkeypatch, at_step: int = 2):
 
     monkeypatch.setattr(RLRun, "update", crash)
     return lambda: monkeypatch.setattr(RLRun, "update", original)
+
+
+def straight_and_resumed(monkeypatch, root: Path, train) -> tuple[Path, Path]:
+    """`train(out, **extra)` run straight into root/straight, and into root/crashed crashed at the third rollout
+    (after step-2 was saved) then resumed with resume=latest. Returns both run directories."""
+    straight, crashed = root / "straight", root / "crashed"
+    train(straight)
+    undo = crash_rl_update(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashed)
+    undo()
+    train(crashed, resume="latest")
+    return straight, crashed
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+    """The two safetensors files hold the same tensors (to atol)."""
+    first, second = load_file(str(a)), load_file(str(b))
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], atol=atol, rtol=0)
 
 
 def lag_config(tiny: TinySetup, out: Path, **overrides) -> PPOLagConfig:
