@@ -15,7 +15,9 @@ What this file adds to `ppo.PPO`:
 - the cost stream: c_t = +β·KL_t (+ C at the last response token), GAE with the cost critic → A^C;
 - the actor's advantage A_t = (A^R_t − λ·A^C_t) / (1 + λ) (the KL weight stays exactly β for every λ);
 - λ and the constraint's threshold d: `lagrangian.LagrangeMultiplier` (J_C over a window of episode costs, one
-  step of log λ per rollout batch, before the PPO updates that use it; d fixed or from the cost model's costs).
+  step of log λ per rollout batch, before the PPO updates that use it; d fixed or from the cost model's costs); or,
+  with the context-aware options, one λ_k per prompt category and the over-refusal guard (`lagrangian.
+  ContextMultipliers`, docs/maths.md §10), each row's advantage then with its own λ_k.
 
 Differences from the reference implementation (safe-rlhf), on purpose:
 - λ moves once per rollout batch; the reference steps it once per micro-step with the same J_C.
