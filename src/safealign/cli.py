@@ -99,13 +99,15 @@ def data_validate(
 def judge(
     file: Path = typer.Argument(..., help="{prompt, response} rows (or PKU-SafeRLHF rows): JSONL, JSON, CSV, Parquet."),
     output: Path = typer.Option(..., "--output", "-o", help="Where the judged rows go (JSONL, input order)."),
-    judge_name: str = typer.Option("gold", "--judge", help="The judge: gold (SafeWorld's)."),
+    judge_name: str = typer.Option("gold", "--judge", help="The judge: gold (SafeWorld's), llm:PATH (a local causal LM or preset) or openai:MODEL."),
+    calibration: str = typer.Option("", "--calibration", help="An LLM judge's calibration.json (safealign calibrate-judge): its thresholds."),
 ) -> None:
-    """Judge every response of a file: helpfulness, is_safe, harm_categories, severity, class and why."""
+    """Judge every response of a file: SafeWorld's gold judge (helpfulness, is_safe, harm_categories, severity, class, why)
+    or an LLM judge (unsafe and refusal probabilities, is_safe, refused, refusal_match, helpfulness 0..9)."""
     from safealign.evaluation.judge import judge_file
 
     try:
-        summary = judge_file(file, output, judge_name)
+        summary = judge_file(file, output, judge_name, calibration)
     except (DataError, FileNotFoundError, ValueError) as err:
         _user_error(str(err))
     print(json.dumps(summary, indent=2))
@@ -122,7 +124,10 @@ def command_reference() -> str:
              "a summary.", "",
              "`safealign judge FILE --output OUT.jsonl [--judge gold]`: judge every `{prompt, response}` row of FILE (or both "
              "responses of a PKU-SafeRLHF row) and write the rows with `helpfulness`, `is_safe`, `harm_categories`, "
-             "`severity`, `class` and `why` added, in input order.", ""]
+             "`severity`, `class` and `why` added, in input order. With `--judge llm:PATH` (a local causal LM or a preset "
+             "such as `qwen2.5-coder-0.5b`) or `--judge openai:MODEL`, and `--calibration calibration.json` from "
+             "`safealign calibrate-judge`: `unsafe_probability`, `is_safe`, `refusal_probability`, `refused`, "
+             "`refusal_match` and `helpfulness` (0..9).", ""]
     for command in COMMANDS.values():
         if not command.cli:
             continue

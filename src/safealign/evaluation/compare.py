@@ -2,7 +2,7 @@
 
     safealign evaluate --models "{sft: runs/sft/model, safe_rlhf: runs/ppo_lag/model}" --output_dir runs/compare \
         --prompts runs/world/prompts/test.jsonl --reward_model runs/rm/model --cost_model runs/cm/model
-(With `--model DIR` instead of `--models`, `safealign evaluate` evaluates one model exactly as `gold.run`.)
+(With `--model DIR` instead of `--models`, `safealign evaluate` evaluates one model: `gold.run`, or `real_text.run`.)
 
 Each model's gold evaluation lives in `output_dir/<name>/` (samples.jsonl, metrics.json). It is reused when
 both files exist, otherwise written by `gold.run` with this config's sampling settings. Then, on the prompts
@@ -38,7 +38,7 @@ from rich.table import Table
 
 from safealign.config import ConfigError, changed_settings, config_field, save_config
 from safealign.console import stderr_console
-from safealign.evaluation import gold
+from safealign.evaluation import gold, real_text
 from safealign.evaluation.gold import (
     GoldEvalConfig,
     judge_samples,
@@ -285,9 +285,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             raise FileNotFoundError(f"evaluate: {key}: score model directory not found: {path}")
 
     out = Path(cfg.output_dir)
-    gold_fields = {f.name for f in dataclasses.fields(GoldEvalConfig)}
-    wanted = {name: GoldEvalConfig(**{**{k: v for k, v in vars(cfg).items() if k in gold_fields},
-                                      "model": path, "output_dir": str(out / name)}) for name, path in models.items()}
+    wanted = {name: GoldEvalConfig.part_of(cfg, model=path, output_dir=str(out / name)) for name, path in models.items()}
     todo = []
     for name in models:  # samples are reused only when made with the same model and settings
         if not _has_samples(out / name):
@@ -308,14 +306,16 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
 
 
 def run(cfg: CompareConfig) -> dict[str, Any]:
-    """`safealign evaluate`: a comparison when `models` is given, else the one `model` (`gold.run`)."""
+    """`safealign evaluate`: a comparison when `models` is given, else the one `model`."""
+    if cfg.models and (cfg.judge or cfg.benchmark):
+        raise ConfigError("evaluate: an LLM judge or a real benchmark evaluates one `model` at a time for now")
     if cfg.models:
         return compare(cfg)
     extra = [key for key in ("baseline", "reward_model", "cost_model") if getattr(cfg, key)]
     if extra:
         raise ConfigError(f"evaluate: {', '.join(extra)} belong to a comparison: give `models` (two or more)")
-    gold_fields = {f.name for f in dataclasses.fields(GoldEvalConfig)}
-    return gold.run(GoldEvalConfig(**{k: v for k, v in vars(cfg).items() if k in gold_fields}))
+    one = GoldEvalConfig.part_of(cfg)
+    return real_text.run(one) if cfg.judge or cfg.benchmark else gold.run(one)
 
 
 # --------------------------------------------------------------------------------------------------

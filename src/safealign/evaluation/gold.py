@@ -31,6 +31,7 @@ pure functions of texts and rows, so any set of models (or stored samples) is ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -44,6 +45,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safealign.config import ConfigError, config_field, save_config
 from safealign.data import safeworld
 from safealign.data.loading import load_prompts
+from safealign.data.schema import PromptRecord
 from safealign.io import atomic_write_json, atomic_write_jsonl
 from safealign.models.generation import Sample, SamplingConfig, generate_samples
 from safealign.models.presets import build_causal_lm, resolve_device, resolve_pretrained
@@ -87,6 +89,22 @@ class GoldEvalConfig:
         DEFAULT_K, help="Responses a verbalized call asks for (the paper's k); the call gets k × max_new_tokens tokens.")
     verbalized_force: bool = config_field(
         False, help="Sample verbalized without the probe (one call on each of the first 8 prompts must parse half the time).")
+    benchmark: list[str] = config_field(
+        [], help="Real prompt sets instead of `prompts` (make real-assets): harmbench, advbench, donotanswer, edgy, benign; "
+                 "`limit` then applies to each. Needs an LLM `judge`.")
+    judge: str = config_field(
+        "", help="An LLM judge instead of SafeWorld's gold judges: llm:PATH (a local causal LM or preset, e.g. "
+                 "llm:qwen2.5-coder-0.5b) or openai:MODEL; '' = gold (see `gold`).")
+    judge_calibration: str = config_field(
+        "", help="The judge's calibration.json (safealign calibrate-judge): its thresholds, and its agreement with human "
+                 "labels printed beside the numbers; '' = thresholds 0.5, said to be uncalibrated.")
+    judge_batch_size: int = config_field(4, help="Judge inputs per forward pass (llm: judges).")
+    judge_max_response_chars: int = config_field(2000, help="Answers longer than this are cut before the judge reads them.")
+
+    @classmethod
+    def part_of(cls, cfg: Any, **changes: Any) -> "GoldEvalConfig":
+        """The fields of a larger config (`evaluate`'s) that evaluate one model, with `changes`."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)} | changes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,9 +304,10 @@ def summarise_judgements(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # The stage
 # --------------------------------------------------------------------------------------------------
 def _request_of(record: Any) -> dict[str, str]:
-    """The prompt row's `request` (SafeWorld prompt files name one), kept so that intervals cluster by it."""
-    request = record.extra.get("request")
-    return {"request": request} if isinstance(request, str) and request else {}
+    """The prompt row's `request` (SafeWorld prompt files name one), kept so that intervals cluster by it, and a real
+    benchmark prompt's `benchmark` and `id`."""
+    return {key: record.extra[key] for key in ("request", "benchmark", "id")
+            if isinstance(record.extra.get(key), str) and record.extra[key]}
 
 
 def select_prompts(records: list, limit: int, seed: int) -> list:
@@ -354,14 +373,22 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
         raise ConfigError(f"evaluate: samples_per_prompt must be >= 1, got {cfg.samples_per_prompt}")
     if cfg.greedy and cfg.samples_per_prompt > 1:
         raise ConfigError("evaluate: greedy decoding gives one answer per prompt: set samples_per_prompt 1, or sample")
-    sampling = sampling_config("evaluate", cfg, cfg.samples_per_prompt, cfg.greedy)
     records = select_prompts(load_prompts(cfg.prompts), cfg.limit, cfg.seed)
     gold = uses_gold(cfg.gold, [r.kind for r in records])
+    samples, sampling_metrics = sample_policy(cfg, records)
+    rows, metrics = judge_and_summarise(samples, gold)
+    metrics.update(sampling_metrics)
+    write_evaluation(cfg, rows, metrics)
+    return metrics
 
+
+def sample_policy(cfg: GoldEvalConfig, records: list[PromptRecord]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`samples_per_prompt` answers of cfg.model to every record (direct or verbalized sampling), as samples.jsonl rows
+    before judging, and the sampling's own metrics."""
+    sampling = sampling_config("evaluate", cfg, cfg.samples_per_prompt, cfg.greedy)
     if cfg.sampling == "verbalized" and cfg.verbalized_k < 2:
         raise ConfigError(f"evaluate: verbalized_k must be >= 2 (responses a verbalized call asks for), "
                           f"got {cfg.verbalized_k}")
-
     model, tokenizer = load_policy(cfg.model, cfg.tokenizer, cfg.device)
     prompts = [r.prompt for r in records]
     if cfg.sampling == "verbalized":
@@ -375,10 +402,7 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
     samples = [sample_row(records[i // per_prompt], i % per_prompt, g) for i, g in enumerate(generated)]
     if parsed is not None:
         samples = [{**row, "verbalized_parsed": ok} for row, ok in zip(samples, parsed)]
-    rows, metrics = judge_and_summarise(samples, gold)
-    metrics.update(sampling_metrics)
-    write_evaluation(cfg, rows, metrics)
-    return metrics
+    return samples, sampling_metrics
 
 
 def sample_verbalized(cfg: GoldEvalConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -55,6 +55,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("evaluate", "safealign.evaluation.compare", "CompareConfig",
             "Generate with a policy (--model) and judge it, or compare a set of models (--models): gold and model "
             "judges, Elo, win rates, arena."),
+    Command("calibrate-judge", "safealign.evaluation.judge_calibration", "JudgeCalibrationConfig",
+            "Measure an LLM judge against human labels (PyRIT's scorer evaluations): AUROC, accuracy at a threshold fitted "
+            "on one half and reported on the other, refusal detection beside string matching; writes calibration.json."),
     Command("bon", "safealign.evaluation.best_of_n", "BestOfNConfig",
             "Best-of-n at inference: sample n answers, let the reward (and cost) model choose one (reward, safe or "
             "lagrangian), judge the chosen answers; KL bound and estimate over n."),
