@@ -11,7 +11,7 @@ import torch
 
 import safealign.algorithms.cost as cost_module
 from safealign.algorithms.cost import CostConfig, CostStep, run
-from safealign.algorithms.losses import cost_loss
+from safealign.algorithms.losses import cost_loss, soft_cost_loss
 from safealign.config import ConfigError
 from safealign.data.augment import splice_unsafe_pairs
 from safealign.data.loading import load_preferences
@@ -61,6 +61,26 @@ def test_cost_step_takes_the_unchosen_response_as_the_less_safe_with_label_signs
     classifier, _ = CostStep(l2_coeff=1e-3, use_pairwise=False).loss(model, batch, torch.tensor(2.0))
     torch.testing.assert_close(classifier, cost_loss(unsafer, safer, torch.tensor([1.0, 1.0]), torch.tensor([-1.0, 1.0]),
                                                      1e-3, use_pairwise=False))
+
+
+def test_cost_step_with_soft_labels_is_the_soft_cost_loss():
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3, dtype=torch.long),
+             "better_response_id": torch.tensor([0, 0]), "safer_response_id": torch.tensor([1, 0]),
+             "is_safe": torch.tensor([[False, True], [False, False]]),
+             "targets": torch.tensor([[1.0, 1 / 3, 2 / 3, 0.0], [1.0, 1.0, 1.0, 2 / 3]])}  # 2-of-3 votes
+    model = FixedScores([2.0, 0.5, -1.0, 3.0])
+    loss, _ = CostStep(l2_coeff=1e-3).loss(model, batch, torch.tensor(2.0))
+    costs = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    torch.testing.assert_close(loss, soft_cost_loss(costs, batch["targets"][:, 1], batch["targets"][:, 2:], 1e-3))
+
+
+def test_dawid_skene_labels_train_a_cost_model_and_report_each_annotators_reliability(world):
+    metrics = run(config(world, "ds", max_steps=3, labels="dawid-skene", eval_on_start=True))
+    assert metrics["labels/labels"] == "dawid-skene" and metrics["labels/rows_without_votes"] == 0
+    assert metrics["eval_loss"] < metrics["initial_eval_loss"]
+    accuracy = json.loads((world["root"] / "ds" / "annotators.json").read_text())
+    assert set(accuracy) == {"better", "safer", "safe"} and len(accuracy["safe"]) > 3
+    assert all(0 < a < 1 for a in accuracy["safe"].values())
 
 
 def test_cost_training_learns_the_safety_sign(world):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from safealign.algorithms.losses import (bfpo_loss, cost_loss, dpo_loss, modpo_loss, reward_loss, safety_sign,
-                                         sequence_log_probs, sft_loss, soft_label_dpo_loss)
+                                         sequence_log_probs, sft_loss, soft_cost_loss, soft_label_dpo_loss,
+                                         soft_reward_loss)
 from safealign.data.formatting import IGNORE_INDEX
 
 
@@ -226,3 +227,30 @@ def test_sequence_log_probs_sum_exactly_the_response_tokens():
     expected = math.log(0.5) + math.log(0.8)  # p(1 | pos 0) · p(2 | pos 1); the last position predicts nothing
     assert sequence_log_probs(logits, labels).item() == pytest.approx(expected, rel=1e-6)
     assert sequence_log_probs(logits, labels, average=True).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_soft_label_score_losses_match_their_formulas_by_hand():
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    scores, q = torch.tensor([[1.0, 0.0], [-0.5, 2.0]]), torch.tensor([0.75, 1 / 3])
+    by_hand = (-(0.75 * math.log(sig(1.0)) + 0.25 * math.log(sig(-1.0)))
+               - (1 / 3 * math.log(sig(-2.5)) + 2 / 3 * math.log(sig(2.5)))) / 2 + 0.1 * (1 + 0.25 + 4) / 4
+    assert soft_reward_loss(scores, q, l2_coeff=0.1).item() == pytest.approx(by_hand, rel=1e-6)
+    costs, safer, unsafe = torch.tensor([[0.5, -1.0]]), torch.tensor([0.2]), torch.tensor([[0.9, 0.4]])
+    pair = -(0.2 * math.log(sig(-1.5)) + 0.8 * math.log(sig(1.5)))
+    signs = -(0.9 * math.log(sig(0.5)) + 0.1 * math.log(sig(-0.5))) - (0.4 * math.log(sig(-1.0)) + 0.6 * math.log(sig(1.0)))
+    assert soft_cost_loss(costs, safer, unsafe, l2_coeff=0.0).item() == pytest.approx(pair + signs, rel=1e-6)
+    assert soft_cost_loss(costs, safer, unsafe, 0.0, use_pairwise=False).item() == pytest.approx(signs, rel=1e-6)
+
+
+def test_soft_label_score_losses_with_hard_labels_are_the_bradley_terry_losses():
+    torch.manual_seed(0)
+    scores = torch.randn(6, 2)
+    better = torch.tensor([0, 1, 1, 0, 0, 1])
+    first_better = (better == 0).float()
+    rows = torch.arange(6)
+    assert soft_reward_loss(scores, first_better).item() == pytest.approx(
+        reward_loss(scores[rows, better], scores[rows, 1 - better]).item(), rel=1e-6)
+    safer, is_safe = torch.tensor([1, 0, 0, 1, 1, 0]), torch.tensor([[0, 1], [1, 1], [1, 0], [0, 0], [1, 1], [0, 1]]).bool()
+    unsafer_sign, safer_sign = safety_sign(is_safe[rows, 1 - safer]), safety_sign(is_safe[rows, safer])
+    hard = cost_loss(scores[rows, 1 - safer], scores[rows, safer], unsafer_sign, safer_sign)
+    assert soft_cost_loss(scores, (safer == 0).float(), (~is_safe).float()).item() == pytest.approx(hard.item(), rel=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,12 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from safealign.algorithms.losses import reward_loss
+from safealign.algorithms.losses import reward_loss, soft_reward_loss
 from safealign.algorithms.reward import RewardConfig, RewardStep, run
 from safealign.cli import app
 from safealign.config import load_config
 from safealign.data.collate import collate_pairs
 from safealign.data.formatting import tokenize_pairs
+from safealign.data.label_aggregation import label_targets
 from safealign.data.loading import load_preferences
 from safealign.evaluation.scores import ScoreEvalConfig
 from safealign.evaluation.scores import run as eval_scores
@@ -118,3 +120,24 @@ def test_cli_rm_trains_skips_contradictions_and_can_refuse_them(world, tmp_path)
 def test_cli_rm_without_train_data_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["rm", "--model", "tiny", "--output_dir", str(tmp_path / "run")])
     assert result.exit_code == 2 and "train_data is required" in result.output
+
+
+def test_soft_labels_reach_the_loss_and_train_a_different_reward_model(world, trained, tmp_path):
+    # The step's loss on a batch carrying vote shares is soft_reward_loss on them; a run with labels: soft learns
+    # too, ends elsewhere than the majority run (same seed, same data order), and says no row lacked votes.
+    tokenizer = load_tokenizer(world["backbone"])
+    records = load_preferences(world["train"]).records[:6]
+    targets, _ = label_targets(records, "soft")
+    assert any(0 < t.better < 1 for t in targets)  # some of these pairs split their annotators
+    batch = collate_pairs(tokenize_pairs(tokenizer, records, 256, targets), tokenizer.pad_token_id)
+    model = build_score_model(world["backbone"], score_type="reward", tokenizer=tokenizer).eval()
+    loss, _ = RewardStep(l2_coeff=1e-3).loss(model, batch, torch.tensor(6.0))
+    with torch.no_grad():
+        scores = RewardStep.pair_scores(model, batch)
+    torch.testing.assert_close(loss, soft_reward_loss(scores, torch.tensor([t.better for t in targets]), 1e-3))
+    majority_cfg, majority = trained
+    soft = run(dataclasses.replace(majority_cfg, labels="soft", output_dir=str(tmp_path / "soft")))
+    assert soft["labels/rows_without_votes"] == 0 and soft["eval_accuracy"] > soft["initial_eval_accuracy"] + 0.05
+    a = load_score_model(tmp_path / "soft" / "model").state_dict()
+    b = load_score_model(Path(majority_cfg.output_dir) / "model").state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from accelerate import PartialState
 
-from safealign.algorithms.losses import cost_loss, safety_sign
+from safealign.algorithms.losses import cost_loss, safety_sign, soft_cost_loss
 from safealign.algorithms.preference_model import (
     PairStep,
     PreferenceModelConfig,
@@ -89,7 +89,11 @@ class CostStep(PairStep):
         scores = self.pair_scores(model, batch)  # size = (B, 2)
         unsafer, safer, unsafer_sign, safer_sign = self._split(scores, batch["safer_response_id"], batch["is_safe"])
         share = len(unsafer) / num_items  # this micro-batch's share of the step's pairs
-        loss = cost_loss(unsafer, safer, unsafer_sign, safer_sign, self.l2_coeff, self.use_pairwise) * share
+        if "targets" in batch:  # soft labels (labels: soft / dawid-skene, label_smoothing)
+            targets = batch["targets"]  # size = (B, 4)
+            loss = soft_cost_loss(scores, targets[:, 1], targets[:, 2:], self.l2_coeff, self.use_pairwise) * share
+        else:
+            loss = cost_loss(unsafer, safer, unsafer_sign, safer_sign, self.l2_coeff, self.use_pairwise) * share
         signs = torch.stack([unsafer_sign, safer_sign], dim=1)  # size = (B, 2)
         costs = torch.stack([unsafer, safer], dim=1).detach()  # size = (B, 2)
         return loss, {

@@ -87,6 +87,38 @@ def cost_loss(
     return per_pair.mean() + l2_coeff * _l2_regulariser(unsafer_scores, safer_scores)
 
 
+def soft_reward_loss(scores: torch.Tensor, first_better: torch.Tensor, l2_coeff: float = 1e-3) -> torch.Tensor:
+    """Bradley-Terry with a soft label (annotators who disagree: vote shares, Dawid–Skene posteriors, smoothing).
+
+        L_R = mean_B[ −q·log σ(r_0 − r_1) − (1 − q)·log σ(r_1 − r_0) ] + η · mean(r_0², r_1²)
+
+    scores: (B, 2) end scores of response_0, response_1; first_better: (B,) q = P(response_0 is the more helpful).
+    q ∈ {0, 1} is `reward_loss` on (better, worse).
+    """
+    margin = scores[:, 0] - scores[:, 1]  # size = (B,)
+    pairwise = -(first_better * F.logsigmoid(margin) + (1 - first_better) * F.logsigmoid(-margin)).mean()  # size = ()
+    return pairwise + l2_coeff * _l2_regulariser(scores)
+
+
+def soft_cost_loss(costs: torch.Tensor, first_safer: torch.Tensor, unsafe: torch.Tensor, l2_coeff: float = 1e-3,
+                   use_pairwise: bool = True) -> torch.Tensor:
+    """The cost model's loss with soft labels.
+
+        L_C = mean_B[ −q·log σ(c_1 − c_0) − (1 − q)·log σ(c_0 − c_1)
+                      − Σ_k ( u_k·log σ(c_k) + (1 − u_k)·log σ(−c_k) ) ] + η · mean(c_0², c_1²)
+
+    costs: (B, 2) of response_0, response_1; first_safer: (B,) q = P(response_0 is the more harmless); unsafe: (B, 2)
+    u_k = P(response_k is unsafe). Hard labels (q, u ∈ {0, 1}) give `cost_loss`: the pair term is −log σ(c_u − c_s)
+    and each sign term −log σ(s(y)·c).
+    """
+    sign_terms = -(unsafe * F.logsigmoid(costs) + (1 - unsafe) * F.logsigmoid(-costs)).sum(dim=1)  # size = (B,)
+    per_pair = sign_terms
+    if use_pairwise:
+        margin = costs[:, 1] - costs[:, 0]  # size = (B,): > 0 when response_0 costs less
+        per_pair = per_pair - (first_safer * F.logsigmoid(margin) + (1 - first_safer) * F.logsigmoid(-margin))
+    return per_pair.mean() + l2_coeff * _l2_regulariser(costs)
+
+
 def safety_sign(is_safe: torch.Tensor) -> torch.Tensor:
     """s(y): +1 for a response labelled unsafe, −1 for one labelled safe. is_safe: (B,) bool."""
     return torch.where(is_safe.bool(), -1.0, 1.0)

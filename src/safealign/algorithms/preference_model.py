@@ -22,6 +22,7 @@ from accelerate import PartialState
 from safealign.config import ConfigError, config_field
 from safealign.data.collate import collate_pairs
 from safealign.data.formatting import TokenizedPair, tokenize_pairs, training_text
+from safealign.data.label_aggregation import LabelMode, hard_targets, label_targets
 from safealign.data.loading import PreferenceDataset, load_preferences, split_eval
 from safealign.data.schema import PreferenceRecord
 from safealign.io import atomic_write_json
@@ -47,6 +48,13 @@ class PreferenceModelConfig(SupervisedConfig):
     on_contradiction: Literal["skip", "error"] = config_field("skip", help="Pairs whose safer response is labelled unsafe and the other safe: skip (counted) or error.")
     per_device_train_batch_size: int = config_field(32, help="Pairs per micro-batch on each process (2× that many texts per forward).")
     per_device_eval_batch_size: int = config_field(64, help="Pairs per evaluation batch on each process.")
+    labels: LabelMode = config_field(
+        "majority", help="The training targets when several annotators voted (rows with better_votes, safer_votes, "
+                         "safe_votes_0/1, annotator_ids; SafeWorld writes them): majority (the row's labels), soft (vote "
+                         "shares in the loss), dawid-skene (posteriors with per-annotator reliability by EM). Held-out "
+                         "pairs keep their labels.")
+    label_smoothing: float = config_field(
+        0.0, help="ε: every training target pulled toward 1/2, q ← (1 − ε)q + ε/2 (label-smoothed Bradley-Terry).")
     length_group_size: int = config_field(
         8, help="Group pairs of similar length: each run of this many steps' pairs is sorted by length before batching "
                 "(less padding; the loss is a mean over pairs, so no pair weighs more); 1 = plain shuffling.")
@@ -133,9 +141,21 @@ def train_preference_model(
                                   lambda: [training_text(r.prompt, r.response(i)) for r in train_records for i in (0, 1)])
     model = build_score_model(cfg.model, score_type=score_type, tokenizer=tokenizer, seed=cfg.seed)
     collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
-    metrics = train(cfg, model, step, tokenize_pairs(tokenizer, train_records, cfg.max_length), collate,
+    targets, label_info = None, {}
+    if cfg.labels != "majority" or cfg.label_smoothing:
+        # soft targets for the annotated pairs; the added (spliced) pairs have no votes: their own labels
+        try:
+            voted, label_info = label_targets(train_records[:len(train_records) - len(added)], cfg.labels,
+                                              cfg.label_smoothing, cfg.train_data)
+        except ValueError as err:
+            raise ConfigError(f"{stage}: {err}") from None
+        targets = voted + [hard_targets(r).smoothed(cfg.label_smoothing) for r in added]
+    metrics = train(cfg, model, step, tokenize_pairs(tokenizer, train_records, cfg.max_length, targets), collate,
                     tokenize_pairs(tokenizer, eval_records, cfg.max_length) or None, tokenizer)
 
+    metrics.update({f"labels/{k}": v for k, v in label_info.items() if not isinstance(v, dict)})
+    if label_info.get("annotator_accuracy") and PartialState().is_main_process:
+        atomic_write_json(Path(cfg.output_dir) / "annotators.json", label_info["annotator_accuracy"])
     metrics.update(train_pairs=len(train_records), eval_pairs=len(eval_records), added_train_pairs=len(added),
                    contradictory_train_skipped=train_set.num_contradictory_skipped,
                    contradictory_eval_skipped=eval_set.num_contradictory_skipped if eval_set else 0)

@@ -2,6 +2,10 @@
 
     L_R = mean_B[ −log σ(r_b − r_w) ] + η · mean(r_b², r_w²)        (`losses.reward_loss`)
 
+With annotators who disagree (`labels: soft | dawid-skene`, `label_smoothing`: data/label_aggregation.py) the label is
+q = P(response_0 more helpful) and the loss its cross-entropy, −q·log σ(r_0 − r_1) − (1 − q)·log σ(r_1 − r_0)
+(`losses.soft_reward_loss`).
+
 Pairs, batching (both responses in one forward), the loop and the saved score model are shared with the cost model
 (`preference_model.py`).
 """
@@ -11,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from safealign.algorithms.losses import reward_loss
+from safealign.algorithms.losses import reward_loss, soft_reward_loss
 from safealign.algorithms.preference_model import PairStep, PreferenceModelConfig, pick, train_preference_model
 from safealign.config import config_field
 
@@ -36,7 +40,10 @@ class RewardStep(PairStep):
         better = pick(scores, batch["better_response_id"])  # size = (B,)
         worse = pick(scores, 1 - batch["better_response_id"])  # size = (B,)
         share = len(better) / num_items  # this micro-batch's share of the step's pairs
-        loss = reward_loss(better, worse, self.l2_coeff) * share
+        if "targets" in batch:  # soft labels (labels: soft / dawid-skene, label_smoothing)
+            loss = soft_reward_loss(scores, batch["targets"][:, 0], self.l2_coeff) * share
+        else:
+            loss = reward_loss(better, worse, self.l2_coeff) * share
         detached = scores.detach()
         return loss, {
             "accuracy": (better > worse).float().sum() / num_items,

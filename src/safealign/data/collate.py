@@ -62,4 +62,8 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, to
         "better_response_id": torch.tensor([p.better_response_id for p in pairs], dtype=torch.long),  # size = (B,)
         "safer_response_id": torch.tensor([p.safer_response_id for p in pairs], dtype=torch.long),  # size = (B,)
         "is_safe": torch.tensor([p.is_safe for p in pairs], dtype=torch.bool),  # size = (B, 2)
+        # soft labels when the pairs carry them (TokenizedPair.targets): (B, 4) columns P(r0 more helpful),
+        # P(r0 more harmless), P(r0 unsafe), P(r1 unsafe)
+        **({"targets": torch.tensor([p.targets for p in pairs], dtype=torch.float32)}
+           if pairs and all(p.targets is not None for p in pairs) else {}),
     }

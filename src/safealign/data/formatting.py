@@ -12,6 +12,7 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from safealign.data.label_aggregation import PairTargets
 from safealign.data.schema import PreferenceRecord
 
 SAFE_RLHF_PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
@@ -132,11 +133,16 @@ class TokenizedPair:
     better_response_id: int
     safer_response_id: int
     is_safe: tuple[bool, bool]
+    # soft labels (data.label_aggregation.PairTargets as a tuple): P(r0 more helpful), P(r0 more harmless),
+    # P(r0 unsafe), P(r1 unsafe); None: the hard labels above are the targets
+    targets: tuple[float, float, float, float] | None = None
 
 
-def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, records: Sequence[PreferenceRecord], max_length: int) -> list[TokenizedPair]:
+def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, records: Sequence[PreferenceRecord], max_length: int,
+                   targets: Sequence[PairTargets] | None = None) -> list[TokenizedPair]:
     ids = tokenize_for_scoring(tokenizer, [r.prompt for r in records for _ in (0, 1)],
                                [r.response(i) for r in records for i in (0, 1)], max_length)
     return [TokenizedPair(input_ids=(ids[2 * k], ids[2 * k + 1]), better_response_id=r.better_response_id,
-                          safer_response_id=r.safer_response_id, is_safe=(r.is_response_0_safe, r.is_response_1_safe))
+                          safer_response_id=r.safer_response_id, is_safe=(r.is_response_0_safe, r.is_response_1_safe),
+                          targets=None if targets is None else (targets[k].better, targets[k].safer, *targets[k].unsafe))
             for k, r in enumerate(records)]
