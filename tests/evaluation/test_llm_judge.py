@@ -226,3 +226,13 @@ def test_an_unreachable_endpoint_is_a_clear_error(monkeypatch):
 ])
 def test_the_string_refusal_matcher_reads_the_opening(text, refused):
     assert refusal_match(text) is refused
+
+
+def test_progress_asks_in_chunks_and_gives_the_same_answers():
+    rule = lambda q: (len(q) % 7) / 7  # noqa: E731
+    questions = [f"question {'x' * i}" for i in range(40)]
+    plain = LLMJudge(ScriptedBackend(rule)).ask(questions, ("Yes", "No"))
+    chunked_backend = ScriptedBackend(rule)
+    chunked = LLMJudge(chunked_backend, progress=True).ask(questions, ("Yes", "No"))
+    np.testing.assert_array_equal(chunked, plain)
+    assert len(chunked_backend.asked) == 40

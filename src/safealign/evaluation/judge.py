@@ -72,7 +72,7 @@ def judge_file(source: str | Path, output: str | Path, judge: str = "gold", cali
     rows = load_responses(source)
     if judge not in JUDGES:
         loaded = JudgeCalibration.load(calibration, judge) if calibration else None  # first: fails before a model loads
-        llm = LLMJudge(make_backend(judge))
+        llm = LLMJudge(make_backend(judge), progress=True)
         verdicts = llm_judgements(llm, [r.prompt for r in rows], [r.response for r in rows], loaded)
         judged = [{**row.fields, **verdict} for row, verdict in zip(rows, verdicts)]
         atomic_write_jsonl(output, judged)
