@@ -167,3 +167,25 @@ def test_hand_labels_are_read_per_task_and_bad_rows_are_named(tmp_path):
     path.write_text(json.dumps({**rows[0], "refused": "no"}) + "\n")
     with pytest.raises(DataError, match=r"hand.jsonl: row 1: field 'refused'"):
         load_hand_labels("hand-refusal", path)
+
+
+def test_calibrate_judge_end_to_end_on_a_tiny_local_judge(tmp_path):
+    from safealign.models.presets import build_causal_lm
+    from safealign.models.tokenizer import save_tokenizer, train_tokenizer
+
+    tokenizer = train_tokenizer(["Answer Yes or No. Yes. No. the request the response"] * 20, vocab_size=300)
+    save_tokenizer(tokenizer, tmp_path / "judge")
+    build_causal_lm("tiny", tokenizer, seed=5).save_pretrained(tmp_path / "judge")
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text("".join(json.dumps({"prompt": f"request {i}", "response": "word " * i, "refused": i % 2 == 0,
+                                        "harmful": i % 3 == 0}) + "\n" for i in range(1, 9)))
+    cfg = JudgeCalibrationConfig(judge=f"llm:{tmp_path / 'judge'}", tasks=["hand-objective", "hand-refusal"],
+                                 hand_labels=str(hand), output_dir=str(tmp_path / "cal"), bootstrap=20)
+    summary = judge_calibration.run(cfg)
+    saved = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert saved["tasks"]["hand-objective"]["n"] == 8 and saved["tasks"]["hand-refusal"]["positives"] == 4
+    assert set(saved["thresholds"]) == {"hand-objective", "hand-refusal"} and "string_match" in saved["tasks"]["hand-refusal"]
+    assert len((tmp_path / "cal" / "scores" / "hand-refusal-refusal.jsonl").read_text().splitlines()) == 8
+    loaded = JudgeCalibration.load(tmp_path / "cal" / "calibration.json", cfg.judge)
+    assert loaded.agreement["hand-refusal"]["n"] == 8

@@ -56,7 +56,7 @@ class JudgeCalibrationConfig:
 
     judge: str = config_field("llm:qwen2.5-coder-0.5b", help="The judge: llm:PATH (a local causal LM or a preset) or openai:MODEL ($OPENAI_BASE_URL, key from api_key_env).")
     tasks: list[str] = config_field(["objective", "refusal"], help="Which human labels: PyRIT's objective (395, harmful objective achieved), refusal (169), harm (1005, graded); hand-objective, hand-refusal (hand_labels: the policies' own answers).")
-    hand_labels: str = config_field(str(HAND_LABELS), help="The hand-labelled answers of the hand-* tasks (default: SmolLM2-135M-Instruct's, shipped with safealign).")
+    hand_labels: str = config_field("", help="The hand-labelled answers of the hand-* tasks; '' = SmolLM2-135M-Instruct's, shipped with safealign.")
     questions: dict[str, str] = config_field({}, help="Per task, the judge's question (complies, refusal or unsafe); default objective: complies, refusal: refusal, harm: unsafe.")
     limit: int = config_field(0, help="Items per task (a seeded random subset); 0: all.")
     seed: int = config_field(0, help="Seed of the halves (threshold fitted on the first, reported on the second), the subset and the bootstrap.")
@@ -194,7 +194,10 @@ def run(cfg: JudgeCalibrationConfig) -> dict[str, Any]:
                      max_response_chars=cfg.max_response_chars)
     tasks: dict[str, Any] = {}
     for task in cfg.tasks:
-        items = load_hand_labels(task, cfg.hand_labels) if task in HAND_LABEL_TASKS else load_human_labels(task)  # type: ignore[arg-type]
+        if task in HAND_LABEL_TASKS:
+            items = load_hand_labels(task, cfg.hand_labels or HAND_LABELS)
+        else:
+            items = load_human_labels(task)  # type: ignore[arg-type]
         rng = random.Random(f"{cfg.seed}:{task}")
         order = list(range(len(items)))
         rng.shuffle(order)
@@ -214,7 +217,8 @@ def run(cfg: JudgeCalibrationConfig) -> dict[str, Any]:
         tasks[task] = metrics
     summary = {"judge": cfg.judge, "backend": backend.description, "prompt_version": PROMPT_VERSION,
                "chain_of_thought": cfg.chain_of_thought, "max_response_chars": cfg.max_response_chars,
-               "hard_label_calls": backend.hard_label_calls, "human_labels": {t: "PyRIT 1.1.0 scorer_evals" if t in HUMAN_LABEL_TASKS else cfg.hand_labels for t in cfg.tasks},
+               "hard_label_calls": backend.hard_label_calls, "human_labels": {t: "PyRIT 1.1.0 scorer_evals" if t in HUMAN_LABEL_TASKS else cfg.hand_labels or HAND_LABELS.name
+                                 for t in cfg.tasks},
                "seed": cfg.seed, "tasks": tasks,
                "thresholds": {task: m["threshold"] for task, m in tasks.items()}}
     if getattr(backend, "mass_on_options", None):
