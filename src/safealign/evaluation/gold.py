@@ -373,19 +373,20 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
         raise ConfigError(f"evaluate: samples_per_prompt must be >= 1, got {cfg.samples_per_prompt}")
     if cfg.greedy and cfg.samples_per_prompt > 1:
         raise ConfigError("evaluate: greedy decoding gives one answer per prompt: set samples_per_prompt 1, or sample")
+    sampling = sampling_config("evaluate", cfg, cfg.samples_per_prompt, cfg.greedy)  # bad settings fail before any load
     records = select_prompts(load_prompts(cfg.prompts), cfg.limit, cfg.seed)
     gold = uses_gold(cfg.gold, [r.kind for r in records])
-    samples, sampling_metrics = sample_policy(cfg, records)
+    samples, sampling_metrics = sample_policy(cfg, records, sampling)
     rows, metrics = judge_and_summarise(samples, gold)
     metrics.update(sampling_metrics)
     write_evaluation(cfg, rows, metrics)
     return metrics
 
 
-def sample_policy(cfg: GoldEvalConfig, records: list[PromptRecord]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """`samples_per_prompt` answers of cfg.model to every record (direct or verbalized sampling), as samples.jsonl rows
-    before judging, and the sampling's own metrics."""
-    sampling = sampling_config("evaluate", cfg, cfg.samples_per_prompt, cfg.greedy)
+def sample_policy(cfg: GoldEvalConfig, records: list[PromptRecord],
+                  sampling: SamplingConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`samples_per_prompt` answers of cfg.model to every record (direct or verbalized sampling, `sampling_config`'s
+    settings), as samples.jsonl rows before judging, and the sampling's own metrics."""
     if cfg.sampling == "verbalized" and cfg.verbalized_k < 2:
         raise ConfigError(f"evaluate: verbalized_k must be >= 2 (responses a verbalized call asks for), "
                           f"got {cfg.verbalized_k}")

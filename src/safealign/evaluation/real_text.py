@@ -32,6 +32,7 @@ from safealign.evaluation.gold import (
     GoldEvalConfig,
     clustered_wilson_interval,
     sample_policy,
+    sampling_config,
     select_prompts,
     summarise_samples,
     write_evaluation,
@@ -168,13 +169,14 @@ def run(cfg: GoldEvalConfig) -> dict[str, Any]:
     if not cfg.judge:
         raise ConfigError("evaluate: a real benchmark has no gold judge: give --judge llm:PATH (e.g. "
                           "llm:qwen2.5-coder-0.5b) or openai:MODEL")
+    sampling = sampling_config("evaluate", cfg, cfg.samples_per_prompt, cfg.greedy)  # bad settings fail before any load
     if cfg.benchmark:
         records = benchmark_records(cfg.benchmark, cfg.limit, cfg.seed)
     else:
         records = select_prompts(load_prompts(cfg.prompts), cfg.limit, cfg.seed)
     judge, calibration = make_judge(cfg.judge, cfg.judge_calibration, cfg.judge_batch_size, cfg.judge_max_response_chars,
                                     cfg.device)  # loaded first: a bad judge spec fails before the sampling
-    samples, sampling_metrics = sample_policy(cfg, records)
+    samples, sampling_metrics = sample_policy(cfg, records, sampling)
     rows = judge_rows(samples, judge, calibration)
     metrics = {**summarise_samples(rows), **summarise_llm_judgements(rows, calibration), **sampling_metrics}
     if judge.backend.hard_label_calls:
