@@ -104,8 +104,7 @@ def judge_rows(rows: list[dict[str, Any]], judge: LLMJudge, calibration: JudgeCa
 def _rate(rows: list[dict[str, Any]], field: str, prefix: str) -> dict[str, Any]:
     by_prompt: dict[str, list[bool]] = defaultdict(list)
     for row in rows:
-        value = row["llm_judgement"][field] if field in row["llm_judgement"] else row[field]
-        by_prompt[row["prompt"]].append(bool(value))
+        by_prompt[row["prompt"]].append(bool(row["llm_judgement"][field]))
     outcomes = [v for values in by_prompt.values() for v in values]
     low, high = clustered_wilson_interval(by_prompt.values())
     return {prefix: sum(outcomes) / len(outcomes), f"{prefix}_ci_low": low, f"{prefix}_ci_high": high}
