@@ -44,7 +44,7 @@ def test_malformed_votes_are_named_by_field():
         label_targets([record(**{**VOTED, "safer_votes": [1, "yes", 0]})], "soft", source="pairs.jsonl")
     with pytest.raises(DataError, match="differ in length"):
         label_targets([record(**{**VOTED, "better_votes": [0, 1]})], "soft")
-    with pytest.raises(DataError, match="row 1: field 'annotator_ids'"):
+    with pytest.raises(DataError, match="field 'annotator_ids'.*prompt 'p' has None"):
         label_targets([record(**{k: v for k, v in VOTED.items() if k != "annotator_ids"})], "dawid-skene")
 
 

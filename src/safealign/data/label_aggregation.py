@@ -124,8 +124,8 @@ def label_targets(records: Sequence[PreferenceRecord], mode: LabelMode, label_sm
         for i in voted:
             annotators = records[i].extra.get("annotator_ids")
             if not isinstance(annotators, list) or len(annotators) != len(votes[i]["better_votes"]):
-                raise DataError(source or "preference data", "Dawid-Skene needs annotator_ids, one per vote",
-                                row=i + 1, field="annotator_ids")
+                raise DataError(source or "preference data", f"Dawid-Skene needs annotator_ids, one per vote (the pair "
+                                f"of prompt {records[i].prompt[:60]!r} has {annotators!r})", field="annotator_ids")
             ids.append([str(a) for a in annotators])
         better, better_confusion, _ = dawid_skene([list(zip(a, votes[i]["better_votes"])) for a, i in zip(ids, voted)])
         safer, safer_confusion, _ = dawid_skene([list(zip(a, votes[i]["safer_votes"])) for a, i in zip(ids, voted)])

@@ -41,6 +41,8 @@ from typing import Any, Literal, Protocol, Sequence
 import numpy as np
 import torch
 
+from safealign.models.presets import build_causal_lm, resolve_pretrained
+from safealign.models.tokenizer import load_tokenizer
 from safealign.training.common import progress_bar
 
 PROMPT_VERSION = 1
@@ -93,9 +95,6 @@ class HFJudgeBackend:
 
     def __init__(self, model: str, *, batch_size: int = 4, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  trust_remote_code: bool = False) -> None:
-        from safealign.models.presets import build_causal_lm, resolve_pretrained
-        from safealign.models.tokenizer import load_tokenizer
-
         self.path = resolve_pretrained(model)
         self.description = f"llm:{model}"
         self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code)
