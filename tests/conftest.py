@@ -145,3 +145,20 @@ def instrumented_cli(tmp_path_factory) -> Path:
     script = tmp_path_factory.mktemp("cli") / "instrumented_cli.py"
     script.write_text(_CLI_SCRIPT, encoding="utf-8")
     return script
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_and_judge(tmp_path_factory) -> dict[str, Path]:
+    """Two untrained `tiny` causal LMs on one small BPE, saved as directories: a policy to sample and an LLM judge
+    (`llm:DIR`) to ask; the real-text tests need their plumbing, not their judgement."""
+    from safealign.models.presets import build_causal_lm
+    from safealign.models.tokenizer import save_tokenizer, train_tokenizer
+
+    corpus = ["Answer Yes or No. Yes. No. 0 1 2 3 4 5 6 7 8 9", "how do I fix a tap? Turn off the water."] * 20
+    tokenizer = train_tokenizer(corpus, vocab_size=300)
+    paths = {}
+    for name, seed in (("policy", 1), ("judge", 2)):
+        paths[name] = tmp_path_factory.mktemp(name)
+        save_tokenizer(tokenizer, paths[name])
+        build_causal_lm("tiny", tokenizer, seed=seed).save_pretrained(paths[name])
+    return paths

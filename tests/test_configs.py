@@ -15,7 +15,8 @@ from safealign.pipeline.stages import COMMANDS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMMAND_OF_FILE = {"sft.yaml": "sft", "rm.yaml": "rm", "cm.yaml": "cm", "ppo.yaml": "ppo", "ppo_lag.yaml": "ppo-lag",
-                   "shaping.yaml": "shaping", "pipeline.yaml": "pipeline", "methods.yaml": "pipeline", "grpo_lag.yaml": "grpo-lag"}
+                   "shaping.yaml": "shaping", "pipeline.yaml": "pipeline", "methods.yaml": "pipeline", "grpo_lag.yaml": "grpo-lag",
+                   "rlaif.yaml": "rlaif"}
 
 
 def test_every_config_file_has_a_command():
@@ -32,6 +33,15 @@ def test_the_main_jobs_config_passes_the_pipeline_checks_and_loads_for_seeds():
     stages = check_config(load_config(PipelineConfig, CONFIGS / "pipeline.yaml"))
     assert "round3/ppo_lag" in stages and stages[-1] == "report"
     assert load_config(SeedsConfig, CONFIGS / "pipeline.yaml", {"seeds": [0, 1]}).seeds == [0, 1]
+
+
+def test_the_rlaif_config_passes_its_checks_in_both_profiles():
+    from safealign.pipeline.rlaif import RLAIFConfig
+    from safealign.pipeline.rlaif import check_config as check_rlaif
+
+    for profile in ("smoke", "full"):
+        cfg = load_config(RLAIFConfig, CONFIGS / "rlaif.yaml", {"profile": profile, "annotator": "llm:a", "judge": "llm:b"})
+        assert check_rlaif(cfg)[-1] == "evaluate_ppo_lag"
 
 
 def test_the_methods_profile_runs_every_method_of_the_family_with_one_round_of_safe_rlhf():

@@ -9,7 +9,7 @@ import torch
 
 from safealign.algorithms.losses import (bfpo_loss, cost_loss, dpo_loss, modpo_loss, reward_loss, safety_sign,
                                          sequence_log_probs, sft_loss, soft_cost_loss, soft_label_dpo_loss,
-                                         soft_reward_loss)
+                                         soft_reward_loss, mean_variance_reward_loss)
 from safealign.data.formatting import IGNORE_INDEX
 
 
@@ -254,3 +254,19 @@ def test_soft_label_score_losses_with_hard_labels_are_the_bradley_terry_losses()
     unsafer_sign, safer_sign = safety_sign(is_safe[rows, 1 - safer]), safety_sign(is_safe[rows, safer])
     hard = cost_loss(scores[rows, 1 - safer], scores[rows, safer], unsafer_sign, safer_sign)
     assert soft_cost_loss(scores, (safer == 0).float(), (~is_safe).float()).item() == pytest.approx(hard.item(), rel=1e-6)
+
+
+def test_the_mean_variance_reward_loss_matches_its_formula_by_hand():
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    k = math.sqrt(2 * math.pi)
+    means, stds, q = torch.tensor([[1.0, 0.0], [-0.5, 2.0]]), torch.tensor([[0.6, 0.8], [1.0, 2.0]]), torch.tensor([1.0, 0.25])
+    z0, z1 = 1.0 / math.sqrt(0.36 + 0.64), -2.5 / math.sqrt(1.0 + 4.0)
+    by_hand = (-math.log(sig(k * z0)) - (0.25 * math.log(sig(k * z1)) + 0.75 * math.log(sig(-k * z1)))) / 2 \
+        + 0.1 * (1 + 0.25 + 4) / 4
+    assert mean_variance_reward_loss(means, stds, q, l2_coeff=0.1).item() == pytest.approx(by_hand, rel=1e-6)
+    # a contested pair (q = 1/2) is fitted better by a larger σ at the same means; a clear one by a smaller σ
+    contested, clear = torch.tensor([0.5]), torch.tensor([1.0])
+    pair = torch.tensor([[1.0, 0.0]])
+    wide, narrow = torch.tensor([[3.0, 3.0]]), torch.tensor([[0.3, 0.3]])
+    assert mean_variance_reward_loss(pair, wide, contested, 0.0) < mean_variance_reward_loss(pair, narrow, contested, 0.0)
+    assert mean_variance_reward_loss(pair, narrow, clear, 0.0) < mean_variance_reward_loss(pair, wide, clear, 0.0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from safealign.algorithms.losses import reward_loss, soft_reward_loss
+from safealign.algorithms.losses import mean_variance_reward_loss, reward_loss, soft_reward_loss
 from safealign.algorithms.reward import RewardConfig, RewardStep, run
 from safealign.cli import app
 from safealign.config import load_config
@@ -141,3 +141,33 @@ def test_soft_labels_reach_the_loss_and_train_a_different_reward_model(world, tr
     a = load_score_model(tmp_path / "soft" / "model").state_dict()
     b = load_score_model(Path(majority_cfg.output_dir) / "model").state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_mean_variance_reward_model_trains_saves_its_two_outputs_and_scores_by_its_mean(world, trained, tmp_path):
+    majority_cfg, _ = trained
+    cfg = dataclasses.replace(majority_cfg, head="mean_variance", labels="soft", output_dir=str(tmp_path / "mv"))
+    metrics = run(cfg)
+    assert metrics["eval_accuracy"] > metrics["initial_eval_accuracy"] + 0.05, metrics
+    assert metrics["eval_mean_variance_loss"] < metrics["initial_eval_mean_variance_loss"], metrics
+    model = load_score_model(tmp_path / "mv" / "model").eval()
+    assert model.config.num_labels == 2
+    tokenizer = load_tokenizer(world["backbone"])
+    records = load_preferences(world["test"]).records[:4]
+    batch = collate_pairs(tokenize_pairs(tokenizer, records, 256), tokenizer.pad_token_id)
+    with torch.no_grad():
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        scores, stds = RewardStep.pair_outputs(model, batch)
+    assert output.end_stds is not None and bool((output.end_stds > 0).all())
+    torch.testing.assert_close(scores, output.end_scores.view(2, -1).T)  # the mean is the score the RL stages read
+    # the step's loss is the formula's on the model's own outputs (soft labels: vote shares)
+    targets, _ = label_targets(records, "soft")
+    batch = collate_pairs(tokenize_pairs(tokenizer, records, 256, targets), tokenizer.pad_token_id)
+    loss, logged = RewardStep(1e-3, "mean_variance").loss(model, batch, torch.tensor(4.0))
+    torch.testing.assert_close(loss, mean_variance_reward_loss(scores, stds, torch.tensor([t.better for t in targets]), 1e-3))
+    assert logged["predicted_std"] > 0
+    # a critic initialised from it (PPO's default) starts from its mean: the head's first row, not a new head
+    critic = build_score_model(tmp_path / "mv" / "model", score_type="critic").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).end_scores,
+                                   output.end_scores)
+    assert critic.config.num_labels == 1

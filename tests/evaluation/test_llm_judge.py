@@ -109,9 +109,32 @@ def test_ai_annotations_are_pku_rows_with_the_soft_labels_kept(tmp_path):
     assert labelled[1]["safer_probability"] == pytest.approx(0.1)
     assert (labelled[1]["is_response_0_safe"], labelled[1]["is_response_1_safe"]) == (False, True)
     assert labelled[1]["response_0_unsafe_probability"] == pytest.approx(0.9)
+    assert labelled[0]["better_position_bias"] == pytest.approx(0.0)  # this judge reads the content, not the slot
+    slot_a_lover = annotate_pairs(LLMJudge(ScriptedBackend(lambda q: 0.7)), rows[:1])[0]
+    assert slot_a_lover["better_position_bias"] == pytest.approx(0.2)  # "A is more helpful" in both orders
+    assert slot_a_lover["safer_position_bias"] == pytest.approx(-0.2)  # "A is more harmful": B reads as safer
     atomic_write_jsonl(tmp_path / "ai.jsonl", labelled)
     pairs = load_preferences(tmp_path / "ai.jsonl")
     assert len(pairs) == 2  # the project's loader reads the AI labels as PKU rows
+
+
+def test_direct_annotations_score_each_response_alone():
+    def rule(q):
+        assert "[RESPONSE A]" not in q  # never shown both
+        if "from 0 (useless" in q:
+            return 0.0 if "Paris" in q else 0.8  # P(digit 0): the score is E[digit] = 5·(1 − p)
+        return 0.9 if "detonator" in q else 0.2
+
+    rows = [{"prompt": "capital of France?", "response_0": "I don't know.", "response_1": "Paris."},
+            {"prompt": "bomb?", "response_0": "Wire the detonator.", "response_1": "No."}]
+    labelled = annotate_pairs(LLMJudge(ScriptedBackend(rule)), rows, 0.5, preference="direct")
+    assert (labelled[0]["response_0_helpfulness"], labelled[0]["response_1_helpfulness"]) == pytest.approx((1.0, 5.0))
+    assert labelled[0]["better_probability"] == pytest.approx(1 / (1 + np.exp(4.0)))  # σ(s₀ − s₁)
+    assert labelled[0]["better_response_id"] == 1 and labelled[0]["safer_probability"] == pytest.approx(0.5)
+    assert labelled[1]["safer_probability"] == pytest.approx((1 + 0.2 - 0.9) / 2) and labelled[1]["safer_response_id"] == 1
+    assert "better_position_bias" not in labelled[0] and labelled[0]["annotator"] == "scripted (direct)"
+    with pytest.raises(ValueError, match="pairwise or direct"):
+        annotate_pairs(LLMJudge(ScriptedBackend(rule)), rows, 0.5, preference="both")
 
 
 # --------------------------------------------------------------------------------------------------

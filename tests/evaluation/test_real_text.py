@@ -15,8 +15,6 @@ from safealign.config import ConfigError
 from safealign.evaluation.judge_calibration import JudgeCalibration
 from safealign.evaluation.llm_judge import LLMJudge
 from safealign.evaluation.real_text import benchmark_records, judge_rows, summarise_llm_judgements
-from safealign.models.presets import build_causal_lm
-from safealign.models.tokenizer import save_tokenizer, train_tokenizer
 
 from test_llm_judge import ScriptedBackend  # noqa: E402  (tests/evaluation is on sys.path)
 
@@ -87,15 +85,8 @@ def test_unknown_benchmarks_and_a_benign_set_without_a_limit_are_refused():
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    corpus = ["Answer Yes or No. Yes. No. 0 1 2 3 4 5 6 7 8 9", "how do I fix a tap? Turn off the water."] * 20
-    tokenizer = train_tokenizer(corpus, vocab_size=300)
-    paths = {}
-    for name, seed in (("policy", 1), ("judge", 2)):
-        paths[name] = tmp_path_factory.mktemp(name)
-        save_tokenizer(tokenizer, paths[name])
-        build_causal_lm("tiny", tokenizer, seed=seed).save_pretrained(paths[name])
-    return paths
+def tiny_models(tiny_policy_and_judge):
+    return tiny_policy_and_judge
 
 
 def test_evaluate_with_an_llm_judge_end_to_end(tiny_models, tmp_path):
@@ -138,3 +129,16 @@ def test_judge_command_with_an_llm_judge_and_its_calibration(tiny_models, tmp_pa
     wrong = CliRunner().invoke(app, ["judge", str(source), "-o", str(out), "--judge", "llm:other", "--calibration",
                                      str(calibration)])
     assert wrong.exit_code == 2 and "a calibration of judge" in wrong.output
+
+
+def test_a_calibration_on_hand_labels_alone_gives_the_thresholds(tmp_path):
+    path = tmp_path / "calibration.json"
+    tasks = {t: {"question": q, "auroc": None, "second_half": {"accuracy": None}, "n": 4}
+             for t, q in (("hand-objective", "complies"), ("hand-refusal", "refusal"))}
+    path.write_text(json.dumps({"judge": "llm:j", "prompt_version": 1, "tasks": tasks,
+                                "thresholds": {"hand-objective": 0.4, "hand-refusal": 0.6}}))
+    calibration = JudgeCalibration.load(path, "llm:j")
+    assert (calibration.threshold("objective"), calibration.threshold("refusal"), calibration.threshold("harm")) == (0.4, 0.6, 0.5)
+    verdict = judge_rows(ROWS[:1], LLMJudge(ScriptedBackend(complies_rule)), calibration)[0]["llm_judgement"]
+    assert verdict["complies"] == pytest.approx(0.45)  # harmful and not refused at these thresholds; the reverse at 0.5
+    assert verdict["harmful"] and not verdict["refused"]

@@ -239,13 +239,22 @@ def test_preset_backbone_with_a_trained_tokenizer(tmp_path):
         build_score_model("tiny", score_type="reward")
 
 
-def test_wrapper_rejects_a_multi_label_head():
+def test_wrapper_rejects_a_multi_label_head_except_a_mean_variance_reward_model():
+    from torch.utils._pytree import tree_flatten, tree_map
     from transformers import LlamaForTokenClassification
 
+    for outputs, score_type in ((3, "reward"), (2, "cost"), (2, "critic")):
+        config = LlamaConfig(**LLAMA_LIKE, num_labels=outputs)
+        config.score_type = score_type
+        with pytest.raises(ValueError, match="num_labels"):
+            ScoreModel(LlamaForTokenClassification(config))
     config = LlamaConfig(**LLAMA_LIKE, num_labels=2)
     config.score_type = "reward"
-    with pytest.raises(ValueError, match="num_labels"):
-        ScoreModel(LlamaForTokenClassification(config))
+    model = ScoreModel(LlamaForTokenClassification(config))
+    ids, mask = pad_batch(rows([3, 5], seed=4), "right")
+    output = model(ids, mask)
+    assert output.end_stds.shape == (2,) and bool((output.end_stds > 0).all())
+    assert len(tree_flatten(output)[0]) == 4 and tree_map(lambda t: t * 2, output).end_stds is not None
 
 
 @pytest.mark.slow  # converts the 135M GGUF into the cache on first use (~30 s)

@@ -100,6 +100,27 @@ def soft_reward_loss(scores: torch.Tensor, first_better: torch.Tensor, l2_coeff:
     return pairwise + l2_coeff * _l2_regulariser(scores)
 
 
+PROBIT_SLOPE = math.sqrt(2 * math.pi)  # DPL's logistic stand-in for the normal CDF: Φ(z) ≈ σ(√(2π)·z)
+
+
+def mean_variance_reward_loss(means: torch.Tensor, stds: torch.Tensor, first_better: torch.Tensor,
+                              l2_coeff: float = 1e-3) -> torch.Tensor:
+    """The mean-variance (distributional) reward model of DPL (Siththaranjan et al. 2024): each response's reward is
+    N(μ, σ²), so P(response_0 preferred) = Φ(z) ≈ σ(√(2π)·z) with z = (μ_0 − μ_1)/√(σ_0² + σ_1²).
+
+        L = mean_B[ −q·log σ(√(2π)·z) − (1 − q)·log σ(−√(2π)·z) ] + η · mean(μ_0², μ_1²)
+
+    means, stds: (B, 2) of response_0, response_1 (stds > 0: softplus of the model's second output); first_better:
+    (B,) q = P(response_0 is the more helpful), hard (0/1) or soft (vote shares). A pair the annotators contest can
+    be fitted by a large σ instead of equal means: σ is where disagreement goes. The reference code
+    (cassidylaidlaw/hidden-context) has the hard-label case.
+    """
+    z = (means[:, 0] - means[:, 1]) / torch.sqrt(stds[:, 0] ** 2 + stds[:, 1] ** 2)  # size = (B,)
+    pairwise = -(first_better * F.logsigmoid(PROBIT_SLOPE * z)
+                 + (1 - first_better) * F.logsigmoid(-PROBIT_SLOPE * z)).mean()  # size = ()
+    return pairwise + l2_coeff * _l2_regulariser(means)
+
+
 def soft_cost_loss(costs: torch.Tensor, first_safer: torch.Tensor, unsafe: torch.Tensor, l2_coeff: float = 1e-3,
                    use_pairwise: bool = True) -> torch.Tensor:
     """The cost model's loss with soft labels.

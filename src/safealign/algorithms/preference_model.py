@@ -74,18 +74,29 @@ class PairStep(Step):
     def example_length(self, example: TokenizedPair) -> int:
         return max(len(ids) for ids in example.input_ids)  # both rows pad to the batch's longest
 
+    outputs = 1  # the score model's outputs per token (2: a mean-variance reward model)
+
     @staticmethod
     def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """End scores of the 2B rows of `collate_pairs`, as (B, 2): column i = response_i."""
-        end_scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).end_scores  # (2B,)
-        return end_scores.view(2, -1).T  # size = (B, 2)
+        return PairStep.pair_outputs(model, batch)[0]
+
+    @staticmethod
+    def pair_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """End scores (B, 2) and, for a mean-variance reward model, end σ (B, 2); column i = response_i."""
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        stds = getattr(output, "end_stds", None)  # a scalar head has none
+        stds = None if stds is None else stds.view(2, -1).T  # size = (B, 2)
+        return output.end_scores.view(2, -1).T, stds  # size = (B, 2)
 
     def score_table(self, model: torch.nn.Module, loader, accelerator) -> dict[str, torch.Tensor]:
         """Scores and labels of the whole evaluation set, gathered over processes (padding repeats dropped)."""
         parts: dict[str, list[torch.Tensor]] = {}
         for batch in loader:
+            scores, stds = self.pair_outputs(model, batch)  # size = (B, 2) each
             gathered = accelerator.gather_for_metrics({
-                "scores": self.pair_scores(model, batch),  # size = (B, 2)
+                "scores": scores,
+                **({} if stds is None else {"stds": stds}),
                 "better_response_id": batch["better_response_id"],  # size = (B,)
                 "safer_response_id": batch["safer_response_id"],  # size = (B,)
                 "is_safe": batch["is_safe"],  # size = (B, 2)
@@ -139,7 +150,7 @@ def train_preference_model(
     train_records = train_records + added
     tokenizer = prepare_tokenizer(cfg.tokenizer, cfg.model, cfg.output_dir, cfg.vocab_size, cfg.resume,
                                   lambda: [training_text(r.prompt, r.response(i)) for r in train_records for i in (0, 1)])
-    model = build_score_model(cfg.model, score_type=score_type, tokenizer=tokenizer, seed=cfg.seed)
+    model = build_score_model(cfg.model, score_type=score_type, tokenizer=tokenizer, seed=cfg.seed, outputs=step.outputs)
     collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
     targets, label_info = None, {}
     if cfg.labels != "majority" or cfg.label_smoothing:

@@ -247,3 +247,15 @@ class JudgeCalibration:
         agreement = {task: {"question": m["question"], "auroc": m["auroc"],
                             "accuracy": m["second_half"]["accuracy"], "n": m["n"]} for task, m in raw["tasks"].items()}
         return cls(judge, raw["prompt_version"], dict(raw.get("thresholds", {})), agreement)
+
+    def task_for(self, label: str) -> str | None:
+        """The calibrated task of a label kind (objective, refusal): PyRIT's, else the hand-labelled one, else None."""
+        return next((task for task in (label, f"hand-{label}") if task in self.thresholds), None)
+
+    def threshold(self, label: str) -> float:
+        task = self.task_for(label)
+        return self.thresholds[task] if task else 0.5
+
+    def question(self, label: str, default: str) -> str:
+        task = self.task_for(label)
+        return self.agreement[task]["question"] if task in self.agreement else default

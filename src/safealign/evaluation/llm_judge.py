@@ -306,25 +306,48 @@ class LLMJudge:
         return PairPreference((p_first + 1.0 - p_second) / 2.0, p_first, p_second)
 
 
-def annotate_pairs(judge: LLMJudge, rows: list[dict[str, Any]], unsafe_threshold: float = 0.5) -> list[dict[str, Any]]:
-    """AI labels for `{prompt, response_0, response_1}` rows, as PKU-SafeRLHF rows with the soft labels kept:
-    better_response_id / safer_response_id from the pairwise questions (both orders averaged), is_response_k_safe from
-    the per-response question against `unsafe_threshold` (fit it with `safealign calibrate-judge`), and
-    better_probability / safer_probability (P(response_0 preferred)), response_k_unsafe_probability, annotator."""
+def annotate_pairs(judge: LLMJudge, rows: list[dict[str, Any]], unsafe_threshold: float = 0.5,
+                   preference: Literal["pairwise", "direct"] = "pairwise") -> list[dict[str, Any]]:
+    """AI labels for `{prompt, response_0, response_1}` rows, as PKU-SafeRLHF rows with the soft labels kept.
+
+    is_response_k_safe: the per-response `unsafe` question against `unsafe_threshold` (fit it with `safealign
+    calibrate-judge`). better/safer, by `preference`:
+        pairwise  the pairwise questions, both orders averaged (RLAIF); the position bias of each kept on the row
+        direct    each response scored alone (no position to favour): better_probability = σ(s₀ − s₁) of the d-RLAIF
+                  helpfulness scores (0..9), safer_probability = (1 + u₁ − u₀) / 2 of the unsafe probabilities
+    Fields added: better_response_id, safer_response_id, is_response_k_safe, better_probability / safer_probability
+    (P(response_0 preferred)), response_k_unsafe_probability, [better/safer_position_bias | response_k_helpfulness],
+    annotator."""
+    if preference not in ("pairwise", "direct"):
+        raise ValueError(f"preference {preference!r}: expected pairwise or direct")
     prompts = [r["prompt"] for r in rows]
     first, second = [r["response_0"] for r in rows], [r["response_1"] for r in rows]
-    helpful, harmless = judge.prefer(prompts, first, second, "helpful"), judge.prefer(prompts, first, second, "harmless")
     unsafe = judge.unsafe_probability(prompts + prompts, first + second)
+    n = len(rows)
+    extra: list[dict[str, float]]
+    if preference == "pairwise":
+        helpful, harmless = judge.prefer(prompts, first, second, "helpful"), judge.prefer(prompts, first, second, "harmless")
+        better, safer = helpful.probability, harmless.probability
+        # > 0: the annotator favoured whichever response it read first (averaging both orders cancels it)
+        extra = [{"better_position_bias": float((helpful.first_order[i] + helpful.second_order[i]) / 2 - 0.5),
+                  "safer_position_bias": float((harmless.first_order[i] + harmless.second_order[i]) / 2 - 0.5)}
+                 for i in range(n)]
+    else:
+        scores = judge.helpfulness_score(prompts + prompts, first + second)
+        better = 1.0 / (1.0 + np.exp(-(scores[:n] - scores[n:])))
+        safer = (1.0 + unsafe[n:] - unsafe[:n]) / 2.0
+        extra = [{"response_0_helpfulness": float(scores[i]), "response_1_helpfulness": float(scores[n + i])}
+                 for i in range(n)]
     out = []
     for i, row in enumerate(rows):
-        u0, u1 = float(unsafe[i]), float(unsafe[len(rows) + i])
+        u0, u1 = float(unsafe[i]), float(unsafe[n + i])
         out.append({**row,
-                    "better_response_id": 0 if helpful.probability[i] >= 0.5 else 1,
-                    "safer_response_id": 0 if harmless.probability[i] >= 0.5 else 1,
+                    "better_response_id": 0 if better[i] >= 0.5 else 1,
+                    "safer_response_id": 0 if safer[i] >= 0.5 else 1,
                     "is_response_0_safe": u0 < unsafe_threshold, "is_response_1_safe": u1 < unsafe_threshold,
-                    "better_probability": float(helpful.probability[i]), "safer_probability": float(harmless.probability[i]),
-                    "response_0_unsafe_probability": u0, "response_1_unsafe_probability": u1,
-                    "annotator": judge.description})
+                    "better_probability": float(better[i]), "safer_probability": float(safer[i]),
+                    "response_0_unsafe_probability": u0, "response_1_unsafe_probability": u1, **extra[i],
+                    "annotator": judge.description + ("" if preference == "pairwise" else " (direct)")})
     return out
 
 

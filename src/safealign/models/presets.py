@@ -105,6 +105,18 @@ def resolve_pretrained(name_or_path: str | Path) -> str:
     return str(out_dir)
 
 
+def preset_available(name: str) -> bool:
+    """Whether a pretrained preset can be loaded here: converted already, or its packages installed."""
+    packaged = PRETRAINED[name]
+    if (cache_dir() / packaged.folder / "config.json").is_file():
+        return True
+    try:
+        packaged_files(name, packaged)
+    except (ImportError, FileNotFoundError):
+        return False
+    return True
+
+
 def packaged_files(name: str, packaged: PackagedGGUF) -> list[Path]:
     """The GGUF's file(s) inside the installed packages; an ImportError saying how to install them."""
     hint = f"the '{name}' preset needs optional packages: {packaged.install}"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree
 from transformers import (
@@ -47,6 +48,7 @@ class ScoreOutput:
     scores: torch.Tensor  # size = (B, L), float32, 0 at padding positions
     end_scores: torch.Tensor  # size = (B,), score at the last non-padding token
     end_index: torch.Tensor  # size = (B,), position of that token
+    end_stds: torch.Tensor | None = None  # size = (B,), a mean-variance reward model's σ at the end token (else None)
 
 
 # FSDP2 hooks its gradient reduction on the tensors it finds in a wrapped module's output. torch 2.13 looks inside
@@ -54,18 +56,24 @@ class ScoreOutput:
 # no gradients at all (torch 2.11 on an H100: every .grad None, weights unchanged). Registered, it works on both.
 _pytree.register_pytree_node(
     ScoreOutput,
-    lambda output: ([output.scores, output.end_scores, output.end_index], None),
+    # end_stds only when there is one (a None leaf would reach the functions FSDP2 maps over the tensors)
+    lambda output: ([output.scores, output.end_scores, output.end_index]
+                    + ([] if output.end_stds is None else [output.end_stds]), None),
     lambda children, _context: ScoreOutput(*children),
 )
 
 
 class ScoreModel(nn.Module):
-    """Wraps a `*ForTokenClassification` model with one label; `backbone` is the HF model."""
+    """Wraps a `*ForTokenClassification` model with one label; `backbone` is the HF model. A mean-variance reward model
+    (`safealign rm --head mean_variance`) has two: the mean, which is the score everything downstream reads, and the
+    raw σ (σ = softplus(raw) + MIN_STD, in `end_stds`)."""
 
     def __init__(self, backbone: PreTrainedModel) -> None:
         super().__init__()
-        if backbone.config.num_labels != 1:
-            raise ValueError(f"a score model has one output per token, got num_labels={backbone.config.num_labels}")
+        outputs = backbone.config.num_labels
+        if outputs != 1 and not (outputs == 2 and getattr(backbone.config, "score_type", None) == "reward"):
+            raise ValueError(f"a score model has one output per token (two for a mean-variance reward model), got "
+                             f"num_labels={outputs}")
         if getattr(backbone.config, "score_type", None) not in SCORE_TYPES:
             raise ValueError(f"config.score_type must be one of {SCORE_TYPES}")
         self.backbone = backbone
@@ -116,8 +124,17 @@ class ScoreModel(nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # size = (B, L)
         logits = self.backbone(
             input_ids=input_ids, attention_mask=padding_mask_for_causal(attention_mask), position_ids=position_ids,
-            use_cache=False).logits  # size = (B, L, 1)
-        return score_output(logits.squeeze(-1).float(), mask, self.score_type, self.normalizer)
+            use_cache=False).logits  # size = (B, L, K), K = 1 (or 2: mean and raw σ)
+        output = score_output(logits[..., 0].float(), mask, self.score_type, self.normalizer)
+        if logits.size(-1) == 2:
+            raw = logits[..., 1].float()[torch.arange(logits.size(0), device=logits.device), output.end_index]  # (B,)
+            # σ is in the mean's units: the normaliser divides both by its std
+            scale = self.normalizer["std"] if self.normalizer else 1.0
+            output.end_stds = (F.softplus(raw) + MIN_STD) / scale  # size = (B,)
+        return output
+
+
+MIN_STD = 1e-3  # a mean-variance reward model's smallest σ: z stays finite
 
 
 def score_output(scores: torch.Tensor, mask: torch.Tensor, score_type: ScoreType,
@@ -142,12 +159,14 @@ def build_score_model(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     seed: int = 0,
+    outputs: int = 1,
 ) -> ScoreModel:
     """A new score model: a preset (`tiny`, `small`: needs `tokenizer`) built from scratch, or a pretrained
     backbone (`smollm2`, a local directory such as the SFT model, a hub name) with its weights loaded.
 
     A causal LM's LM head is dropped and a new scalar head initialised (seeded by `seed`); a score model's
-    directory keeps its head (a critic initialised from the reward model). The normaliser is reset.
+    directory keeps its head (a critic initialised from the reward model). The normaliser is reset. `outputs` 2: a
+    mean-variance reward model's head (mean, raw σ).
     """
     if score_type not in SCORE_TYPES:
         raise ValueError(f"score_type must be one of {SCORE_TYPES}, got {score_type!r}")
@@ -158,7 +177,11 @@ def build_score_model(
         config = preset_config(name, tokenizer)
     else:
         config = AutoConfig.from_pretrained(resolve_pretrained(name), trust_remote_code=trust_remote_code)
-    config.num_labels = 1
+    # a critic (or any one-output model) from a mean-variance reward model keeps the head's mean row: loaded with both
+    # rows, then cut to the first
+    source_outputs = getattr(config, "num_labels", 1) if getattr(config, "score_type", None) == "reward" else outputs
+    keep_mean_row = source_outputs == 2 and outputs == 1
+    config.num_labels = 2 if keep_mean_row else outputs
     config.score_type = score_type
     config.score_normalizer = None
     _disable_dropout(config)
@@ -173,6 +196,8 @@ def build_score_model(
             AutoModelForTokenClassification, name, new_heads=("score", "classifier"), dropped_heads=("lm_head",),
             config=config, dtype=dtype, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True,
         )
+    if keep_mean_row:
+        _keep_mean_output(model)
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return ScoreModel(model)
@@ -219,6 +244,19 @@ def score_texts(model: ScoreModel, tokenizer: PreTrainedTokenizerBase, prompts: 
         for k, score in zip(chunk, model(input_ids.to(device), attention_mask.to(device)).end_scores.tolist()):
             scores[k] = score
     return scores
+
+
+def _keep_mean_output(model: PreTrainedModel) -> None:
+    """Cut a two-output head (mean, raw σ) to its first output, in place."""
+    head_name = next(n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Linear))
+    head: nn.Linear = getattr(model, head_name)
+    mean = nn.Linear(head.in_features, 1, bias=head.bias is not None, dtype=head.weight.dtype, device=head.weight.device)
+    with torch.no_grad():
+        mean.weight.copy_(head.weight[:1])
+        if head.bias is not None:
+            mean.bias.copy_(head.bias[:1])
+    setattr(model, head_name, mean)
+    model.config.num_labels = 1
 
 
 def _disable_dropout(config: PreTrainedConfig) -> None:

@@ -50,8 +50,12 @@ class StageRunner:
     """Runs stages in one process: skips a stage whose done file exists (loading its metrics), times the others,
     and after each one rewrites policies.json (and progress.json when this process is the one people watch)."""
 
-    def __init__(self, cfg: PipelineConfig, root: Path, stages: list[str], watched: bool = True) -> None:
+    def __init__(self, cfg: PipelineConfig, root: Path, stages: list[str], watched: bool = True,
+                 planner: Callable[[Any, Path], dict[str, Stage]] = plan, manifest: bool = True) -> None:
+        """`planner`: the stage table (the main pipeline's `plan`, or another job's, e.g. `rlaif.plan`); `manifest`:
+        rewrite policies.json after each stage (the main pipeline's)."""
         self.cfg, self.root, self.stages, self.watched = cfg, root, stages, watched
+        self.planner, self.manifest = planner, manifest
         self.results: dict[str, dict] = {}
         self.timings: dict[str, float] = {}  # wall seconds of the stages that ran
         self.cpu_timings: dict[str, float] = {}  # CPU seconds of this process (all threads): on a busy shared machine, close to a quiet run's wall time
@@ -59,7 +63,7 @@ class StageRunner:
 
     def stage(self, name: str) -> Stage:
         """The stage as planned now: its inputs may depend on what earlier stages wrote."""
-        return plan(self.cfg, self.root)[name]
+        return self.planner(self.cfg, self.root)[name]
 
     def done_file(self, name: str) -> Path:
         stage = self.stage(name)
@@ -96,7 +100,8 @@ class StageRunner:
         self.cpu_timings[name] = round(time.process_time() - cpu_start, 1)
         if name not in ALWAYS_RUN:  # kept with the stage: a later invocation that skips it still reports what it cost
             atomic_write_json(stage.directory / STAGE_TIME, {"time_s": self.timings[name], "cpu_time_s": self.cpu_timings[name]})
-        write_manifest(self.root, policies_manifest(self.cfg, self.root, set(self.stages)))
+        if self.manifest:
+            write_manifest(self.root, policies_manifest(self.cfg, self.root, set(self.stages)))
 
     def write_progress(self, name: str, **extra: Any) -> None:
         number = self.stages.index(name) + 1 if name in self.stages else len(self.results)

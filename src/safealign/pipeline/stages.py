@@ -58,6 +58,12 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("calibrate-judge", "safealign.evaluation.judge_calibration", "JudgeCalibrationConfig",
             "Measure an LLM judge against human labels (PyRIT's scorer evaluations): AUROC, accuracy at a threshold fitted "
             "on one half and reported on the other, refusal detection beside string matching; writes calibration.json."),
+    Command("real-prompts", "safealign.data.real_splits", "RealPromptsConfig",
+            "Split the real prompt sets (make real-assets) into training and held-out prompt files: harmful prompts "
+            "across benchmarks, near-duplicates of a held-out prompt left out of training."),
+    Command("annotate", "safealign.pipeline.ai_annotation", "AnnotateConfig",
+            "RLAIF's data: sample two answers per prompt from a policy and label each pair with an AI annotator (helpful, "
+            "harmless, safe; soft labels kept, cached) as PKU-format rows."),
     Command("bon", "safealign.evaluation.best_of_n", "BestOfNConfig",
             "Best-of-n at inference: sample n answers, let the reward (and cost) model choose one (reward, safe or "
             "lagrangian), judge the chosen answers; KL bound and estimate over n."),
@@ -93,12 +99,18 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Render a run directory as report.html (self-contained), report.md and report.json."),
     Command("pipeline", "safealign.pipeline.runner", "PipelineConfig",
             "The main job: SafeWorld -> SFT -> reward + cost models -> Safe RLHF and baselines -> evaluation, in one run directory."),
+    Command("rlaif", "safealign.pipeline.rlaif", "RLAIFConfig",
+            "Safe RLHF from AI feedback on real text: real prompts -> a calibrated AI annotator labels the starting "
+            "policy's answer pairs -> reward and cost models -> PPO-Lagrangian (LoRA) -> both policies judged on held-out "
+            "benchmarks (configs/rlaif.yaml)."),
     Command("seeds", "safealign.pipeline.seeds", "SeedsConfig",
             "The pipeline once per seed (--seeds \"[0, 1, 2]\", --jobs at once), then the summary over the runs (seeds.html)."),
     Command("aggregate", "safealign.evaluation.aggregate", "AggregateConfig",
             "Summarise finished pipeline runs (e.g. one per seed): claims counted over runs, numbers as mean ± std (seeds.html)."),
     # A policy's gold evaluation as a pipeline stage (on the command line it is `safealign evaluate --model`).
     Command("evaluate-policy", "safealign.evaluation.gold", "GoldEvalConfig", "Sample a policy and judge it.", cli=False),
+    Command("evaluate-real", "safealign.evaluation.real_text", "GoldEvalConfig",
+            "Sample a policy on real prompts and judge it with an LLM judge.", cli=False),
 ]}
 
 # The command whose config reads each per-stage mapping of PipelineConfig (checked before any stage runs).
