@@ -63,7 +63,7 @@ class JudgeCalibrationConfig:
     output_dir: str = config_field("runs/judge-calibration", help="Where calibration.json and the per-item scores go.")
     batch_size: int = config_field(4, help="Judge inputs per forward pass (llm: backend).")
     dtype: str = config_field("float32", help="The local judge's dtype (float32 or bfloat16).")
-    device: str = config_field("cpu", help="The local judge's device.")
+    device: str = config_field("auto", help="The local judge's device (auto: the GPU when there is one).")
     max_response_chars: int = config_field(2000, help="Responses longer than this are cut before the judge reads them.")
     chain_of_thought: bool = config_field(False, help="The judge reasons before answering (slower; greedy, cot_tokens tokens).")
     cot_tokens: int = config_field(96, help="Tokens of reasoning with chain_of_thought.")

@@ -41,7 +41,7 @@ from typing import Any, Literal, Protocol, Sequence
 import numpy as np
 import torch
 
-from safealign.models.presets import build_causal_lm, resolve_pretrained
+from safealign.models.presets import build_causal_lm, resolve_device, resolve_pretrained
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training.common import progress_bar
 
@@ -211,10 +211,11 @@ class OpenAIJudgeBackend:
 
 def make_backend(spec: str, *, batch_size: int = 4, dtype: str = "float32", device: str = "cpu",
                  trust_remote_code: bool = False, api_key_env: str = "OPENAI_API_KEY", votes: int = 5) -> JudgeBackend:
-    """`llm:PATH_OR_PRESET` or `openai:MODEL` (see the module docstring)."""
+    """`llm:PATH_OR_PRESET` or `openai:MODEL` (see the module docstring); a local judge on `device` (auto: the GPU when
+    there is one)."""
     kind, _, name = spec.partition(":")
     if kind == "llm" and name:
-        return HFJudgeBackend(name, batch_size=batch_size, dtype=getattr(torch, dtype), device=device,
+        return HFJudgeBackend(name, batch_size=batch_size, dtype=getattr(torch, dtype), device=resolve_device(device),
                               trust_remote_code=trust_remote_code)
     if kind == "openai" and name:
         return OpenAIJudgeBackend(name, api_key_env=api_key_env, votes=votes)

@@ -63,7 +63,7 @@ def benchmark_records(names: list[str], limit: int, seed: int) -> list[PromptRec
 def make_judge(spec: str, calibration_path: str, batch_size: int, max_response_chars: int,
                device: str = "cpu") -> tuple[LLMJudge, JudgeCalibration | None]:
     calibration = JudgeCalibration.load(calibration_path, spec) if calibration_path else None
-    backend = make_backend(spec, batch_size=batch_size, device="cpu" if device == "auto" else device)
+    backend = make_backend(spec, batch_size=batch_size, device=device)  # auto: the GPU when there is one
     return LLMJudge(backend, max_response_chars=max_response_chars, progress=True), calibration
 
 

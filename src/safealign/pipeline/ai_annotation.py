@@ -70,8 +70,8 @@ class AnnotateConfig:
     max_response_chars: int = config_field(1500, help="Answers longer than this are cut before the annotator reads them.")
     chain_of_thought: bool = config_field(False, help="The annotator reasons before each answer (RLAIF's CoT; slower).")
     seed: int = config_field(0, help="Seed of the sampling and of the prompt subset.")
-    device: str = config_field("auto", help="Device of the policy (the local annotator runs on the CPU unless `annotator_device`).")
-    annotator_device: str = config_field("cpu", help="The local annotator's device.")
+    device: str = config_field("auto", help="Device of the policy: auto (cuda when available), cpu, cuda, ...")
+    annotator_device: str = config_field("auto", help="The local annotator's device (auto: the GPU when there is one).")
     api_key_env: str = config_field("OPENAI_API_KEY", help="The environment variable holding an openai: annotator's key (never logged).")
 
 
