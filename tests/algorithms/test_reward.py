@@ -145,7 +145,7 @@ def test_soft_labels_reach_the_loss_and_train_a_different_reward_model(world, tr
 
 def test_a_mean_variance_reward_model_trains_saves_its_two_outputs_and_scores_by_its_mean(world, trained, tmp_path):
     majority_cfg, _ = trained
-    cfg = dataclasses.replace(majority_cfg, head="mean_variance", labels="soft", output_dir=str(tmp_path / "mv"))
+    cfg = dataclasses.replace(majority_cfg, head="mean_variance", labels="soft", output_dir=str(tmp_path / "mv"), max_steps=15)
     metrics = run(cfg)
     assert metrics["eval_accuracy"] > metrics["initial_eval_accuracy"] + 0.05, metrics
     assert metrics["eval_mean_variance_loss"] < metrics["initial_eval_mean_variance_loss"], metrics
