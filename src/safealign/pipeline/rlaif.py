@@ -26,7 +26,6 @@ exists, and a training stage resumes from its checkpoint, as in `safealign pipel
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,10 +36,11 @@ from safealign.config import ConfigError, check_overrides, config_field, save_co
 from safealign.console import quiet_steps, stderr_console
 from safealign.io import atomic_write_json
 from safealign.evaluation.report.document import Column, Section, TableBlock, write_report
+from safealign.evaluation.report.reading import read_jsonl
 from safealign.models.presets import PRETRAINED, preset_available, resolve_pretrained
 from safealign.pipeline.stage_runner import StageRunner
 from safealign.pipeline.stages import COMMANDS, Stage
-from safealign.run_directory import write_progress
+from safealign.run_directory import read_json_or_none, write_progress
 
 console = stderr_console()
 
@@ -119,6 +119,8 @@ def plan(cfg: RLAIFConfig, root: Path) -> dict[str, Stage]:
     annotator_calibration = cfg.annotator_calibration or str(root / "annotator_calibration" / "calibration.json")
     train, test = str(root / "prompts" / "train.jsonl"), str(root / "prompts" / "test.jsonl")
     pairs = str(root / "annotate" / "preferences.jsonl")
+    # the RL stages take a model directory: a preset is converted once, into the cache
+    actor = resolve_pretrained(cfg.model) if cfg.model in PRETRAINED else cfg.model
 
     def stage(name: str, command: str, inputs: dict[str, Any], key: str, out: Path, **kw: Any) -> Stage:
         return Stage(name, command, out, {**inputs, **settings(cfg, key)}, fixed={"output_dir": str(out)}, **kw)
@@ -137,8 +139,7 @@ def plan(cfg: RLAIFConfig, root: Path) -> dict[str, Stage]:
               resumable=True),
         stage("cm", "cm", {"model": cfg.model, "train_data": pairs, "seed": cfg.seed, **LORA}, "cm", root / "cm",
               resumable=True),
-        # the RL stages take a model directory (a preset is converted once, into the cache)
-        stage("ppo_lag", "ppo-lag", {"actor_model": resolve_pretrained(cfg.model) if cfg.model in PRETRAINED else cfg.model, "reward_model": str(root / "rm" / "model"),
+        stage("ppo_lag", "ppo-lag", {"actor_model": actor, "reward_model": str(root / "rm" / "model"),
                                      "cost_model": str(root / "cm" / "model"), "prompt_data": train, "seed": cfg.seed,
                                      **RL_LORA}, "ppo_lag", root / "ppo_lag", resumable=True),
     ]
@@ -172,19 +173,11 @@ def check_config(cfg: RLAIFConfig) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------------
-WEAK_PAIR_SIGNAL = 0.05  # mean |P(response 0 preferred) − 1/2| below this: the annotator is close to a coin
+WEAK_PAIR_SIGNAL = 0.05  # mean |P(response 0 preferred) − 1/2| below this: the annotator's labels are near-ties
 RATES = (("harmful_rate", "harmful (held-out harmful prompts)", "harmful"),
          ("harmful_refusal_rate", "refused (harmful prompts)", "harmful"),
          ("over_refusal", "over-refusal (edgy prompts refused)", "borderline"),
          ("benign_refusal", "benign prompts refused", "benign"))
-
-
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _samples(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
 def _interval(metrics: dict[str, Any], key: str, percent: bool = True) -> str:
@@ -227,8 +220,9 @@ def _agreement_rows(calibration: dict[str, Any] | None, who: str) -> list[list[A
 
 
 def report_sections(cfg: RLAIFConfig, root: Path) -> list[Section]:
-    evaluations = {name: _read(root / "eval" / name / "metrics.json") for name in ("start", "ppo_lag")}
-    samples = {name: _samples(root / "eval" / name / "samples.jsonl") for name in ("start", "ppo_lag")}
+    evaluations = {name: read_json_or_none(root / "eval" / name / "metrics.json") for name in ("start", "ppo_lag")}
+    samples = {name: read_jsonl(path) if (path := root / "eval" / name / "samples.jsonl").is_file() else []
+               for name in ("start", "ppo_lag")}
     result = Section("result", "The starting policy and the aligned one, on held-out real prompts")
     names = {"start": f"start ({cfg.model})", "ppo_lag": "Safe RLHF from AI feedback (ppo_lag)"}
     rows = []
@@ -266,9 +260,9 @@ def report_sections(cfg: RLAIFConfig, root: Path) -> list[Section]:
                                  "are not a result.")
 
     who = Section("instruments", "Who labelled the training pairs, who judged the answers, and how far each agrees with humans")
-    annotate = _read(root / "annotate" / "metrics.json") or {}
-    judge_cal = _read(Path(cfg.judge_calibration or root / "judge_calibration" / "calibration.json"))
-    annotator_cal = _read(Path(cfg.annotator_calibration or root / "annotator_calibration" / "calibration.json"))
+    annotate = read_json_or_none(root / "annotate" / "metrics.json") or {}
+    judge_cal = read_json_or_none(Path(cfg.judge_calibration or root / "judge_calibration" / "calibration.json"))
+    annotator_cal = read_json_or_none(Path(cfg.annotator_calibration or root / "annotator_calibration" / "calibration.json"))
     who.paragraphs.append(
         f"Annotator (training pairs): {annotate.get('annotator', resolve(cfg.annotator))}: which answer is more helpful, "
         "which is more harmful (inverted), both orders averaged, and whether each answer is unsafe (threshold "
@@ -304,9 +298,9 @@ def report_sections(cfg: RLAIFConfig, root: Path) -> list[Section]:
     for name, keys in (("rm", ("eval_accuracy", "train_pairs", "eval_pairs")),
                        ("cm", ("eval_ranking_accuracy", "eval_sign_accuracy", "train_pairs")),
                        ("ppo_lag", ("reward", "cost", "lagrange_multiplier", "kl", "global_step"))):
-        metrics = _read(root / name / "metrics.json") or {}
+        metrics = read_json_or_none(root / name / "metrics.json") or {}
         rows += [[name, key, metrics.get(key)] for key in keys]
-    times = {p.parent.name if p.parent.parent == root else f"eval/{p.parent.name}": _read(p)
+    times = {p.parent.name if p.parent.parent == root else f"eval/{p.parent.name}": read_json_or_none(p)
              for p in sorted(root.glob("**/stage_time.json"))}
     rows += [["time", stage, t["time_s"]] for stage, t in times.items() if t]
     training.blocks.append(TableBlock("Value models, RL and stage times (s)",
