@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from safealign.algorithms.losses import combined_advantage
 from safealign.algorithms.ppo import PPO, PPOConfig
 from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig
 from safealign.algorithms.reward_shaping import RewardShaping, RewardShapingConfig, run_sweep
@@ -154,6 +155,19 @@ def test_missing_eos_penalty_lowers_the_reward_of_cut_answers_only(tiny):
             torch.testing.assert_close(batch["cost_returns"][torch.arange(4), last], torch.full((4,), -1.0))
     with pytest.raises(Exception, match="missing_eos_penalty"):
         PPOConfig(missing_eos_penalty=-1.0)
+    # The cost's own penalty: C + p at the end of the cost stream of a cut answer; λ reads the model's cost.
+    step = PPOLag(PPOLagConfig(kl_coeff=0.0, missing_eos_penalty=2.0, missing_eos_cost_penalty=3.0))
+    batch = Experience.from_rollout(rollout)
+    batch["ended_with_eos"] = torch.tensor([True, False, True, False])
+    step.experience(models, batch, None, 1)
+    torch.testing.assert_close(batch["cost_returns"][torch.arange(4), last], torch.tensor([-1.0, 2.0, -1.0, 2.0]))
+    torch.testing.assert_close(batch["scores_cost"], torch.full((4,), -1.0))  # what the λ step averages
+    # Both penalties p: the actor's advantage (A^R − λ·A^C) / (1 + λ) of a cut answer falls by p at every λ.
+    for lam in (0.1, 1.0, 4.0):
+        reward, cost = torch.tensor([0.3, -0.7]), torch.tensor([0.2, 0.5])
+        torch.testing.assert_close(combined_advantage(reward - 2.0, cost + 2.0, lam), combined_advantage(reward, cost, lam) - 2.0)
+    with pytest.raises(Exception, match="missing_eos_cost_penalty"):
+        PPOLagConfig(missing_eos_cost_penalty=-1.0)
 
 
 def test_ppo_config_errors_are_clear(tiny, tmp_path):

@@ -74,6 +74,10 @@ class ConstraintConfig:
     constraint_form: Literal["expected", "rectified"] = config_field(
         "expected", help="expected = Safe RLHF's E[C] ≤ d; rectified = RePO's per-answer constraint: the cost stream carries "
                          "{C − d}⁺ (no push below d) and λ follows E[{C − d}⁺] ≤ 0.")
+    missing_eos_cost_penalty: float = config_field(
+        0.0, help="Added to the cost stream's end score of an answer cut at max_new_tokens (no EOS), in the update only: "
+                  "λ still reads the cost model's cost. With missing_eos_penalty p on the reward and p here, a cut answer's "
+                  "actor advantage falls by p whatever λ (with the reward's alone, by p / (1 + λ)); 0 = off.")
     refusal_floor: float | None = config_field(
         None, help="Over-refusal guard, in the reward model's units: the constraint E[R | borderline prompts (kind: "
                    "borderline)] ≥ this floor, with its own multiplier μ (λ's dynamics); their advantage becomes "
@@ -93,6 +97,8 @@ class ConstraintConfig:
                 raise ConfigError(f"category_thresholds: '{category}' must be a finite number, got {value!r}")
         if self.refusal_floor is not None and not math.isfinite(self.refusal_floor):
             raise ConfigError(f"refusal_floor must be a finite number or null, got {self.refusal_floor}")
+        if self.missing_eos_cost_penalty < 0:
+            raise ConfigError(f"missing_eos_cost_penalty must be >= 0 (it is added to the cost), got {self.missing_eos_cost_penalty}")
         if self.lambda_init <= 0:
             raise ConfigError(f"lambda_init must be > 0 (λ = exp(log λ)), got {self.lambda_init}")
         if self.episode_cost_window_size < 1:
@@ -305,12 +311,15 @@ class Constrained:
             self.lagrangian = ContextMultipliers(self.cfg, prompts)
 
     def stream_end_scores(self, scores: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
-        """The reward and cost streams' end scores (B,): the cost C, or {C − d}⁺ in the rectified form (each row's d)."""
+        """The reward and cost streams' end scores (B,): the cost C, or {C − d}⁺ in the rectified form (each row's d);
+        + missing_eos_cost_penalty for an answer cut at max_new_tokens (the reward's penalty is the caller's)."""
         cost = scores["cost"]
         if self.cfg.constraint_form == "rectified":
             thresholds = self.lagrangian.row_thresholds(batch)
             thresholds = thresholds if isinstance(thresholds, float) else thresholds.to(cost)
             cost = (cost - thresholds).clamp(min=0)
+        if self.cfg.missing_eos_cost_penalty:  # λ's episode costs stay scores_cost: a cut answer is not unsafe, it is cut
+            cost = cost + self.cfg.missing_eos_cost_penalty * (~batch["ended_with_eos"]).to(cost.dtype)
         return {"reward": scores["reward"], "cost": cost}
 
     def constraint_step(self, batch: Any, accelerator: Accelerator, step: int, scalars: dict[str, float]) -> dict[str, float]:

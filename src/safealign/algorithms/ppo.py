@@ -125,7 +125,7 @@ class PPO(RLAlgorithm):
             batch[f"scores_{name}"] = value
         scalars.update({name: value.mean().item() for name, value in scores.items()})
         ends = self.stream_end_scores(scores, batch)  # stream -> (B,)
-        if cfg.missing_eos_penalty:  # a cut answer: R − penalty (the reward stream only; the cost keeps its meaning)
+        if cfg.missing_eos_penalty:  # a cut answer: R − penalty (the cost's own: missing_eos_cost_penalty, PPO-Lag)
             ends["reward"] = ends["reward"] - cfg.missing_eos_penalty * (~batch["ended_with_eos"]).to(ends["reward"].dtype)
         for stream, end in ends.items():
             values = stream_values[stream] * mask  # size = (B, T)
