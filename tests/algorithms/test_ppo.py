@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from safealign.algorithms.losses import combined_advantage
 from safealign.algorithms.ppo import PPO, PPOConfig
 from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig
+from safealign.algorithms.rollout import ptx_loss
 from safealign.algorithms.reward_shaping import RewardShaping, RewardShapingConfig, run_sweep
 from safealign.cli import app
 from safealign.config import load_config
@@ -129,6 +130,29 @@ def test_ppo_losses_and_values_change_and_the_first_ratio_of_each_rollout_is_one
     assert max(e.value for e in scalars.Scalars("train/clip_fraction")) == 0.0
     kl = [e.value for e in scalars.Scalars("train/kl")]
     assert kl[0] == pytest.approx(0.0, abs=1e-5) and abs(kl[-1]) > 1e-5  # rounding on a GPU: see the test above
+
+
+def test_ptx_term_has_a_gradient_and_a_run_with_ptx_data_trains(tiny, tmp_path):
+    """L_PTX (the LM loss on SFT data) must reach the actor: a `no_grad` left on it once made every run with ptx_data
+    crash at its first backward."""
+    tokenizer = load_tokenizer(tiny.actor)
+    actor = build_causal_lm(tiny.actor)
+    ids = torch.tensor([tokenize_prompt(tokenizer, "hello there, how are you")])  # size = (1, L)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    metrics: dict[str, torch.Tensor] = {}
+    loss = ptx_loss(actor, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, metrics)
+    assert loss.requires_grad and float(metrics["ptx_loss"]) == pytest.approx(loss.item())
+    loss.backward()
+    assert actor.get_input_embeddings().weight.grad.abs().sum() > 0
+    out = tmp_path / "ppo_lag_ptx"
+    (tmp_path / "fast.yaml").write_text(yaml.safe_dump(FAST))
+    result = CliRunner().invoke(app, [
+        "ppo-lag", "--config", str(tmp_path / "fast.yaml"), "--actor_model", tiny.actor, "--reward_model", tiny.reward_model,
+        "--cost_model", tiny.cost_model, "--prompt_data", tiny.prompts, "--output_dir", str(out), "--max_steps", "1",
+        "--ptx_data", str(Path(tiny.root) / "world" / "sft" / "train.jsonl"), "--ptx_coeff", "1.0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["ptx_loss"] > 0
 
 
 def test_missing_eos_penalty_lowers_the_reward_of_cut_answers_only(tiny):

@@ -63,7 +63,6 @@ def end_scores(score_model: Any, batch: Experience) -> torch.Tensor:
     return score_model(batch["sequences"], batch["attention_mask"], batch["position_ids"]).end_scores
 
 
-@torch.no_grad()
 def ptx_loss(actor: nn.Module, ptx_batch: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> torch.Tensor:
     """L_PTX: the actor's language-modelling loss on a micro-batch of SFT data (the InstructGPT-style term that keeps
     the actor a language model of that data), with grad; its value goes into `metrics`."""
