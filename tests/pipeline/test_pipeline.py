@@ -436,6 +436,20 @@ def test_a_rounds_threshold_can_come_from_its_cost_model_on_its_own_labelled_ans
                                                "round_thresholds": [0.0, 0.0, 0.0]}))
 
 
+def test_the_later_rounds_can_keep_a_language_model_of_the_sft_data(tmp_path):
+    """round_ptx_coeff: rounds >= 2's PPO-Lag gets the PTX term on the SFT data; round 1 and the baselines do not."""
+    cfg = PipelineConfig(round_ptx_coeff=0.25)
+    table = plan(cfg, tmp_path)
+    for k in (2, 3):
+        inputs = table[f"round{k}/ppo_lag"].config_values(cfg)
+        assert (inputs["ptx_data"], inputs["ptx_coeff"]) == (str(tmp_path / "world" / "sft" / "train.jsonl"), 0.25)
+    for name in ("ppo_lag", "ppo"):
+        assert "ptx_data" not in table[name].config_values(cfg)
+    assert "ptx_data" not in json.dumps([s.config_values(PipelineConfig()) for s in plan(PipelineConfig(), tmp_path).values()])
+    with pytest.raises(ConfigError, match="round_ptx_coeff"):
+        run(load_config(PipelineConfig, None, {"output_dir": str(tmp_path / "run"), "round_ptx_coeff": -1.0}))
+
+
 def test_the_summary_reports_the_threshold_a_round_used():
     cfg = PipelineConfig(round_threshold_quantile=0.9)
     results = {"ppo_lag": {"global_step": 3, "threshold": -2.0}, "round2/ppo_lag": {"global_step": 3, "threshold": -3.1},

@@ -85,6 +85,9 @@ class PipelineConfig:
     round_threshold_quantile: float = config_field(
         0.0, help="In (0, 1): d of rounds >= 2 = this quantile of the round's cost model's costs on the round's new answers the "
                   "crowdworkers labelled safe (ppo-lag's threshold_quantile on round{k}/redteam/pairs.jsonl), instead of a fixed d; 0 = off.")
+    round_ptx_coeff: float = config_field(
+        0.0, help="γ_ptx of rounds >= 2's PPO-Lag: the PTX term (the language-modelling loss on the SFT data, sft_data or "
+                  "SafeWorld's) weighed by this; 0 = off. It keeps the later rounds' policies a language model of that data.")
     round_value_models: Literal["previous", "sft"] = config_field(
         "previous", help="Round k's reward/cost models start from round k-1's (cheap: see round_rm) or from the SFT model (the paper's retraining: give round_rm/round_cm num_epochs 2).")
     round_lambda: Literal["init", "carry"] = config_field(

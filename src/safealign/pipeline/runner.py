@@ -60,6 +60,8 @@ def check_config(cfg: PipelineConfig) -> list[str]:
                           "round (round 1 first) or none")
     if not 0.0 <= cfg.round_threshold_quantile < 1.0 or (cfg.round_threshold_quantile and cfg.round_thresholds):
         raise ConfigError("round_threshold_quantile must be in [0, 1), and not given together with round_thresholds")
+    if cfg.round_ptx_coeff < 0:
+        raise ConfigError(f"round_ptx_coeff must be >= 0 (0 = no PTX term in rounds >= 2), got {cfg.round_ptx_coeff}")
     for key, command in SETTINGS_COMMANDS.items():
         config_class, _ = COMMANDS[command].load()
         check_overrides(config_class, getattr(cfg, key), f"pipeline setting '{key}'")

@@ -355,7 +355,8 @@ def round_stages(cfg: PipelineConfig, root: Path, paths: DataPaths, k: int) -> l
         "reward_model": str(root / dirs["rm"] / "model"), "cost_model": str(root / dirs["cm"] / "model"),
         "prompt_data": str(root / dirs["redteam"] / "rl_prompts.jsonl"), "threshold": round_threshold(cfg, k),
         **({"threshold_quantile": cfg.round_threshold_quantile, "threshold_data": str(root / dirs["redteam"] / "pairs.jsonl")}
-           if cfg.round_threshold_quantile else {})},
+           if cfg.round_threshold_quantile else {}),
+        **({"ptx_data": paths.sft, "ptx_coeff": cfg.round_ptx_coeff} if cfg.round_ptx_coeff else {})},
         directory=root / dirs["ppo_lag"], group="rounds")
     return [redteam, value_model("rm", cfg, root, paths, k), value_model("cm", cfg, root, paths, k),
             value_model_scores(round_stage(k, "eval_scores"), cfg, root, paths, k), policy,
