@@ -157,7 +157,7 @@ def test_ptx_term_has_a_gradient_and_a_run_with_ptx_data_trains(tiny, tmp_path):
 
 def test_missing_eos_penalty_lowers_the_reward_of_cut_answers_only(tiny):
     """R − penalty at the end of the reward stream of a row without EOS, R for a row that ended; PPO-Lag's cost
-    stream is left alone."""
+    stream is left alone unless missing_eos_cost_penalty adds its own (never to the cost λ averages)."""
     tokenizer = load_tokenizer(tiny.actor)
     actor = build_causal_lm(tiny.actor).eval()
     score_models = {"reward": load_score_model(tiny.score_model("reward", 0.5)).eval(),
