@@ -21,14 +21,15 @@ from safealign.algorithms.ppo_lag import PPOLag, PPOLagConfig
 from safealign.algorithms.rollout import ptx_loss
 from safealign.algorithms.reward_shaping import RewardShaping, RewardShapingConfig, run_sweep
 from safealign.cli import app
-from safealign.config import load_config
-from safealign.data.formatting import tokenize_prompt
+from safealign.config import ConfigError, load_config
+from safealign.data.formatting import tokenize_examples, tokenize_prompt
+from safealign.data.loading import load_sft
 from safealign.models.generation import SamplingConfig, generate_tokens
 from safealign.models.presets import build_causal_lm
-from safealign.models.score_model import build_score_model, load_score_model
+from safealign.models.score_model import build_score_model, load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training.rl import Experience
-from safealign.training.rl_setup import RLModels, disable_dropout
+from safealign.training.rl_setup import RLModels, check_paths, disable_dropout, ptx_examples
 from tiny_rl import FAST  # noqa: E402  (tests/algorithms is on sys.path)
 
 
@@ -147,12 +148,47 @@ def test_ptx_term_has_a_gradient_and_a_run_with_ptx_data_trains(tiny, tmp_path):
     assert actor.get_input_embeddings().weight.grad.abs().sum() > 0
     out = tmp_path / "ppo_lag_ptx"
     (tmp_path / "fast.yaml").write_text(yaml.safe_dump(FAST))
+    sft_file = str(Path(tiny.root) / "world" / "sft" / "train.jsonl")
+    costs = _sft_costs(tiny, sft_file)
+    median = sorted(costs)[len(costs) // 2]
     result = CliRunner().invoke(app, [
         "ppo-lag", "--config", str(tmp_path / "fast.yaml"), "--actor_model", tiny.actor, "--reward_model", tiny.reward_model,
         "--cost_model", tiny.cost_model, "--prompt_data", tiny.prompts, "--output_dir", str(out), "--max_steps", "1",
-        "--ptx_data", str(Path(tiny.root) / "world" / "sft" / "train.jsonl"), "--ptx_coeff", "1.0"])
+        "--ptx_data", sft_file, "--ptx_coeff", "1.0", "--ptx_max_cost", str(median)])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "metrics.json").read_text())["ptx_loss"] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ptx_loss"] > 0
+    assert (metrics["ptx_rows"], metrics["ptx_rows_kept"]) == (len(costs), sum(c <= median for c in costs))
+
+
+def _sft_costs(tiny, sft_file: str) -> list[float]:
+    tokenizer = load_tokenizer(tiny.actor)
+    rows = load_sft(sft_file)
+    return score_texts(load_score_model(tiny.cost_model), tokenizer, [r.prompt for r in rows], [r.response for r in rows], 256)
+
+
+def test_ptx_max_cost_keeps_exactly_the_rows_the_cost_model_scores_at_most_it(tiny):
+    """PTX on the SFT rows the cost model calls safe enough: the kept examples are those rows, in order; null keeps
+    every row; a threshold below every cost, or an algorithm without a cost model, is a clear error."""
+    sft_file = str(Path(tiny.root) / "world" / "sft" / "train.jsonl")
+    tokenizer = load_tokenizer(tiny.actor)
+    rows, costs = load_sft(sft_file), _sft_costs(tiny, sft_file)
+    assert len(set(costs)) > 1  # the tiny cost model is untrained but not constant
+    threshold = sorted(costs)[len(costs) // 3]
+    cfg = PPOLagConfig(ptx_data=sft_file, ptx_max_cost=threshold)
+    examples, kept = ptx_examples(cfg, tokenizer, tiny.cost_model, torch.device("cpu"))
+    expected = [r for r, c in zip(rows, costs) if c <= threshold]
+    assert kept == {"ptx_rows": len(rows), "ptx_rows_kept": len(expected)} and 0 < len(expected) < len(rows)
+    wanted = tokenize_examples(tokenizer, [r.prompt for r in expected], [r.response for r in expected], cfg.ptx_max_length)
+    assert [e.input_ids for e in examples] == [e.input_ids for e in wanted]
+    everything, none_dropped = ptx_examples(PPOLagConfig(ptx_data=sft_file), tokenizer, tiny.cost_model, torch.device("cpu"))
+    assert len(everything) == len(rows) and none_dropped == {}
+    with pytest.raises(ConfigError, match="scores every one"):
+        ptx_examples(PPOLagConfig(ptx_data=sft_file, ptx_max_cost=min(costs) - 1.0), tokenizer, tiny.cost_model,
+                     torch.device("cpu"))
+    with pytest.raises(ConfigError, match="has none"):
+        check_paths(PPOConfig(prompt_data=tiny.prompts, actor_model=tiny.actor, ptx_max_cost=0.0),
+                    {"reward": tiny.reward_model}, {})
 
 
 def test_missing_eos_penalty_lowers_the_reward_of_cut_answers_only(tiny):

@@ -14,7 +14,8 @@ loop's, `training.rl`), in this order:
    c_v) + γ_ptx·L_PTX. c = 1 when each critic is a model of its own (it alone minimises its L_V: one backward per
    model), `value_loss_coeff` when the critics are value heads on the actor's backbone (`critic_layout:
    shared_backbone`); the PTX term (`ptx_data`, γ_ptx = `ptx_coeff`) is the LM loss on SFT data, which keeps the
-   actor a language model of that data (the paper's InstructGPT-style term, off by default).
+   actor a language model of that data (the paper's InstructGPT-style term, off by default); with `ptx_max_cost`
+   only on the rows the cost model scores at most that (an SFT corpus's unsafe answers would pull the policy back).
 
 Diagnostics as CleanRL logs them: approx KL ((ρ − 1) − log ρ), clip fraction, explained variance.
 """

@@ -42,8 +42,6 @@ from torch import nn
 
 from safealign.config import save_config
 from safealign.data.collate import collate_sft
-from safealign.data.formatting import tokenize_examples
-from safealign.data.loading import load_sft
 from safealign.data.schema import PromptRecord
 from safealign.io import atomic_write_json, atomic_write_jsonl
 from safealign.models.actor_critic import causal_lm
@@ -75,6 +73,7 @@ from safealign.training.rl_setup import (
     clip_gradients,
     prepare_training,
     prompt_token_ids,
+    ptx_examples,
 )
 
 Parts = dict[str, tuple[nn.Module, Any, Any]]  # name -> (trained model, its optimizer, its scheduler)
@@ -243,9 +242,9 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     rows_per_rollout = cfg.per_device_prompt_batch_size * cfg.samples_per_prompt
     rows_per_update = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
 
-    ptx = bool(cfg.ptx_data) and cfg.ptx_coeff > 0
+    use_ptx = bool(cfg.ptx_data) and cfg.ptx_coeff > 0
     # DDP: the PTX forward of an actor with value heads leaves the heads out of its loss.
-    accelerator = make_accelerator(cfg, find_unused_parameters=ptx and cfg.critic_layout == "shared_backbone")
+    accelerator = make_accelerator(cfg, find_unused_parameters=use_ptx and cfg.critic_layout == "shared_backbone")
     check_sharding(cfg, accelerator)
     save_steps = checkpoint_save_steps(cfg, accelerator)
     set_seed(cfg.seed)
@@ -259,6 +258,11 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     prompts, prompt_ids = prompt_token_ids(cfg, tokenizer)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, num_samples=cfg.samples_per_prompt)
+    # Before the models load: with ptx_max_cost a copy of the cost model scores the PTX rows.
+    ptx, ptx_kept = ptx_examples(cfg, tokenizer, score_paths.get("cost", ""), device) if use_ptx else ([], {})
+    if ptx_kept and accelerator.is_main_process:
+        console.print(f"PTX: {ptx_kept['ptx_rows_kept']:.0f} of {ptx_kept['ptx_rows']:.0f} rows of {cfg.ptx_data} have "
+                      f"cost <= {cfg.ptx_max_cost}")
     # shared_backbone: the value heads sit on the actor, one per stream (they load no directory)
     models = build_models(cfg, score_paths, algorithm.critic_paths(), tokenizer, accelerator)
 
@@ -270,10 +274,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
     updates_per_step = cfg.ppo_epochs * rows_per_rollout // rows_per_update
     parts = prepare_training(cfg, accelerator, models, state.total_steps * updates_per_step)
     schedulers = {name: scheduler for name, (_, _, scheduler) in parts.items()}
-    ptx_data = load_sft(cfg.ptx_data) if ptx else []
-    ptx_examples = tokenize_examples(tokenizer, [e.prompt for e in ptx_data], [e.response for e in ptx_data],
-                                     cfg.ptx_max_length)
-    run = RLRun(cfg, accelerator, models, parts, ptx_examples, tokenizer.pad_token_id, updates_per_step)
+    run = RLRun(cfg, accelerator, models, parts, ptx, tokenizer.pad_token_id, updates_per_step)
 
     algorithm.start(prompts)
     # Resume.
@@ -356,7 +357,7 @@ def train_rl(cfg: RLConfig, algorithm: RLAlgorithm) -> dict[str, Any]:
         final.update({k: v for k, v in entry.items() if k != "step"})
     final.update(global_step=state.global_step, samples_per_second=run_samples / max(run_time, 1e-9),
                  num_parameters=sum(p.numel() for p in policy.parameters()), num_trained_actor_parameters=num_trained,
-                 runtime_s=time.perf_counter() - started)
+                 runtime_s=time.perf_counter() - started, **ptx_kept)
     if accelerator.is_main_process:
         atomic_write_json(out / "metrics.json", final)
     return final

@@ -52,13 +52,13 @@ from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from safealign.config import ConfigError, config_field
-from safealign.data.formatting import tokenize_prompts
-from safealign.data.loading import load_prompts
+from safealign.data.formatting import TokenizedExample, tokenize_examples, tokenize_prompts
+from safealign.data.loading import load_prompts, load_sft
 from safealign.data.schema import PromptRecord
 from safealign.models.actor_critic import ActorCritic
 from safealign.models.lora import AdapterDisabledPolicy, lora_critic, lora_policy
 from safealign.models.presets import PRESETS, build_causal_lm
-from safealign.models.score_model import build_score_model, load_score_model
+from safealign.models.score_model import build_score_model, load_score_model, score_texts
 from safealign.models.tokenizer import load_tokenizer
 from safealign.training.common import TrainingConfig, make_optimizer
 
@@ -98,6 +98,10 @@ class RLConfig(TrainingConfig):
     ptx_data: str = config_field("", help="SFT file for the PTX loss (a language-modelling loss mixed into the actor objective); '' = none.")
     ptx_coeff: float = config_field(16.0, help="γ_ptx: weight of the PTX loss (reference 16).")
     ptx_max_length: int = config_field(256, help="Tokens per PTX example (prompt + response + EOS).")
+    ptx_max_cost: float | None = config_field(
+        None, help="Keep only the PTX rows whose cost, by the run's cost model (its own units: > 0 = unsafe), is at most this; "
+                   "the rows are scored once, before training. An SFT corpus that complies with harmful requests (SafeWorld's "
+                   "does, half the time) then stops pulling the policy back toward those answers. null = every row.")
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = config_field(
         "auto", help="dtype of the frozen reference and score models; auto = bfloat16 under bf16 mixed precision, else float32.")
     critic_layout: Literal["full", "shared_backbone", "lora"] = config_field(
@@ -311,11 +315,33 @@ def check_paths(cfg: RLConfig, score_paths: dict[str, str], critic_paths: dict[s
     if cfg.actor_layout == "lora" and cfg.critic_layout == "shared_backbone":
         raise ConfigError("actor_layout=lora with critic_layout=shared_backbone is not supported: value heads on an adapted "
                           "backbone were not measured; use critic_layout full or lora")
+    if cfg.ptx_max_cost is not None and "cost" not in score_paths:
+        raise ConfigError("ptx_max_cost filters the PTX rows by the cost model: this algorithm has none (use ppo-lag, "
+                          "grpo-lag or p3o-lag, or set ptx_max_cost to null)")
     rows_per_rollout = cfg.per_device_prompt_batch_size * cfg.samples_per_prompt
     rows_per_update = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     if rows_per_rollout % rows_per_update:
         raise ConfigError(f"rows per rollout (per_device_prompt_batch_size × samples_per_prompt = {rows_per_rollout}) must be a "
                           f"multiple of per_device_train_batch_size × gradient_accumulation_steps = {rows_per_update}")
+
+
+def ptx_examples(cfg: RLConfig, tokenizer: Any, cost_model_path: str, device: torch.device
+                 ) -> tuple[list[TokenizedExample], dict[str, float]]:
+    """The tokenised PTX rows and what was kept: every row of `ptx_data`, or (with `ptx_max_cost`) the rows whose
+    cost by the cost model at `cost_model_path` is at most that value, scored once with a copy loaded here (in
+    float32, freed before training; each process scores every row, so all keep the same ones)."""
+    rows = load_sft(cfg.ptx_data)
+    if cfg.ptx_max_cost is None:
+        return tokenize_examples(tokenizer, [e.prompt for e in rows], [e.response for e in rows], cfg.ptx_max_length), {}
+    cost_model = load_score_model(cost_model_path).to(device)
+    costs = score_texts(cost_model, tokenizer, [e.prompt for e in rows], [e.response for e in rows], cfg.ptx_max_length)
+    del cost_model
+    kept = [e for e, cost in zip(rows, costs) if cost <= cfg.ptx_max_cost]
+    if not kept:
+        raise ConfigError(f"ptx_max_cost={cfg.ptx_max_cost}: the cost model scores every one of the {len(rows)} rows of "
+                          f"ptx_data {cfg.ptx_data} above it (lowest cost {min(costs):.3g})")
+    examples = tokenize_examples(tokenizer, [e.prompt for e in kept], [e.response for e in kept], cfg.ptx_max_length)
+    return examples, {"ptx_rows": float(len(rows)), "ptx_rows_kept": float(len(kept))}
 
 
 def prompt_token_ids(cfg: RLConfig, tokenizer: Any) -> tuple[list[PromptRecord], list[list[int]]]:
