@@ -9,7 +9,8 @@ ids equal safealign's, row for row. Exactly batch × steps pairs, so that each s
 what it trains on, in one epoch; TRL takes them in safealign's epoch-0 order (sequential sampler): the very same
 batches. Sigmoid loss, β = 0.1, the training settings of `common.safealign_options` / `trl_options`.
 
-What is timed (wall and CPU): the reference pass (safealign: `_stored_reference` inside `run`, i.e. fingerprint,
+What is timed (wall and CPU): the reference pass (safealign: `shared_prompt_works` and `_stored_reference` inside
+`run`, i.e. the check of one row per pair, fingerprint,
 forwards in batches of `--ref-batch-size` pairs sorted by length, the safetensors file; TRL: `_precompute_ref_logps`,
 which its constructor runs: model hash, forwards in dataset order, the Arrow cache) plus the training loop (from the
 call of safealign's `train` / TRL's `trainer.train()` to the end of the last optimizer step). Not timed on either
@@ -93,12 +94,16 @@ def run_trial(trial: Trial) -> dict[str, Any]:
     if trial.framework == "safealign":
         from safealign.algorithms import dpo
 
-        stored_reference, train = dpo._stored_reference, dpo.train
+        stored_reference, train, check = dpo._stored_reference, dpo.train, dpo.shared_prompt_works
         captured: list[torch.Tensor] = []
+
+        def timed_check(*args, **kwargs):  # the check of one row per pair counts as part of the reference pass
+            marks["ref_start"] = _now()
+            return check(*args, **kwargs)
 
         def timed_reference(*args, **kwargs):
             rss_before.append(rss_mib())
-            marks["ref_start"] = _now()
+            marks.setdefault("ref_start", _now())
             out = stored_reference(*args, **kwargs)
             marks["ref_end"] = _now()
             captured.append(out)
@@ -110,7 +115,7 @@ def run_trial(trial: Trial) -> dict[str, Any]:
 
         # run() is the path a user takes: load, tokenise, reference pass, train, save. Its pieces are timed by
         # wrapping the module's own names.
-        dpo._stored_reference, dpo.train = timed_reference, timed_train
+        dpo._stored_reference, dpo.train, dpo.shared_prompt_works = timed_reference, timed_train, timed_check
         dpo.DPOStep = recording_first_loss(dpo.DPOStep, "loss", losses, count=2)
         cfg = dpo.DPOConfig(model=model_dir, train_data=trial.options["pairs_file"], eval_data="", eval_fraction=0.0,
                             beta=BETA, loss_type="sigmoid", per_device_eval_batch_size=ref_batch,

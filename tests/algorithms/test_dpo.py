@@ -3,6 +3,7 @@ few steps moving what each must move. The losses themselves are pinned in test_l
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,29 @@ def _log_ratios(cfg: DPOConfig, tiny: TinySetup, model_dir: str) -> tuple[torch.
         now = policy_log_probs(build_causal_lm(model_dir).eval(), batch, average=False)
         ref = policy_log_probs(build_causal_lm(tiny.actor).eval(), batch, average=False)
     return now[0] - ref[0], now[1] - ref[1], examples
+
+
+def test_the_dpo_step_on_response_positions_only_gives_the_full_forwards_loss_and_gradient(tiny, tmp_path):
+    """The LM head on the response positions only (models.label_logits) is an optimisation: the step's loss and
+    gradient equal those from every position's logits."""
+    cfg = config(tiny, tmp_path / "x")
+    tokenizer = load_tokenizer(tiny.actor)
+    examples = dpo_examples(list(load_preferences(cfg.train_data))[:6], tokenizer, cfg)
+    model = build_causal_lm(tiny.actor).eval()
+    reference = torch.stack(policy_log_probs(model, collate_dpo(examples, tokenizer.pad_token_id), False), 1).detach() - torch.tensor([0.3, -0.2])
+    batch = collate_dpo(examples, tokenizer.pad_token_id, reference)
+    step = dpo.DPOStep(cfg)
+    fast, _ = step.loss(model, batch, 6)
+    assert step.label_logits.fast is True
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    chosen, rejected = policy_log_probs(model, batch, False)  # every position through the head
+    full = dpo.dpo_loss(chosen - reference[:, 0], rejected - reference[:, 1], cfg.beta).sum() / 6
+    full.backward()
+    assert fast.item() == pytest.approx(full.item(), rel=1e-4) and abs(fast.item() - math.log(2)) > 1e-3
+    for got, want in zip(fast_grads, (p.grad for p in model.parameters())):  # float sums in another order: 2e-4 of the norm
+        assert (got - want).norm() <= 2e-4 * want.norm() + 1e-7
 
 
 def test_dpo_raises_the_chosen_log_ratio_over_the_rejected(tiny, tmp_path):
@@ -164,3 +188,38 @@ def test_the_family_refuses_missing_models(tiny, tmp_path):
         config(tiny, tmp_path, variant="bfpo", bfpo_b1=1.0)
     with pytest.raises(ConfigError, match="own loss"):
         config(tiny, tmp_path, variant="bfpo", loss_type="ipo")
+
+
+def test_one_row_per_pair_gives_the_two_row_log_probs_and_is_used_when_it_does(tiny, tmp_path):
+    """Prefix sharing (prompt + chosen + rejected in one row) must give each answer's log-prob as its own row does:
+    the rejected answer must not see the chosen one, and its first token is read from the prompt's end."""
+    cfg = config(tiny, tmp_path / "x")
+    tokenizer = load_tokenizer(tiny.actor)
+    examples = dpo_examples(list(load_preferences(cfg.train_data))[:6], tokenizer, cfg)
+    model = build_causal_lm(tiny.actor).eval()
+    shared_batch = collate_dpo(examples, tokenizer.pad_token_id, share_prompt=True)
+    assert shared_batch["input_ids"].size(0) == 6 and "segments" in shared_batch
+    prompt = dpo.prompt_length(examples[0])
+    assert shared_batch["input_ids"].size(1) < 2 * max(len(e.chosen) for e in examples)  # fewer positions
+    two_rows = collate_dpo(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        shared, separate = policy_log_probs(model, shared_batch, False), policy_log_probs(model, two_rows, False)
+        averaged = policy_log_probs(model, shared_batch, True)[0]
+    for a, b in zip(shared, separate):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    answer_tokens = torch.tensor([len(e.chosen) - prompt for e in examples[:1]])
+    torch.testing.assert_close(averaged[:1], shared[0][:1] / answer_tokens, rtol=1e-5, atol=1e-6)
+    # Without the 4D mask's rule the rejected answer would see the chosen one: different log-probs.
+    leaky = dict(shared_batch, segments=torch.where(shared_batch["segments"] == 3, 2, shared_batch["segments"]))
+    with torch.no_grad():
+        assert (policy_log_probs(model, leaky, False)[1] - separate[1]).abs().max() > 1e-2
+    assert dpo.shared_prompt_works(model, examples, tokenizer.pad_token_id)
+
+
+def test_dpo_trains_the_same_with_one_row_or_two_rows_per_pair(tiny, tmp_path):
+    """share_prompt changes how the pairs are batched, not what is learnt: the same losses, step by step."""
+    shared = run(config(tiny, tmp_path / "shared", max_steps=3))
+    two_rows = run(config(tiny, tmp_path / "two_rows", max_steps=3, share_prompt=False))
+    assert shared["train_loss"] == pytest.approx(two_rows["train_loss"], rel=1e-3)
+    assert shared["eval_reward_accuracy"] == pytest.approx(two_rows["eval_reward_accuracy"], abs=0.02)
+    assert shared["eval_loss"] == pytest.approx(two_rows["eval_loss"], rel=1e-3)

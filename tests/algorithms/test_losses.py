@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from safealign.algorithms.losses import (bfpo_loss, cost_loss, dpo_loss, modpo_loss, reward_loss, safety_sign,
+from safealign.algorithms.losses import (bfpo_loss, cost_loss, dpo_loss, label_log_probs, modpo_loss, reward_loss, safety_sign,
                                          sequence_log_probs, sft_loss, soft_cost_loss, soft_label_dpo_loss,
                                          soft_reward_loss, mean_variance_reward_loss)
 from safealign.data.formatting import IGNORE_INDEX
@@ -227,6 +227,19 @@ def test_sequence_log_probs_sum_exactly_the_response_tokens():
     expected = math.log(0.5) + math.log(0.8)  # p(1 | pos 0) · p(2 | pos 1); the last position predicts nothing
     assert sequence_log_probs(logits, labels).item() == pytest.approx(expected, rel=1e-6)
     assert sequence_log_probs(logits, labels, average=True).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_label_log_probs_from_the_label_positions_alone_sum_each_rows_tokens():
+    # Two rows, vocabulary 3: row 0 labels tokens 1, 2 (positions 0, 1 predict them); row 1 labels token 0 only (position
+    # 1). The label logits are those three positions, row-major; a third row without labels gets 0.
+    p = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8], [0.7, 0.2, 0.1]])  # (N = 3, V), each row sums to 1
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2], [IGNORE_INDEX, IGNORE_INDEX, 0], [IGNORE_INDEX] * 3])
+    row0, row1 = math.log(0.5) + math.log(0.8), math.log(0.7)
+    assert label_log_probs(torch.log(p), labels).tolist() == pytest.approx([row0, row1, 0.0], rel=1e-6)
+    assert label_log_probs(torch.log(p), labels, average=True).tolist() == pytest.approx([row0 / 2, row1, 0.0], rel=1e-6)
+    full = torch.randn(3, 3, 3)  # the full logits' label positions give sequence_log_probs' values
+    label_logits = full[:, :-1][labels[:, 1:] != IGNORE_INDEX]
+    torch.testing.assert_close(label_log_probs(label_logits, labels), sequence_log_probs(full, labels))
 
 
 def test_soft_label_score_losses_match_their_formulas_by_hand():

@@ -36,12 +36,19 @@ the run (`output_dir/reference_log_probs.safetensors`, keyed by a hash of the re
 tokenized data): no reference model is held in memory while training, and a resumed run reads them back. The same
 holds for MODPO's margins and C-DPO's rewards and costs (`output_dir/pair_scores.safetensors`). Every
 other piece (Accelerate, LoRA, checkpoints and exact resume, logging) is the supervised loop's.
+
+Speed (bench/bench_dpo.py against TRL's DPOTrainer): each pair is one row, prompt + chosen + rejected, the prompt
+computed once (prefix sharing: a 4D mask hides the chosen answer from the rejected one, whose position ids restart
+at the prompt's end: `models.label_logits.shared_prompt_logits`), and the LM head runs on the answer positions only.
+A check on the first pairs before training falls back to two rows per pair when the model does not give the same
+log-probs that way (`share_prompt: false` forces it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -52,14 +59,23 @@ import torch
 from rich.progress import track
 from safetensors.torch import load_file, save_file
 
-from safealign.algorithms.losses import bfpo_loss, dpo_loss, modpo_loss, sequence_log_probs, soft_label_dpo_loss
+from safealign.algorithms.losses import (
+    bfpo_loss,
+    dpo_loss,
+    grouped_log_probs,
+    label_log_probs,
+    modpo_loss,
+    sequence_log_probs,
+    soft_label_dpo_loss,
+)
 from safealign.config import ConfigError, config_field
 from safealign.console import stderr_console
-from safealign.data.collate import collate_sft, padding_mask_for_causal
-from safealign.data.formatting import TokenizedExample, tokenize_examples
+from safealign.data.collate import collate_sft
+from safealign.data.formatting import IGNORE_INDEX, TokenizedExample, tokenize_examples
 from safealign.data.loading import load_preferences, split_eval
 from safealign.data.schema import PreferenceRecord
 from safealign.io import atomic_path
+from safealign.models.label_logits import LabelLogits, causal_forward, shared_prompt_logits
 from safealign.models.lora import require_pretrained_base
 from safealign.models.presets import build_causal_lm
 from safealign.models.score_model import load_score_model, score_texts
@@ -68,6 +84,7 @@ from safealign.training.supervised import Step, SupervisedConfig, train
 
 REFERENCE_FILE = "reference_log_probs.safetensors"
 PAIR_SCORES_FILE = "pair_scores.safetensors"
+SHARE_CHECK_PAIRS = 2  # pairs on which one row per pair must give the two-row log-probs (share_prompt): a cheap check
 Variant = Literal["dpo", "safedpo", "bfpo", "modpo", "cdpo"]
 
 
@@ -96,6 +113,10 @@ class DPOConfig(SupervisedConfig):
     cost_model: str = config_field("", help="cdpo: the cost model directory (c).")
     lagrange: float = config_field(1.0, help="cdpo: λ of r_λ = r − λ·c, the soft labels' reward.")
     max_length: int = config_field(256, help="Tokens per text (prompt + response + EOS); longer ones lose the response's end.")
+    share_prompt: bool = config_field(
+        True, help="One row per pair, prompt + chosen + rejected, the prompt computed once (prefix sharing: a 4D mask hides the "
+                   "chosen answer from the rejected one); used when a check on the first pairs gives the two-row log-probs "
+                   "(else two rows per pair, with a warning). false = two rows per pair.")
     learning_rate: float = config_field(1e-5, help="Peak learning rate of AdamW (chosen for the tiny preset on SafeWorld's dev split; ~5e-7 for a pretrained 1B+ model).")
     num_epochs: float = config_field(1.0, help="Passes over the pairs (fractions allowed); ignored when max_steps > 0.")
     per_device_train_batch_size: int = config_field(16, help="Pairs per micro-batch on each process (2× that many texts per forward).")
@@ -166,10 +187,10 @@ def dpo_examples(records: list[PreferenceRecord], tokenizer: Any, cfg: DPOConfig
 
 
 def collate_dpo(examples: list[DPOExample], pad_token_id: int, reference: torch.Tensor | None = None,
-                pair_scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """2B right-padded rows (the chosen responses, then the rejected), their labels, the margins, the safety labels
+                pair_scores: dict[str, torch.Tensor] | None = None, share_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """The pairs' rows (`collate_two_rows` or, `share_prompt`, `collate_shared_prompt`), the margins, the safety labels
     and, once computed, the reference log-probs (B, 2) and pair scores (B, 2) of the rows (chosen, rejected)."""
-    batch = collate_sft([e.chosen for e in examples] + [e.rejected for e in examples], pad_token_id)  # (2B, L) each
+    batch = collate_shared_prompt(examples, pad_token_id) if share_prompt else collate_two_rows(examples, pad_token_id)
     batch["margins"] = torch.tensor([e.margin for e in examples], dtype=torch.float32)  # size = (B,)
     batch["safe"] = torch.tensor([e.safe for e in examples], dtype=torch.float32)  # size = (B, 2)
     rows = [e.index for e in examples]
@@ -180,12 +201,87 @@ def collate_dpo(examples: list[DPOExample], pad_token_id: int, reference: torch.
     return batch
 
 
-def policy_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y_w|x), log π(y_l|x) of the batch's pairs: (B,), (B,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=padding_mask_for_causal(batch["attention_mask"]),
-                   use_cache=False).logits  # size = (2B, L, V)
-    log_probs = sequence_log_probs(logits, batch["labels"], average)  # size = (2B,)
+def collate_two_rows(examples: list[DPOExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """2B right-padded rows (the chosen responses, then the rejected) and their labels: (2B, L) each."""
+    return collate_sft([e.chosen for e in examples] + [e.rejected for e in examples], pad_token_id)
+
+
+def prompt_length(example: DPOExample) -> int | None:
+    """The prompt tokens the pair's two texts share (those before the first label), None when they differ."""
+    length = next((t for t, label in enumerate(example.chosen.labels) if label != IGNORE_INDEX), len(example.chosen))
+    same = example.rejected.input_ids[:length] == example.chosen.input_ids[:length]
+    return length if same and all(label == IGNORE_INDEX for label in example.rejected.labels[:length]) else None
+
+
+def collate_shared_prompt(examples: list[DPOExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B right-padded rows prompt + chosen + rejected (`models.label_logits.shared_prompt_logits` reads them):
+    input_ids, position_ids, segments, attention_mask (B, L): the rejected answer's positions restart where the
+    prompt ends; predictors (N,): the flat position (into B·L) whose logits predict each answer token, the prompt's
+    last one for each answer's first token; targets (N,) those tokens; sequences (N,): b for pair b's chosen
+    answer, B + b for its rejected one (the order of `collate_two_rows`' rows)."""
+    num_pairs = len(examples)
+    prompts = [prompt_length(e) for e in examples]
+    if None in prompts:
+        raise ValueError("collate_shared_prompt: a pair's two texts do not share their prompt tokens")
+    length = max(len(e.chosen) + len(e.rejected) - p for p, e in zip(prompts, examples))  # P + C + R
+    input_ids = torch.full((num_pairs, length), pad_token_id, dtype=torch.long)  # size = (B, L)
+    position_ids = torch.zeros(num_pairs, length, dtype=torch.long)  # size = (B, L)
+    segments = torch.zeros(num_pairs, length, dtype=torch.long)  # size = (B, L): 1 prompt, 2 chosen, 3 rejected, 0 pad
+    predictors, targets, sequences = [], [], []
+    for b, (p, e) in enumerate(zip(prompts, examples)):
+        chosen, rejected = e.chosen.input_ids[p:], e.rejected.input_ids[p:]
+        c, r = len(chosen), len(rejected)
+        input_ids[b, :p + c + r] = torch.tensor(e.chosen.input_ids[:p] + chosen + rejected)
+        position_ids[b, :p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        segments[b, :p + c + r] = torch.tensor([1] * p + [2] * c + [3] * r)
+        row = b * length
+        predictors += [row + p - 1] + [row + p + j for j in range(c - 1)]  # chosen token j from position p − 1 + j
+        predictors += [row + p - 1] + [row + p + c + j for j in range(r - 1)]  # rejected: the prompt's end, then its own
+        targets += chosen + rejected
+        sequences += [b] * c + [num_pairs + b] * r
+    return {"input_ids": input_ids, "position_ids": position_ids, "segments": segments,
+            "attention_mask": (segments != 0).long(), "predictors": torch.tensor(predictors),
+            "targets": torch.tensor(targets), "sequences": torch.tensor(sequences)}
+
+
+def policy_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool,
+                     label_logits: LabelLogits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y_w|x), log π(y_l|x) of the batch's pairs: (B,), (B,). Rows prompt + chosen + rejected (a batch with
+    `segments`): one forward, the LM head on the answer positions only. Two rows per pair: with `label_logits` (a
+    step's, checked once) the head on the response positions only; without, on every position."""
+    if "segments" in batch:
+        num_pairs = batch["segments"].size(0)
+        log_probs = grouped_log_probs(shared_prompt_logits(model, batch), batch["targets"], batch["sequences"],
+                                      2 * num_pairs, average)  # size = (2B,)
+    elif label_logits is None:
+        log_probs = sequence_log_probs(causal_forward(model, batch), batch["labels"], average)  # size = (2B,)
+    else:
+        log_probs = label_log_probs(label_logits(model, batch), batch["labels"], average)  # size = (2B,)
     return log_probs.chunk(2)
+
+
+@torch.no_grad()
+def shared_prompt_works(model: torch.nn.Module, examples: list[DPOExample], pad_token_id: int) -> bool:
+    """Whether one row per pair (prompt + chosen + rejected) gives the log-probs of two rows per pair on these pairs
+    (a model that does not take a 4D mask or position ids would not): checked once, before anything trains."""
+    if not examples or any(prompt_length(e) is None for e in examples):
+        return False
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        shared = policy_log_probs(model, {k: v.to(device) for k, v in collate_shared_prompt(examples, pad_token_id).items()}, False)
+        works = True
+    except Exception:  # noqa: BLE001 - any failure of the shared path means: two rows per pair
+        works = False
+    if works:
+        separate = policy_log_probs(model, {k: v.to(device) for k, v in collate_two_rows(examples, pad_token_id).items()}, False)
+        works = all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-3) for a, b in zip(shared, separate))
+    model.train(was_training)
+    if not works:
+        warnings.warn("dpo: one row per pair (the prompt shared by both answers) does not give this model's two-row "
+                      "log-probs; using two rows per pair (slower).")
+    return works
 
 
 class DPOStep(Step):
@@ -193,6 +289,7 @@ class DPOStep(Step):
 
     def __init__(self, cfg: DPOConfig) -> None:
         self.cfg = cfg
+        self.label_logits = LabelLogits("dpo")  # the LM head on the response positions only, checked once
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         return len(batch["margins"])
@@ -202,7 +299,7 @@ class DPOStep(Step):
 
     def _losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-pair losses and the implicit rewards β·(log π − log π_ref) of the chosen and rejected responses."""
-        chosen, rejected = policy_log_probs(model, batch, average=self.cfg.loss_type == "ipo")
+        chosen, rejected = policy_log_probs(model, batch, self.cfg.loss_type == "ipo", self.label_logits)
         reference = batch["reference_log_probs"]  # size = (B, 2)
         chosen_ratio, rejected_ratio = chosen - reference[:, 0], rejected - reference[:, 1]  # size = (B,)
         cfg = self.cfg
@@ -253,7 +350,7 @@ def _fingerprint(model_dirs: list[str], examples: list[DPOExample], settings: di
 
 @torch.no_grad()
 def reference_log_probs(model: torch.nn.Module, examples: list[DPOExample], pad_token_id: int, average: bool,
-                        batch_size: int) -> torch.Tensor:
+                        batch_size: int, share_prompt: bool = False) -> torch.Tensor:
     """log π_ref(y_w|x), log π_ref(y_l|x) of every example, (N, 2), from the initial model in eval mode."""
     was_training = model.training
     model.eval()
@@ -261,10 +358,11 @@ def reference_log_probs(model: torch.nn.Module, examples: list[DPOExample], pad_
     device = next(model.parameters()).device
     ordered = sorted(examples, key=lambda e: max(len(e.chosen), len(e.rejected)))  # similar lengths together: little padding
     starts = range(0, len(ordered), batch_size)
+    label_logits = LabelLogits("dpo reference")
     for start in track(starts, description="reference log-probs", total=len(starts), transient=True, console=stderr_console()):
         chunk = ordered[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_token_id).items()}
-        chosen, rejected = policy_log_probs(model, batch, average)
+        batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_token_id, share_prompt=share_prompt).items()}
+        chosen, rejected = policy_log_probs(model, batch, average, label_logits)
         out[[e.index for e in chunk]] = torch.stack([chosen, rejected], dim=1).float().cpu()
     model.train(was_training)
     return out
@@ -319,13 +417,15 @@ def _pair_scores(cfg: DPOConfig, examples: list[DPOExample], reference: torch.Te
     return {}
 
 
-def _stored_reference(cfg: DPOConfig, model: torch.nn.Module, examples: list[DPOExample], pad_token_id: int) -> torch.Tensor:
+def _stored_reference(cfg: DPOConfig, model: torch.nn.Module, examples: list[DPOExample], pad_token_id: int,
+                      share_prompt: bool = False) -> torch.Tensor:
     """The reference log-probs of `examples`, (N, 2): read from output_dir when their fingerprint matches, else computed
-    and written there."""
+    and written there (one row per pair with `share_prompt`: the same values up to float rounding)."""
     average = cfg.loss_type == "ipo"
     fingerprint = _fingerprint([cfg.model], examples, {"average": average})
     stored = _stored(Path(cfg.output_dir) / REFERENCE_FILE, fingerprint, lambda: {
-        "log_probs": reference_log_probs(model, examples, pad_token_id, average, cfg.per_device_eval_batch_size)})
+        "log_probs": reference_log_probs(model, examples, pad_token_id, average, cfg.per_device_eval_batch_size,
+                                         share_prompt)})
     return stored["log_probs"]
 
 
@@ -349,8 +449,10 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     # One table for both sets: the eval examples' indices follow the train examples'.
     for offset, example in enumerate(eval_set, start=len(train_set)):
         example.index = offset
-    reference = _stored_reference(cfg, model, train_set + eval_set, tokenizer.pad_token_id)
-    pair_scores = _pair_scores(cfg, train_set + eval_set, reference, tokenizer.pad_token_id)
-    collate = partial(collate_dpo, pad_token_id=tokenizer.pad_token_id, reference=reference, pair_scores=pair_scores)
+    pad = tokenizer.pad_token_id
+    share_prompt = cfg.share_prompt and shared_prompt_works(model, train_set[:SHARE_CHECK_PAIRS], pad)
+    reference = _stored_reference(cfg, model, train_set + eval_set, pad, share_prompt)
+    pair_scores = _pair_scores(cfg, train_set + eval_set, reference, pad)
+    collate = partial(collate_dpo, pad_token_id=pad, reference=reference, pair_scores=pair_scores, share_prompt=share_prompt)
     metrics = train(cfg, model, DPOStep(cfg), train_set, collate, eval_set or None, tokenizer)
     return {**metrics, "pairs": len(train_set), "pairs_dropped": len(train_records) - len(train_set)}

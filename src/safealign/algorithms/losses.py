@@ -161,6 +161,32 @@ def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor, average: bool
     return total / keep.sum(dim=1).clamp(min=1) if average else total
 
 
+def grouped_log_probs(label_logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                      average: bool = False) -> torch.Tensor:
+    """Σ (or, `average`, mean) of log p(target) per group: the log-probs of whole responses from their tokens' logits.
+
+    label_logits: (N, V), the logits that predict targets: (N,); groups: (N,), the response (0 .. num_groups − 1) each
+    token belongs to. -> (num_groups,); a group without tokens gets 0.
+    """
+    token_log_probs = gather_log_probs(label_logits.unsqueeze(0), targets.unsqueeze(0))[0]  # size = (N,)
+    total = token_log_probs.new_zeros(num_groups).index_add(0, groups, token_log_probs)  # size = (G,)
+    if not average:
+        return total
+    counts = torch.zeros(num_groups, dtype=total.dtype, device=total.device).index_add(0, groups, torch.ones_like(token_log_probs))
+    return total / counts.clamp(min=1)
+
+
+def label_log_probs(label_logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """`sequence_log_probs` from the logits of the label positions only (`models.label_logits`).
+
+    label_logits: (N, V), the positions that predict a label, row-major; labels: (B, L). -> (B,): each row's sum (or,
+    `average`, mean) of log p over its label tokens; a row without one gets 0.
+    """
+    keep = labels[:, 1:] != IGNORE_INDEX  # size = (B, L-1)
+    rows = keep.nonzero()[:, 0]  # size = (N,): the row of each label token
+    return grouped_log_probs(label_logits, labels[:, 1:][keep], rows, labels.size(0), average)
+
+
 def dpo_loss(chosen_log_ratios: torch.Tensor, rejected_log_ratios: torch.Tensor, beta: float,
              label_smoothing: float = 0.0, loss_type: str = "sigmoid", margins: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pair losses of DPO (Rafailov et al. 2023) and its variants. -> (B,).

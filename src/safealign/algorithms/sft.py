@@ -8,20 +8,19 @@ batch's longest row; the loss is normalised by the label tokens of the whole opt
 from __future__ import annotations
 
 import math
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from safealign.algorithms.losses import label_cross_entropy, sft_loss
 from safealign.config import ConfigError, config_field
-from safealign.data.collate import collate_sft, padding_mask_for_causal
+from safealign.data.collate import collate_sft
 from safealign.data.formatting import IGNORE_INDEX, TokenizedExample, tokenize_examples, training_text
 from safealign.data.loading import load_sft, split_eval
 from safealign.data.schema import SFTExample
+from safealign.models.label_logits import LabelLogits, causal_forward
 from safealign.models.lora import require_pretrained_base
 from safealign.models.presets import build_causal_lm
 from safealign.training.common import prepare_tokenizer
@@ -48,36 +47,6 @@ class SFTConfig(SupervisedConfig):
     max_length: int = config_field(256, help="Tokens per example (prompt + response + EOS); longer ones lose the response's end.")
 
 
-def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The logits of a right-padded batch (B, L, V), or what the LM head's pre-hook keeps of them."""
-    return model(input_ids=batch["input_ids"], attention_mask=padding_mask_for_causal(batch["attention_mask"]),
-                 use_cache=False).logits
-
-
-@contextmanager
-def label_positions_only(model: torch.nn.Module, labels: torch.Tensor) -> Iterator[None]:
-    """While active, the model's LM head sees only the hidden states that predict a label.
-
-    The head gets (1, N, d) instead of (B, L, d), N = label tokens: the vocabulary projection (half of a
-    small model's step, and the largest activation of a big-vocabulary one) is computed where the loss
-    needs it, and nowhere else. A forward pre-hook on `get_output_embeddings()` does the selection, so
-    the forward still goes through the (DDP/FSDP-)wrapped model and any logit post-processing the
-    architecture applies after its head (soft-capping, scaling) is kept. The returned logits are then
-    (1, N, V), aligned with `labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]`.
-    """
-    keep = labels[:, 1:] != IGNORE_INDEX  # size = (B, L-1): position t predicts labels[t+1]
-
-    def select(_module: torch.nn.Module, args: tuple) -> tuple:
-        hidden = args[0]  # size = (B, L, d)
-        return (hidden[:, :-1][keep].unsqueeze(0), *args[1:])  # size = (1, N, d)
-
-    handle = getattr(model, "module", model).get_output_embeddings().register_forward_pre_hook(select)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 class SFTStep(Step):
     """Cross-entropy on response tokens; items = label tokens (the positions the loss predicts).
 
@@ -91,10 +60,12 @@ class SFTStep(Step):
 
     def __init__(self, mean_label_tokens: float | None = None) -> None:
         self.mean_label_tokens = mean_label_tokens
-        # Whether the LM head may run on the label positions only; checked once against the full
-        # forward on the first batch (an architecture whose head is not applied once to the final hidden
-        # states falls back to full logits, with a warning).
-        self.label_positions_only: bool | None = None
+        # The LM head on the label positions only (models.label_logits), checked once against the full forward.
+        self.label_logits = LabelLogits("sft")
+
+    @property
+    def label_positions_only(self) -> bool | None:
+        return self.label_logits.fast
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         if self.mean_label_tokens is not None:
@@ -104,42 +75,16 @@ class SFTStep(Step):
     def example_length(self, example: TokenizedExample) -> int:
         return len(example)
 
-    def _label_logits(self, model, batch) -> torch.Tensor:
-        with label_positions_only(model, batch["labels"]):
-            return forward(model, batch)[0]  # size = (N, V)
-
-    def _check_label_positions_only(self, model, batch) -> bool:
-        labels = batch["labels"]
-        was_training = model.training
-        model.eval()  # dropout off: the two forwards must see the same network
-        with torch.no_grad():
-            full = forward(model, batch)  # size = (B, L, V)
-            expected = full[:, :-1][labels[:, 1:] != IGNORE_INDEX].float()  # size = (N, V)
-            try:
-                selected = self._label_logits(model, batch).float()  # size = (N, V)
-            except Exception:  # noqa: BLE001 - any failure of the fast path means: use the full logits
-                selected = None
-        model.train(was_training)
-        ok = selected is not None and selected.shape == expected.shape and torch.allclose(selected, expected, rtol=1e-2, atol=1e-2)
-        if not ok:
-            warnings.warn("sft: this model's LM head cannot be restricted to the label positions; computing full logits (slower).")
-        return ok
-
     def loss(self, model, batch, num_items):
-        if self.label_positions_only is None:
-            self.label_positions_only = self._check_label_positions_only(model, batch)
         labels = batch["labels"]  # size = (B, L)
         normaliser = num_items if self.mean_label_tokens is None else num_items * self.mean_label_tokens
-        if self.label_positions_only:
-            targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # size = (N,)
-            return label_cross_entropy(self._label_logits(model, batch), targets, normaliser), {}
-        logits = forward(model, batch)  # size = (B, L, V)
-        return sft_loss(logits, labels, normaliser), {}
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # size = (N,)
+        return label_cross_entropy(self.label_logits(model, batch), targets, normaliser), {}
 
     def evaluate(self, model, loader, accelerator) -> dict[str, float]:
         loss_sum, token_count = 0.0, 0.0
         for batch in loader:
-            logits = forward(model, batch)  # size = (B, L, V)
+            logits = causal_forward(model, batch)  # size = (B, L, V)
             labels = batch["labels"]  # size = (B, L)
             row_sums = torch.stack([sft_loss(logits[i : i + 1], labels[i : i + 1], 1) for i in range(len(labels))])  # (B,)
             row_counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)  # size = (B,)
