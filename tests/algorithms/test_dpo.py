@@ -216,10 +216,20 @@ def test_one_row_per_pair_gives_the_two_row_log_probs_and_is_used_when_it_does(t
     assert dpo.shared_prompt_works(model, examples, tokenizer.pad_token_id)
 
 
-def test_dpo_trains_the_same_with_one_row_or_two_rows_per_pair(tiny, tmp_path):
+def test_dpo_trains_the_same_with_one_row_or_two_rows_per_pair(tiny, tmp_path, monkeypatch):
     """share_prompt changes how the pairs are batched, not what is learnt: the same losses, step by step."""
+    batches = {"shared": 0}
+    collate_shared = dpo.collate_shared_prompt
+
+    def counting(*args, **kwargs):
+        batches["shared"] += 1
+        return collate_shared(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "collate_shared_prompt", counting)
     shared = run(config(tiny, tmp_path / "shared", max_steps=3))
+    used = batches["shared"]
     two_rows = run(config(tiny, tmp_path / "two_rows", max_steps=3, share_prompt=False))
+    assert used > 3 and batches["shared"] == used  # the default run batched one row per pair; share_prompt false never
     assert shared["train_loss"] == pytest.approx(two_rows["train_loss"], rel=1e-3)
     assert shared["eval_reward_accuracy"] == pytest.approx(two_rows["eval_reward_accuracy"], abs=0.02)
     assert shared["eval_loss"] == pytest.approx(two_rows["eval_loss"], rel=1e-3)
