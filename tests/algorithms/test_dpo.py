@@ -216,6 +216,28 @@ def test_one_row_per_pair_gives_the_two_row_log_probs_and_is_used_when_it_does(t
     assert dpo.shared_prompt_works(model, examples, tokenizer.pad_token_id)
 
 
+def test_dpo_falls_back_to_two_rows_when_one_row_per_pair_does_not_match(tiny, tmp_path, monkeypatch):
+    """A model whose one-row log-probs differ (here: the rejected answer sees the chosen one) fails the check with a
+    warning, and the run batches two rows per pair."""
+    shared_logits = dpo.shared_prompt_logits
+
+    def leaking(model, batch):
+        return shared_logits(model, dict(batch, segments=torch.where(batch["segments"] == 3, 2, batch["segments"])))
+
+    monkeypatch.setattr(dpo, "shared_prompt_logits", leaking)
+    calls = {"shared": 0}
+    collate_shared = dpo.collate_shared_prompt
+
+    def counting(*args, **kwargs):
+        calls["shared"] += 1
+        return collate_shared(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "collate_shared_prompt", counting)
+    with pytest.warns(UserWarning, match="two rows per pair"):
+        metrics = run(config(tiny, tmp_path / "fallback", max_steps=2))
+    assert metrics["global_step"] == 2 and calls["shared"] == 1  # the check's batch only
+
+
 def test_dpo_trains_the_same_with_one_row_or_two_rows_per_pair(tiny, tmp_path, monkeypatch):
     """share_prompt changes how the pairs are batched, not what is learnt: the same losses, step by step."""
     batches = {"shared": 0}

@@ -172,7 +172,7 @@ def grouped_log_probs(label_logits: torch.Tensor, targets: torch.Tensor, groups:
     total = token_log_probs.new_zeros(num_groups).index_add(0, groups, token_log_probs)  # size = (G,)
     if not average:
         return total
-    counts = torch.zeros(num_groups, dtype=total.dtype, device=total.device).index_add(0, groups, torch.ones_like(token_log_probs))
+    counts = total.new_zeros(num_groups).index_add(0, groups, torch.ones_like(token_log_probs))  # size = (G,)
     return total / counts.clamp(min=1)
 
 
