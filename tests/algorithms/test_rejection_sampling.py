@@ -10,6 +10,8 @@ import pytest
 from safealign.algorithms import rejection_sampling
 from safealign.algorithms.rejection_sampling import RSFTConfig, run, training_rows, update_archive
 from safealign.config import ConfigError
+from safealign.models.score_model import load_score_model, score_texts
+from safealign.models.tokenizer import load_tokenizer
 
 
 def _cfg(tiny, out, **overrides) -> RSFTConfig:
@@ -50,6 +52,36 @@ def test_two_rounds_fine_tune_on_the_kept_answers_and_a_restart_skips_them(tiny,
     assert (tmp_path / "rsft" / "model" / "model.safetensors").read_bytes() == last
     monkeypatch.setattr(rejection_sampling, "sample_round", lambda *a, **k: pytest.fail("a finished round ran again"))
     assert run(cfg)["round2/training_rows"] == 4
+
+
+def test_each_round_ranks_by_its_own_models_and_rescores_the_archive_when_they_change(tiny, tmp_path, monkeypatch):
+    """RS-FT on Safe RLHF's round engine: round 2's models (here the cost model stands in as round 2's reward model)
+    score the answers kept from round 1 again, so that the archive compares like with like. Round 2's own candidates
+    are made the worst possible: the archive keeps round 1's answers, with round 2's scores."""
+    cfg = _cfg(tiny, tmp_path / "rsft", threshold=100.0, round_reward_models=[tiny.reward_model, tiny.cost_model],
+               round_cost_models=[tiny.cost_model, tiny.cost_model])
+    sample_round = rejection_sampling.sample_round
+    chosen: dict = {}
+
+    def worst_in_round_2(cfg, policy, prompts, t):
+        if t == 1:
+            rows = sample_round(cfg, policy, prompts, t)
+            chosen.update({row["prompt"]: row["response"] for row in rows})
+            return rows
+        return [{"prompt": p, "response": "x", "reward": -1e9, "cost": 0.0, "no_safe_candidate": False} for p in prompts]
+
+    monkeypatch.setattr(rejection_sampling, "sample_round", worst_in_round_2)
+    run(cfg)
+    log = json.loads((tmp_path / "rsft" / "rounds.json").read_text())
+    assert [e["archive_rescored"] for e in log] == [0.0, 1.0]
+    archive = [json.loads(line) for line in (tmp_path / "rsft" / "archive.jsonl").read_text().splitlines()]
+    by_round2 = score_texts(load_score_model(tiny.cost_model), load_tokenizer(tiny.cost_model),
+                            [a["prompt"] for a in archive], [a["response"] for a in archive], cfg.max_length)
+    assert [a["response"] for a in archive] == [chosen[a["prompt"]] for a in archive]  # round 1's answers
+    assert [a["reward"] for a in archive] == pytest.approx(by_round2, abs=1e-5)
+    assert [a["reward"] for a in archive] == pytest.approx([a["cost"] for a in archive], abs=1e-5)
+    with pytest.raises(ConfigError, match="one per round"):
+        _cfg(tiny, tmp_path, round_reward_models=[tiny.reward_model])
 
 
 def test_a_gate_that_keeps_nothing_and_a_missing_cost_model_are_errors(tiny, tmp_path):

@@ -520,3 +520,23 @@ def test_the_family_stages_wait_for_what_they_read():
     # C-DPO bounds the mean cost where Safe RLHF does
     bounded = PipelineConfig(output_dir=str(root), ppo_lag={"threshold": -1.5})
     assert plan(bounded, root)["cdpo"].config_values(bounded)["threshold"] == -1.5
+
+
+def test_rsft_runs_on_the_round_engine_when_the_pipeline_runs_safe_rlhfs_rounds():
+    """With Safe RLHF's later rounds among the stages, RS-FT round k ranks by round k's retrained value models, and
+    waits for them; with one round it keeps round 1's models (methods.yaml)."""
+    root = Path("/runs/m")
+    engine = PipelineConfig(output_dir=str(root), rounds=3, stages=["world", "sft", "rm", "cm", "ppo_lag", "rounds", "rsft"],
+                            rsft={"rounds": 5})
+    table = plan(engine, root)
+    values = table["rsft"].config_values(engine)
+    assert values["rounds"] == 3  # one RS-FT round per Safe RLHF round, whatever rsft.rounds says
+    assert values["round_reward_models"] == [str(root / "rm" / "model"), str(root / "round2" / "rm" / "model"),
+                                             str(root / "round3" / "rm" / "model")]
+    assert values["round_cost_models"][2] == str(root / "round3" / "cm" / "model")
+    assert {"round2/rm", "round3/cm"} <= set(prerequisites(engine, table, "rsft"))
+    alone = PipelineConfig(output_dir=str(root), rounds=1, stages=["world", "sft", "rm", "cm", "rsft"])
+    assert "round_reward_models" not in plan(alone, root)["rsft"].config_values(alone)
+    early = PipelineConfig(output_dir=str(root), rounds=3, stages=["world", "sft", "rm", "cm", "ppo_lag", "rsft", "rounds"])
+    with pytest.raises(ConfigError, match="list it after `rounds`"):
+        plan(early, root)

@@ -123,7 +123,7 @@ class PipelineConfig:
     sacpo: dict = config_field({}, help="DPOConfig overrides of SACPO's second step, over dpo's (default beta 0.05: β/λ).")
     psacpo: dict = config_field({}, help="MergeConfig overrides of P-SACPO's merge (default weights [0.5, 0.5]: q = 0.5).")
     cdpo: dict = config_field({}, help="CDPOConfig overrides of C-DPO, over dpo's (safealign cdpo --help): iterations, lambda_lr, threshold, ...")
-    rsft: dict = config_field({}, help="RSFTConfig overrides of rejection-sampling fine-tuning (safealign rsft --help): rounds, k, num_prompts, mode, threshold, ...")
+    rsft: dict = config_field({}, help="RSFTConfig overrides of rejection-sampling fine-tuning (safealign rsft --help): rounds, k, num_prompts, mode, threshold, ... With Safe RLHF's later rounds among the stages (list rsft after `rounds`), RS-FT runs one round per Safe RLHF round, round k ranking by round k's reward and cost models.")
     grpo_lag: dict = config_field({}, help="GRPOLagConfig overrides of the grpo_lag stage (safealign grpo-lag --help); its d is round 1's.")
     grpo: dict = config_field({}, help="GRPOConfig overrides of the grpo stage (safealign grpo --help), plain GRPO: the λ = 0 baseline.")
     p3o_lag: dict = config_field({}, help="P3OLagConfig overrides of the p3o_lag stage (safealign p3o-lag --help); its d is round 1's.")

@@ -273,7 +273,7 @@ def family_stages(cfg: PipelineConfig, root: Path, paths: DataPaths) -> list[Sta
               {"output_dir": str(root / "cdpo")}),
         Stage("rsft", "rsft", root / "rsft", {"model": sft, "reward_model": reward, "cost_model": cost,
                                                "prompts": paths.rl_prompts, "seed": cfg.seed}, ("rsft",),
-              {"output_dir": str(root / "rsft")}, resumable=True),
+              {**rsft_round_models(cfg, root), "output_dir": str(root / "rsft")}, resumable=True),
     ]
     stages += [evaluation(f"evaluate_{name}", cfg, root, paths, root / name / "model", root / "eval" / name)
                for name in FAMILY_POLICIES]
@@ -282,6 +282,26 @@ def family_stages(cfg: PipelineConfig, root: Path, paths: DataPaths) -> list[Sta
                                                           "prompts": paths.eval_prompts, "seed": cfg.seed, **sizes},
                      ("bon",), {"mode": mode, "output_dir": str(root / "eval" / name)}) for name, mode in BEST_OF_N.items()]
     return stages
+
+
+def rsft_follows_rounds(cfg: PipelineConfig) -> bool:
+    """RS-FT runs on Safe RLHF's round engine when the pipeline runs Safe RLHF's later rounds."""
+    return num_rounds(cfg) > 1 and "rounds" in cfg.stages and "rsft" in cfg.stages
+
+
+def rsft_round_models(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
+    """RS-FT's rounds on Safe RLHF's round engine: one RS-FT round per Safe RLHF round, round k ranking its samples
+    with round k's reward and cost models (Llama 2 retrained its reward models between rounds of rejection
+    sampling); nothing when the pipeline runs one round (then every RS-FT round uses round 1's models)."""
+    if not rsft_follows_rounds(cfg):
+        return {}
+    if cfg.stages.index("rsft") < cfg.stages.index("rounds"):
+        raise ConfigError("stages: rsft ranks its rounds with the Safe RLHF rounds' reward and cost models; list it after "
+                          "`rounds`")
+    rounds = range(1, num_rounds(cfg) + 1)
+    return {"rounds": num_rounds(cfg),
+            "round_reward_models": [str(root / round_dirs(k)["rm"] / "model") for k in rounds],
+            "round_cost_models": [str(root / round_dirs(k)["cm"] / "model") for k in rounds]}
 
 
 def evaluation(name: str, cfg: PipelineConfig, root: Path, paths: DataPaths, model: Path, out: Path,
