@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from safealign.config import load_config
+from safealign.pipeline.commands import COMMANDS
 from safealign.pipeline.config import PipelineConfig
 from safealign.pipeline.runner import check_config
 from safealign.pipeline.seeds import SeedsConfig
-from safealign.pipeline.stages import COMMANDS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMMAND_OF_FILE = {"sft.yaml": "sft", "rm.yaml": "rm", "cm.yaml": "cm", "ppo.yaml": "ppo", "ppo_lag.yaml": "ppo-lag",

@@ -1,6 +1,6 @@
 """The `safealign` command line: `safealign COMMAND [--config FILE] [--key value ...]`.
 
-One command per row of the stage table (`pipeline.stages.COMMANDS`): resolve the command's config dataclass
+One command per row of the command table (`pipeline.commands.COMMANDS`): resolve the command's config dataclass
 (defaults < YAML < CLI), call its function, print the metrics it returns as JSON on stdout. `safealign COMMAND --help`
 lists every config key. A command's module (which imports torch) is imported only when the command runs or its help
 is asked for, so `safealign --help` is instant.
@@ -20,7 +20,7 @@ from safealign.config import ConfigError, StageFailed, config_keys, describe_con
 from safealign.console import stderr_console
 from safealign.data.schema import DataError
 from safealign.data.validate import validate_file
-from safealign.pipeline.stages import COMMANDS, Command
+from safealign.pipeline.commands import COMMANDS, Command
 
 HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0], context_settings=HELP)

@@ -34,12 +34,13 @@ import numpy as np
 
 from safealign.config import ConfigError, check_overrides, config_field, save_config
 from safealign.console import quiet_steps, stderr_console
-from safealign.io import atomic_write_json
 from safealign.evaluation.report.document import Column, Section, TableBlock, write_report
 from safealign.evaluation.report.reading import read_jsonl
+from safealign.io import atomic_write_json
 from safealign.models.presets import PRETRAINED, preset_available, resolve_pretrained
+from safealign.pipeline.commands import COMMANDS
 from safealign.pipeline.stage_runner import StageRunner
-from safealign.pipeline.stages import COMMANDS, Stage
+from safealign.pipeline.stages import Stage
 from safealign.run_directory import read_json_or_none, write_progress
 
 console = stderr_console()

@@ -34,11 +34,12 @@ from typing import Any
 
 from safealign.config import ConfigError, changed_settings, check_overrides, save_config
 from safealign.console import quiet_steps, stderr_console
+from safealign.pipeline.commands import COMMANDS
 from safealign.pipeline.config import HOW_TO_RUN, PipelineConfig, num_rounds
 from safealign.pipeline.lanes import BASELINE_LANE, LANE_HEAD, enough_threads, run_beside
 from safealign.pipeline.manifest import policies_manifest
 from safealign.pipeline.stage_runner import StageRunner
-from safealign.pipeline.stages import ALWAYS_RUN, COMMANDS, SETTINGS_COMMANDS, expand_stages
+from safealign.pipeline.stages import ALWAYS_RUN, SETTINGS_COMMANDS, expand_stages
 
 EVALUATIONS = ("evaluate-policy", "eval-scores", "bon")  # commands whose outputs only the comparison and the report read
 from safealign.pipeline.summary import print_summary, summarise

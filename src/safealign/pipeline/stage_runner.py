@@ -11,9 +11,10 @@ from typing import Any, Callable, TypeVar
 from safealign.config import changed_settings, load_config
 from safealign.console import stderr_console
 from safealign.io import atomic_write_json
+from safealign.pipeline.commands import COMMANDS
 from safealign.pipeline.config import PipelineConfig
 from safealign.pipeline.manifest import policies_manifest
-from safealign.pipeline.stages import ALWAYS_RUN, COMMANDS, Stage, plan
+from safealign.pipeline.stages import ALWAYS_RUN, Stage, plan
 from safealign.run_directory import write_manifest, write_progress
 from safealign.training.checkpoint import latest_checkpoint
 
