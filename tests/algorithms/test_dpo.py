@@ -26,6 +26,18 @@ def config(tiny: TinySetup, out: Path, **overrides) -> DPOConfig:
                                logging_steps=1, save_steps=-1, mixed_precision="no", beta=0.5), **overrides})
 
 
+def _count_calls(monkeypatch, name: str) -> dict[str, int]:
+    """Wrap dpo.<name> so that its calls are counted in the returned {"n": ...}."""
+    calls, original = {"n": 0}, getattr(dpo, name)
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, name, counting)
+    return calls
+
+
 def test_safedpo_keeps_a_safe_winner_swaps_an_unsafe_one_and_drops_two_unsafe():
     assert safedpo_pair(0, (True, True)) == (0, 1, 0.0)  # both safe: plain DPO, no margin
     assert safedpo_pair(1, (False, True)) == (1, 0, 1.0)  # safe winner over an unsafe loser: the margin applies
@@ -225,33 +237,19 @@ def test_dpo_falls_back_to_two_rows_when_one_row_per_pair_does_not_match(tiny, t
         return shared_logits(model, dict(batch, segments=torch.where(batch["segments"] == 3, 2, batch["segments"])))
 
     monkeypatch.setattr(dpo, "shared_prompt_logits", leaking)
-    calls = {"shared": 0}
-    collate_shared = dpo.collate_shared_prompt
-
-    def counting(*args, **kwargs):
-        calls["shared"] += 1
-        return collate_shared(*args, **kwargs)
-
-    monkeypatch.setattr(dpo, "collate_shared_prompt", counting)
+    calls = _count_calls(monkeypatch, "collate_shared_prompt")
     with pytest.warns(UserWarning, match="two rows per pair"):
         metrics = run(config(tiny, tmp_path / "fallback", max_steps=2))
-    assert metrics["global_step"] == 2 and calls["shared"] == 1  # the check's batch only
+    assert metrics["global_step"] == 2 and calls["n"] == 1  # the check's batch only
 
 
 def test_dpo_trains_the_same_with_one_row_or_two_rows_per_pair(tiny, tmp_path, monkeypatch):
     """share_prompt changes how the pairs are batched, not what is learnt: the same losses, step by step."""
-    batches = {"shared": 0}
-    collate_shared = dpo.collate_shared_prompt
-
-    def counting(*args, **kwargs):
-        batches["shared"] += 1
-        return collate_shared(*args, **kwargs)
-
-    monkeypatch.setattr(dpo, "collate_shared_prompt", counting)
+    batches = _count_calls(monkeypatch, "collate_shared_prompt")
     shared = run(config(tiny, tmp_path / "shared", max_steps=3))
-    used = batches["shared"]
+    used = batches["n"]
     two_rows = run(config(tiny, tmp_path / "two_rows", max_steps=3, share_prompt=False))
-    assert used > 3 and batches["shared"] == used  # the default run batched one row per pair; share_prompt false never
+    assert used > 3 and batches["n"] == used  # the default run batched one row per pair; share_prompt false never
     assert shared["train_loss"] == pytest.approx(two_rows["train_loss"], rel=1e-3)
     assert shared["eval_reward_accuracy"] == pytest.approx(two_rows["eval_reward_accuracy"], abs=0.02)
     assert shared["eval_loss"] == pytest.approx(two_rows["eval_loss"], rel=1e-3)
