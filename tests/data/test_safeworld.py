@@ -133,6 +133,21 @@ def test_the_default_test_split_has_ten_requests_per_category():
     assert {r["category"] for r in prompts["redteam_test"]} == set(HARM_CATEGORIES)
 
 
+def test_a_larger_dev_split_changes_no_other_split():
+    """Defaults are chosen on dev: enlarging it (a more decisive screen) must leave train, test and the red-team
+    splits as they were, and keep the smaller dev split as its first rows, so earlier screens stay comparable."""
+    from safealign.data.safeworld.generate import split_prompts
+
+    small = split_prompts(WorldConfig(out="unused", seed=3, dev_harmful=112, dev_benign=72, dev_borderline=40))
+    large = split_prompts(WorldConfig(out="unused", seed=3))
+    for split in ("train", "test", "redteam", "redteam_test"):
+        assert large[split] == small[split], split
+    assert len(large["dev"]) == 448 + 288 + 156 and len(small["dev"]) == 224
+    for kind in ("harmful", "benign", "borderline"):
+        small_rows = [r for r in small["dev"] if r["kind"] == kind]
+        assert [r for r in large["dev"] if r["kind"] == kind][: len(small_rows)] == small_rows, kind
+
+
 def test_world_covers_all_categories_ten_domains_and_borderline(written):
     root, _ = written
     for split in ("train", "test"):
