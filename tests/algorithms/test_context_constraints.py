@@ -99,6 +99,12 @@ def test_bad_context_settings_are_refused_clearly():
         ContextMultipliers(lag_config_like(constraint_per_category=True, category_thresholds={"animal_cruelty": 1.0}), PROMPTS)
     with pytest.raises(ConfigError, match="no prompt of prompt_data has kind 'borderline'"):
         ContextMultipliers(lag_config_like(refusal_floor=0.0), PROMPTS[:3])
+    # a loose d for the uncategorised group is fine beside categorised prompts, refused when it would free them all
+    loose_none = lag_config_like(constraint_per_category=True, category_thresholds={"none": 10.0})
+    multipliers = ContextMultipliers(loose_none, PROMPTS)
+    assert multipliers.bounds[multipliers.categories.index("none")].item() == 10.0
+    with pytest.raises(ConfigError, match="every prompt of prompt_data is in it"):
+        ContextMultipliers(loose_none, [PromptRecord(p.prompt, p.kind) for p in PROMPTS])
 
 
 class _FakeTiny:

@@ -450,6 +450,24 @@ def test_the_later_rounds_can_keep_a_language_model_of_the_sft_data(tmp_path):
         run(load_config(PipelineConfig, None, {"output_dir": str(tmp_path / "run"), "round_ptx_coeff": -1.0}))
 
 
+def test_round_one_can_keep_a_language_model_of_the_sft_data_too(tmp_path):
+    """first_round_ptx_coeff: round 1's PPO-Lag (and its per-category twin) gets the PTX term; the later rounds keep
+    round_ptx_coeff's, the baselines none, and a user's ptx_data in ppo_lag wins over the run's SFT data."""
+    cfg = PipelineConfig(first_round_ptx_coeff=0.25, round_ptx_coeff=0.5)
+    table = plan(cfg, tmp_path)
+    sft_data = str(tmp_path / "world" / "sft" / "train.jsonl")
+    for name in ("ppo_lag", "ppo_lag_category"):
+        inputs = table[name].config_values(cfg)
+        assert (inputs["ptx_data"], inputs["ptx_coeff"]) == (sft_data, 0.25), name
+    assert table["round2/ppo_lag"].config_values(cfg)["ptx_coeff"] == 0.5
+    for name in ("ppo", "grpo_lag", "shaping/nu=1"):
+        assert "ptx_data" not in table[name].config_values(cfg), name
+    own = PipelineConfig(first_round_ptx_coeff=0.25, ppo_lag={"ptx_data": "mine.jsonl"})
+    assert plan(own, tmp_path)["ppo_lag"].config_values(own)["ptx_data"] == "mine.jsonl"
+    with pytest.raises(ConfigError, match="first_round_ptx_coeff"):
+        run(load_config(PipelineConfig, None, {"output_dir": str(tmp_path / "run"), "first_round_ptx_coeff": -1.0}))
+
+
 def test_the_summary_reports_the_threshold_a_round_used():
     cfg = PipelineConfig(round_threshold_quantile=0.9)
     results = {"ppo_lag": {"global_step": 3, "threshold": -2.0}, "round2/ppo_lag": {"global_step": 3, "threshold": -3.1},

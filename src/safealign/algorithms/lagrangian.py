@@ -194,6 +194,12 @@ class ContextMultipliers:
         if unknown:
             raise ConfigError(f"category_thresholds names {unknown}, which no prompt of prompt_data has (its "
                               f"categories: {categories})")
+        if categories == [NO_CATEGORY] and NO_CATEGORY in cfg.category_thresholds:
+            # A loose d for the uncategorised prompts (benign ones on SafeWorld) must not silently free every prompt.
+            raise ConfigError(f"category_thresholds gives '{NO_CATEGORY}' (the prompts without a category) its own d, and "
+                              "every prompt of prompt_data is in it: no prompt would keep the harm constraint. Give the "
+                              "prompts a `category` (or the cost model a category head: cm --category_head) or drop "
+                              f"'{NO_CATEGORY}' from category_thresholds")
         self.categories = categories
         self.guarded = cfg.refusal_floor is not None
         self.names = categories + (["refusal_guard"] if self.guarded else [])

@@ -88,6 +88,9 @@ class PipelineConfig:
     round_ptx_coeff: float = config_field(
         0.0, help="γ_ptx of rounds >= 2's PPO-Lag: the PTX term (the language-modelling loss on the SFT data, sft_data or "
                   "SafeWorld's) weighed by this; 0 = off. It keeps the later rounds' policies a language model of that data.")
+    first_round_ptx_coeff: float = config_field(
+        0.0, help="γ_ptx of round 1's PPO-Lag (the ppo_lag stage, and ppo_lag_category): the PTX term on the SFT data, as "
+                  "round_ptx_coeff gives rounds >= 2 (ppo_lag's ptx_max_cost applies); 0 = off.")
     round_value_models: Literal["previous", "sft"] = config_field(
         "previous", help="Round k's reward/cost models start from round k-1's (cheap: see round_rm) or from the SFT model (the paper's retraining: give round_rm/round_cm num_epochs 2).")
     round_lambda: Literal["init", "carry"] = config_field(

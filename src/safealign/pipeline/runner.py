@@ -63,6 +63,8 @@ def check_config(cfg: PipelineConfig) -> list[str]:
         raise ConfigError("round_threshold_quantile must be in [0, 1), and not given together with round_thresholds")
     if cfg.round_ptx_coeff < 0:
         raise ConfigError(f"round_ptx_coeff must be >= 0 (0 = no PTX term in rounds >= 2), got {cfg.round_ptx_coeff}")
+    if cfg.first_round_ptx_coeff < 0:
+        raise ConfigError(f"first_round_ptx_coeff must be >= 0 (0 = no PTX term in round 1), got {cfg.first_round_ptx_coeff}")
     for key, command in SETTINGS_COMMANDS.items():
         config_class, _ = COMMANDS[command].load()
         check_overrides(config_class, getattr(cfg, key), f"pipeline setting '{key}'")

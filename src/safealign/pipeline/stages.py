@@ -116,7 +116,7 @@ def plan(cfg: PipelineConfig, root: Path) -> dict[str, Stage]:
         value_model("cm", cfg, root, paths, 1),
         value_model_scores("eval_scores", cfg, root, paths, 1),
         rl_stage("ppo_lag", "ppo-lag", cfg, root, paths, ("ppo_lag",),
-                 {"threshold": round_threshold(cfg, 1)} if cfg.round_thresholds else {}),
+                 {"threshold": round_threshold(cfg, 1)} if cfg.round_thresholds else {}, extra_inputs=first_round_ptx(cfg, paths)),
         evaluation("evaluate_ppo_lag", cfg, root, paths, root / "ppo_lag" / "model", root / "eval" / "ppo_lag"),
     ]
     for k in range(2, num_rounds(cfg) + 1):
@@ -138,7 +138,8 @@ def plan(cfg: PipelineConfig, root: Path) -> dict[str, Stage]:
                rl_stage("p3o", "p3o", cfg, root, paths, ("p3o",)),
                # Safe RLHF round 1 with one λ per prompt category (docs/maths.md §10): ppo_lag's settings, then its own
                rl_stage("ppo_lag_category", "ppo-lag", cfg, root, paths, ("ppo_lag", "ppo_lag_category"),
-                        {"constraint_per_category": True}, extra_inputs={"threshold": round_threshold(cfg, 1)})]
+                        {"constraint_per_category": True},
+                        extra_inputs={"threshold": round_threshold(cfg, 1), **first_round_ptx(cfg, paths)})]
     stages += [evaluation(f"evaluate_{name}", cfg, root, paths, root / name / "model", root / "eval" / name)
                for name in ONLINE_POLICIES]
     stages += [
@@ -219,6 +220,11 @@ def evaluation(name: str, cfg: PipelineConfig, root: Path, paths: DataPaths, mod
     """A policy's gold evaluation on the evaluation prompts."""
     return Stage(name, "evaluate-policy", out, {"model": str(model), "prompts": paths.eval_prompts, "seed": cfg.seed},
                  ("evaluate",), {"output_dir": str(out)}, group=group)
+
+
+def first_round_ptx(cfg: PipelineConfig, paths: DataPaths) -> dict[str, Any]:
+    """Round 1's PTX term (`first_round_ptx_coeff`) on the run's SFT data; inputs, so ppo_lag's own settings win."""
+    return {"ptx_data": paths.sft, "ptx_coeff": cfg.first_round_ptx_coeff} if cfg.first_round_ptx_coeff else {}
 
 
 def rl_stage(name: str, command: str, cfg: PipelineConfig, root: Path, paths: DataPaths, settings: tuple[str, ...],
