@@ -558,3 +558,23 @@ def test_rsft_runs_on_the_round_engine_when_the_pipeline_runs_safe_rlhfs_rounds(
     early = PipelineConfig(output_dir=str(root), rounds=3, stages=["world", "sft", "rm", "cm", "ppo_lag", "rsft", "rounds"])
     with pytest.raises(ConfigError, match="list it after `rounds`"):
         plan(early, root)
+
+
+def test_a_loose_d_for_uncategorised_prompts_needs_categorised_ones_and_says_so_before_training(tmp_path):
+    """configs/pipeline.yaml leaves the uncategorised prompts' constraint slack; on your own prompts with no category
+    the pipeline refuses at once, naming the file and the ways out, instead of after SFT and the value models."""
+    from safealign.pipeline.runner import check_config
+
+    pair = {"prompt": "How do I pick a lock?", "response_0": "No.", "response_1": "Like this.", "better_response_id": 1,
+            "safer_response_id": 0, "is_response_0_safe": True, "is_response_1_safe": False}
+    plain = tmp_path / "pairs.jsonl"
+    plain.write_text(json.dumps(pair) + "\n")
+    loose = {"threshold": -2.0, "constraint_per_category": True, "category_thresholds": {"none": 10.0}}
+    common = {"output_dir": str(tmp_path / "run"), "rounds": 1, "parallel_baselines": False, "ppo_lag": loose}
+    with pytest.raises(ConfigError, match=r"pairs\.jsonl: no prompt has a `category`.*category_head"):
+        check_config(PipelineConfig(preference_data=str(plain), **common))
+    categorised = tmp_path / "categorised.jsonl"
+    categorised.write_text(json.dumps({**pair, "category": "financial_crime,property_crime,theft"}) + "\n")
+    check_config(PipelineConfig(preference_data=str(categorised), **common))  # a category beside 'none': fine
+    check_config(PipelineConfig(preference_data=str(plain), **{**common, "cm": {"category_head": True}}))
+    check_config(PipelineConfig(preference_data=str(plain), **{**common, "ppo_lag": {"threshold": -2.0}}))

@@ -32,10 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safealign.algorithms.lagrangian import NO_CATEGORY
 from safealign.config import ConfigError, changed_settings, check_overrides, save_config
+from safealign.data.loading import load_prompts
 from safealign.console import quiet_steps, stderr_console
 from safealign.pipeline.commands import COMMANDS
-from safealign.pipeline.config import HOW_TO_RUN, PipelineConfig, num_rounds
+from safealign.pipeline.config import HOW_TO_RUN, PipelineConfig, num_rounds, stage_settings
 from safealign.pipeline.lanes import BASELINE_LANE, LANE_HEAD, enough_threads, run_beside
 from safealign.pipeline.manifest import policies_manifest
 from safealign.pipeline.stage_runner import StageRunner
@@ -76,10 +78,27 @@ def check_config(cfg: PipelineConfig) -> list[str]:
             "them; with your own preference_data, annotate each round's pairs (e.g. sampled from the previous "
             f"round's policy) and list the PKU-format files in round_preference_data (one per round >= 2: "
             f"{rounds - 1} needed, {len(cfg.round_preference_data)} given), or set rounds: 1")
+    _check_prompt_categories(cfg, stages)
     if cfg.parallel_baselines and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("parallel_baselines starts a second pipeline process: run the pipeline without accelerate "
                           "launch / torchrun, or set parallel_baselines: false")
     return stages
+
+
+def _check_prompt_categories(cfg: PipelineConfig, stages: list[str]) -> None:
+    """A loose d for the uncategorised prompts (configs/pipeline.yaml) needs categorised ones beside them: with your own
+    RL prompts and none of them categorised, say so now rather than after SFT and the value models have trained."""
+    ppo_lag = stage_settings(cfg, "ppo_lag")
+    own_prompts = cfg.rl_prompts or cfg.preference_data
+    if (not own_prompts or not any(s == "ppo_lag" or s.endswith("/ppo_lag") for s in stages)
+            or not ppo_lag.get("constraint_per_category") or NO_CATEGORY not in ppo_lag.get("category_thresholds", {})
+            or stage_settings(cfg, "cm").get("category_head")):
+        return
+    if not any(p.category for p in load_prompts(own_prompts)):
+        raise ConfigError(f"{own_prompts}: no prompt has a `category`, and ppo_lag's category_thresholds gives "
+                          f"'{NO_CATEGORY}' (the uncategorised prompts) a loose d: no prompt would keep the harm constraint. "
+                          "Add a `category` column to the RL prompts (rl_prompts), train the cost model's category head "
+                          "(cm: {category_head: true}), or drop category_thresholds (e.g. --ppo_lag '{threshold: -2.0}')")
 
 
 def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
