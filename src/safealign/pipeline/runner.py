@@ -34,8 +34,8 @@ from typing import Any
 
 from safealign.algorithms.lagrangian import NO_CATEGORY
 from safealign.config import ConfigError, changed_settings, check_overrides, save_config
-from safealign.data.loading import load_prompts
 from safealign.console import quiet_steps, stderr_console
+from safealign.data.loading import load_prompts
 from safealign.pipeline.commands import COMMANDS
 from safealign.pipeline.config import HOW_TO_RUN, PipelineConfig, num_rounds, stage_settings
 from safealign.pipeline.lanes import BASELINE_LANE, LANE_HEAD, enough_threads, run_beside
