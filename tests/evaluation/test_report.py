@@ -109,6 +109,11 @@ def write_run(root: Path, evaluated: set[str] | None = None, compare: bool = Tru
                         continue
                     writer.add_scalar(f"train/{tag}", 0.1 * k + step / 10 + params[0], step)
             writer.close()
+        if kind == "safe_rlhf" and name.endswith("r2"):  # round 2 ran with one λ per prompt category
+            (root / name).mkdir(parents=True, exist_ok=True)
+            (root / name / "metrics.json").write_text(json.dumps({
+                "lagrange_multiplier": 0.8, "lagrange_multiplier/animal_abuse": 1.5, "threshold/animal_abuse": -3.0,
+                "lagrange_multiplier/none": 0.03, "threshold/none": 7.0}))
     if value_models:
         for round_ in (1, 2):
             prefix = "" if round_ == 1 else "round2/"
@@ -243,6 +248,9 @@ def test_report_numbers_are_the_stages_numbers(full):
     lam = next(r for r in curves["rows"] if r[0] == "safe_rlhf_r2")
     assert lam[1] == 5 and lam[2] == pytest.approx(0.5 + 2.4)  # step 5 of λ's synthetic curve
     assert next(r for r in curves["rows"] if r[0] == "ppo")[2] is None  # plain PPO has no λ
+    per_category = table(report, "λ_k and d_k per prompt category")
+    assert [c["name"] for c in per_category["columns"]] == ["category", "λ_k safe_rlhf_r2", "d_k safe_rlhf_r2"]
+    assert per_category["rows"] == [["animal_abuse", 1.5, -3.0], ["none", 0.03, 7.0]]
     proxy = table(report, "The proxy against the truth")
     assert [r[:4] for r in proxy["rows"]] == [[0, "sft", "next", 1], [1, "safe_rlhf_r1", "own", 1],
                                                [1, "safe_rlhf_r1", "next", 2], [2, "safe_rlhf_r2", "own", 2]]

@@ -152,4 +152,26 @@ def training_section(run: Run) -> Section:
         Column(title, "num") for title in CURVES.values()],
         [[name, max(step for values in s.values() for step, _ in values)] + [s[tag][-1][1] if tag in s else None for tag in CURVES]
          for name, s in series.items()]))
+    category_multipliers(run, section)
     return section
+
+
+def category_multipliers(run: Run, section: Section) -> None:
+    """With one λ per harm category (`constraint_per_category`), each category's last λ_k and d_k per run, from the run's
+    metrics.json: the curves' λ is their mean, which hides a category the policy still trades away."""
+    finals: dict[str, dict[str, float]] = {}
+    for p in run.policies:
+        metrics = read_json_or_none(run.root / p.entry.train_dir / "metrics.json") if p.entry.train_dir else None
+        if metrics and any(key.startswith("lagrange_multiplier/") for key in metrics):
+            finals[p.name] = metrics
+    if not finals:
+        return
+    categories = sorted({key.split("/", 1)[1] for m in finals.values() for key in m if key.startswith("lagrange_multiplier/")})
+    section.paragraphs.append(
+        "With one multiplier per prompt category (constraint_per_category), the λ above is the mean of the λ_k; each "
+        "category's own λ_k and threshold d_k at the end of each run follow ('none': the prompts without a category).")
+    section.blocks.append(TableBlock(
+        "λ_k and d_k per prompt category at the end of each run",
+        [Column("category")] + [Column(f"λ_k {name}", "num") for name in finals] + [Column(f"d_k {name}", "num") for name in finals],
+        [[c] + [m.get(f"lagrange_multiplier/{c}") for m in finals.values()] + [m.get(f"threshold/{c}") for m in finals.values()]
+         for c in categories]))
