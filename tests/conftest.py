@@ -88,8 +88,10 @@ def world_backbone(tmp_path_factory) -> Callable[..., dict[str, Path]]:
 
     def make(name: str, seed: int, train_pairs: int, test_pairs: int) -> dict[str, Path]:
         root = tmp_path_factory.mktemp(name)
+        # dev split of the size the tests' margins were set on (its texts train the tokenizer below)
         generated = generate_world(WorldConfig(out=str(root / "world"), seed=seed, sft_examples=0,
-                                               train_pairs=train_pairs, test_pairs=test_pairs))
+                                               train_pairs=train_pairs, test_pairs=test_pairs,
+                                               dev_harmful=112, dev_benign=72, dev_borderline=40))
         write_world(generated, root / "world")
         tokenizer = train_tokenizer(world_texts(generated), vocab_size=1024)
         build_causal_lm("tiny", tokenizer).save_pretrained(root / "backbone")
