@@ -103,7 +103,7 @@ def test_bad_context_settings_are_refused_clearly():
     loose_none = lag_config_like(constraint_per_category=True, category_thresholds={"none": 10.0})
     multipliers = ContextMultipliers(loose_none, PROMPTS)
     assert multipliers.bounds[multipliers.categories.index("none")].item() == 10.0
-    with pytest.raises(ConfigError, match="every prompt of prompt_data is in it"):
+    with pytest.raises(ConfigError, match=r"prompt_data: no prompt has a `category`.*category_head"):
         ContextMultipliers(loose_none, [PromptRecord(p.prompt, p.kind) for p in PROMPTS])
 
 

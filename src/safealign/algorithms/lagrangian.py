@@ -174,6 +174,16 @@ class LagrangeMultiplier:
 NO_CATEGORY = "none"  # the group of the prompts without a category (benign and borderline ones on SafeWorld)
 
 
+def require_a_categorised_prompt(category_thresholds: dict[str, float], prompts: list[PromptRecord], source: str) -> None:
+    """A d of its own for the uncategorised prompts (a loose one: benign prompts train on the reward alone) needs
+    categorised prompts beside them; with none, it would silently free every prompt from the harm constraint."""
+    if NO_CATEGORY in category_thresholds and not any(p.category for p in prompts):
+        raise ConfigError(f"{source}: no prompt has a `category`, and category_thresholds gives '{NO_CATEGORY}' (the "
+                          "prompts without one) its own d: no prompt would keep the harm constraint. Give the prompts a "
+                          "`category`, train the cost model's category head (cm: {category_head: true}), or drop "
+                          f"'{NO_CATEGORY}' from category_thresholds")
+
+
 class ContextMultipliers:
     """The context-aware constraints, each with its multiplier and window (docs/maths.md §10):
 
@@ -194,12 +204,7 @@ class ContextMultipliers:
         if unknown:
             raise ConfigError(f"category_thresholds names {unknown}, which no prompt of prompt_data has (its "
                               f"categories: {categories})")
-        if categories == [NO_CATEGORY] and NO_CATEGORY in cfg.category_thresholds:
-            # A loose d for the uncategorised prompts (benign ones on SafeWorld) must not silently free every prompt.
-            raise ConfigError(f"category_thresholds gives '{NO_CATEGORY}' (the prompts without a category) its own d, and "
-                              "every prompt of prompt_data is in it: no prompt would keep the harm constraint. Give the "
-                              "prompts a `category` (or the cost model a category head: cm --category_head) or drop "
-                              f"'{NO_CATEGORY}' from category_thresholds")
+        require_a_categorised_prompt(cfg.category_thresholds, prompts, "prompt_data")
         self.categories = categories
         self.guarded = cfg.refusal_floor is not None
         self.names = categories + (["refusal_guard"] if self.guarded else [])

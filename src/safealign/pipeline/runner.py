@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safealign.algorithms.lagrangian import NO_CATEGORY
+from safealign.algorithms.lagrangian import NO_CATEGORY, require_a_categorised_prompt
 from safealign.config import ConfigError, changed_settings, check_overrides, save_config
 from safealign.console import quiet_steps, stderr_console
 from safealign.data.loading import load_prompts
@@ -94,11 +94,7 @@ def _check_prompt_categories(cfg: PipelineConfig, stages: list[str]) -> None:
             or not ppo_lag.get("constraint_per_category") or NO_CATEGORY not in ppo_lag.get("category_thresholds", {})
             or stage_settings(cfg, "cm").get("category_head")):
         return
-    if not any(p.category for p in load_prompts(own_prompts)):
-        raise ConfigError(f"{own_prompts}: no prompt has a `category`, and ppo_lag's category_thresholds gives "
-                          f"'{NO_CATEGORY}' (the uncategorised prompts) a loose d: no prompt would keep the harm constraint. "
-                          "Add a `category` column to the RL prompts (rl_prompts), train the cost model's category head "
-                          "(cm: {category_head: true}), or drop category_thresholds (e.g. --ppo_lag '{threshold: -2.0}')")
+    require_a_categorised_prompt(ppo_lag["category_thresholds"], load_prompts(own_prompts), own_prompts)
 
 
 def _warn_if_settings_changed(cfg: PipelineConfig, root: Path) -> None:
