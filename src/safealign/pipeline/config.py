@@ -127,7 +127,7 @@ class PipelineConfig:
     psacpo: dict = config_field({}, help="MergeConfig overrides of P-SACPO's merge (default weights [0.5, 0.5]: q = 0.5).")
     cdpo: dict = config_field({}, help="CDPOConfig overrides of C-DPO, over dpo's (safealign cdpo --help): iterations, lambda_lr, threshold, ...")
     rsft: dict = config_field({}, help="RSFTConfig overrides of rejection-sampling fine-tuning (safealign rsft --help): rounds, k, num_prompts, mode, threshold, ... With Safe RLHF's later rounds among the stages (list rsft after `rounds`), RS-FT runs one round per Safe RLHF round, round k ranking by round k's reward and cost models.")
-    grpo_lag: dict = config_field({}, help="GRPOLagConfig overrides of the grpo_lag stage (safealign grpo-lag --help); its d is round 1's.")
+    grpo_lag: dict = config_field({}, help="GRPOLagConfig overrides of the grpo_lag stage (safealign grpo-lag --help); its d is round 1's, the rest of ppo_lag's constraint is not inherited (one λ by default): {constraint_per_category: true, category_thresholds: {none: 10.0}, ptx_data: <SFT data>, ptx_coeff: 0.25, ptx_max_cost: 0.0} is round 1's recipe (docs/results.md).")
     grpo: dict = config_field({}, help="GRPOConfig overrides of the grpo stage (safealign grpo --help), plain GRPO: the λ = 0 baseline.")
     p3o_lag: dict = config_field({}, help="P3OLagConfig overrides of the p3o_lag stage (safealign p3o-lag --help); its d is round 1's.")
     p3o: dict = config_field({}, help="P3OConfig overrides of the p3o stage (safealign p3o --help), plain P3O: the λ = 0 baseline.")
