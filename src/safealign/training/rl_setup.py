@@ -75,6 +75,9 @@ class RLConfig(TrainingConfig):
     actor_model: str = config_field("runs/sft/model", help="Initial policy: the SFT model directory. The frozen reference is a copy of it.")
     tokenizer: str = config_field("", help="Tokenizer directory; '' = the actor's. Score models must use the same vocabulary.")
     prompt_data: str = config_field("", help="Prompts for the rollouts: a prompt file (SafeWorld prompts/train.jsonl), or an SFT/preference file's prompts.")
+    prompt_kind_repeats: dict[str, int] = config_field(
+        {}, help="Each prompt of a kind (the prompt file's `kind`) this many times among the rollout prompts, e.g. "
+                 "{borderline: 4}: more rollouts of a rare kind (SafeWorld's train prompts are 6% borderline). {} = once each.")
     max_prompt_length: int = config_field(128, help="Prompt tokens kept (the end of a longer prompt, next to the response).")
     num_epochs: float = config_field(1.0, help="Passes over the prompts (fractions allowed); ignored when max_steps > 0.")
     max_steps: int = config_field(-1, help="Steps (rollout batches, each with its PPO updates) to run; -1 = num_epochs over the prompts.")
@@ -350,4 +353,18 @@ def prompt_token_ids(cfg: RLConfig, tokenizer: Any) -> tuple[list[PromptRecord],
     prompts = load_prompts(cfg.prompt_data)
     if not prompts:
         raise ConfigError(f"prompt_data {cfg.prompt_data}: no prompts")
+    prompts = repeat_prompts_by_kind(prompts, cfg.prompt_kind_repeats, cfg.prompt_data)
     return prompts, [ids[-cfg.max_prompt_length:] for ids in tokenize_prompts(tokenizer, [p.prompt for p in prompts])]
+
+
+def repeat_prompts_by_kind(prompts: list[PromptRecord], repeats: dict[str, int], source: str) -> list[PromptRecord]:
+    """Each prompt `repeats[kind]` times in a row (once for a kind not named): the epoch's shuffle spreads the copies, so
+    a rare kind gets proportionally more rollouts (and its constraint, e.g. the over-refusal guard, more observations)."""
+    kinds = sorted({p.kind for p in prompts if p.kind})
+    for kind, times in repeats.items():
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise ConfigError(f"prompt_kind_repeats: '{kind}' must be a whole number >= 1, got {times!r}")
+        if kind not in kinds:
+            raise ConfigError(f"prompt_kind_repeats names kind '{kind}', which no prompt of {source} has (its kinds: "
+                              f"{kinds or 'none: the file has no `kind` field'})")
+    return [p for p in prompts for _ in range(repeats.get(p.kind or "", 1))]
