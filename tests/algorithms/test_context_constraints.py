@@ -175,6 +175,28 @@ def test_the_guard_raises_mu_while_the_borderline_reward_is_below_the_floor_and_
         assert history(crashed, key) == pytest.approx(history(straight, key), rel=1e-6), key
 
 
+def test_prompt_kind_repeats_gives_the_guard_more_borderline_rollouts(tiny, tmp_path):
+    """One borderline prompt among 15 harmful ones: an epoch's 4 steps of 4 prompts see it once, so μ (its floor above
+    every reward) rises once. With the borderline prompt 16 times among the rollout prompts most steps hold it, and
+    μ rises on each of them."""
+    rows = [json.loads(line) for line in Path(tiny.prompts).read_text().splitlines()]
+    one = tmp_path / "prompts.jsonl"
+    one.write_text("".join(json.dumps(r) + "\n" for r in [r for r in rows if r["kind"] == "borderline"][:1]
+                           + [r for r in rows if r["kind"] == "harmful"][:15]))
+    # every reward 0 against a floor of 1: μ rises by about a tenth on each step with borderline rows, far from λ_max
+    settings = dict(reward_model=tiny.score_model("reward", 0.0), cost_model=tiny.score_model("cost", 0.5), max_steps=4,
+                    refusal_floor=1.0, prompt_data=str(one), save_steps=4)
+    observed = {}
+    for repeats in (1, 16):
+        out = tmp_path / f"repeats{repeats}"
+        ppo_lag.run(lag_config(tiny, out, prompt_kind_repeats={"borderline": repeats} if repeats > 1 else {}, **settings))
+        last = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))[-1]
+        steps = json.loads((last / "trainer_state.json").read_text())["log_history"]
+        mus = [step["refusal_guard_multiplier"] for step in steps]
+        observed[repeats] = sum(b > a for a, b in zip([1.0] + mus, mus))  # μ moves only on a step with borderline rows
+    assert observed[1] == 1 and observed[16] >= 3
+
+
 def test_rectified_form_by_hand_and_on_a_tiny_run(tiny, tmp_path):
     """RePO's form: the cost stream carries {C − d_k}⁺ per row and λ_k follows E[{C − d_k}⁺] ≤ 0."""
     cfg = lag_config_like(constraint_per_category=True, threshold=1.0, constraint_form="rectified",

@@ -210,3 +210,19 @@ def test_two_processes_train_save_once_and_equal_one_process_with_their_joint_ba
     two, one = load_file(str(out / "model" / "model.safetensors")), load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, atol=1e-5, rtol=0)
+
+
+def test_prompt_kind_repeats_copies_each_prompt_of_a_kind_and_names_what_is_wrong():
+    from safealign.config import ConfigError
+    from safealign.data.schema import PromptRecord
+    from safealign.training.rl_setup import repeat_prompts_by_kind
+
+    prompts = [PromptRecord("a", "harmful"), PromptRecord("b", "borderline"), PromptRecord("c", None), PromptRecord("d", "benign")]
+    repeated = repeat_prompts_by_kind(prompts, {"borderline": 3, "benign": 2}, "p.jsonl")
+    assert [p.prompt for p in repeated] == ["a", "b", "b", "b", "c", "d", "d"]
+    assert repeat_prompts_by_kind(prompts, {}, "p.jsonl") == prompts
+    with pytest.raises(ConfigError, match=r"p\.jsonl.*'edgy'|'edgy'.*p\.jsonl"):
+        repeat_prompts_by_kind(prompts, {"edgy": 2}, "p.jsonl")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="whole number"):
+            repeat_prompts_by_kind(prompts, {"borderline": bad}, "p.jsonl")
