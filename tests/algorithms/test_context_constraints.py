@@ -190,9 +190,7 @@ def test_prompt_kind_repeats_gives_the_guard_more_borderline_rollouts(tiny, tmp_
     for repeats in (1, 16):
         out = tmp_path / f"repeats{repeats}"
         ppo_lag.run(lag_config(tiny, out, prompt_kind_repeats={"borderline": repeats} if repeats > 1 else {}, **settings))
-        last = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))[-1]
-        steps = json.loads((last / "trainer_state.json").read_text())["log_history"]
-        mus = [step["refusal_guard_multiplier"] for step in steps]
+        mus = history(out, "refusal_guard_multiplier")
         observed[repeats] = sum(b > a for a, b in zip([1.0] + mus, mus))  # μ moves only on a step with borderline rows
     assert observed[1] == 1 and observed[16] >= 3
 

@@ -14,8 +14,11 @@ from safetensors.torch import load_file
 
 import safealign
 from safealign.algorithms.sft import SFTConfig, run
+from safealign.config import ConfigError
+from safealign.data.schema import PromptRecord
 from safealign.training.checkpoint import load_state_tree, rng_state, save_state_tree, set_rng_state
 from safealign.training.common import epoch_batches, resolve_mixed_precision
+from safealign.training.rl_setup import repeat_prompts_by_kind
 
 
 def write_mixed_lengths(path: Path, n: int = 160, seed: int = 0) -> Path:
@@ -213,10 +216,6 @@ def test_two_processes_train_save_once_and_equal_one_process_with_their_joint_ba
 
 
 def test_prompt_kind_repeats_copies_each_prompt_of_a_kind_and_names_what_is_wrong():
-    from safealign.config import ConfigError
-    from safealign.data.schema import PromptRecord
-    from safealign.training.rl_setup import repeat_prompts_by_kind
-
     prompts = [PromptRecord("a", "harmful"), PromptRecord("b", "borderline"), PromptRecord("c", None), PromptRecord("d", "benign")]
     repeated = repeat_prompts_by_kind(prompts, {"borderline": 3, "benign": 2}, "p.jsonl")
     assert [p.prompt for p in repeated] == ["a", "b", "b", "b", "c", "d", "d"]
