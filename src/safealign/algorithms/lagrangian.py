@@ -81,8 +81,9 @@ class ConstraintConfig:
     refusal_floor: float | None = config_field(
         None, help="Over-refusal guard, in the reward model's units: the constraint E[R | borderline prompts (kind: "
                    "borderline)] ≥ this floor, with its own multiplier μ (λ's dynamics); their advantage becomes "
-                   "((1 + μ)·A^R − λ·A^C) / (1 + μ + λ). null = off. It weighs only the borderline rollouts: on SafeWorld "
-                   "(5.7% of the RL prompts) it bound without lowering over-refusal (docs/results.md).")
+                   "((1 + μ)·A^R − λ·A^C) / (1 + μ + λ). null = off. It weighs only the borderline rollouts (on SafeWorld ~6% of "
+                   "the RL prompts; prompt_kind_repeats adds more): there it bound without lowering over-refusal "
+                   "(docs/results.md).")
 
     @property
     def context_aware(self) -> bool:
